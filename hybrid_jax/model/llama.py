@@ -1,0 +1,92 @@
+"""Llama self-attention (Hugging Face semantics): rotary embedding, grouped-query attention, KV cache."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.layers import dense, init_linear
+
+Array = jax.Array
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [hd/2] for the `default` and `llama3` rope types (transformers' formulas)."""
+  hd = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+  if cfg.rope_type == "llama3":
+    factor, lo, hi = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_max_position
+    low_wavelen, high_wavelen = old / lo, old / hi
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    inv = jnp.where(medium, smoothed, scaled)
+  return inv
+
+
+def rope_tables(cfg: ModelConfig, positions: Array) -> tuple[Array, Array]:
+  """cos, sin [b, t, hd] (fp32) for integer positions [b, t]; half-split layout as HF's rotate_half."""
+  freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x [b, t, heads, hd]; cos/sin [b, t, hd]."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+  return x * c + rotated * s
+
+
+def init_attention(key: Array, cfg: ModelConfig) -> dict:
+  d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  kq, kk, kv_, ko = jax.random.split(key, 4)
+  dt = cfg.params_dtype
+  return {"q_proj": init_linear(kq, d, h * hd, dt), "k_proj": init_linear(kk, d, kv * hd, dt),
+          "v_proj": init_linear(kv_, d, kv * hd, dt), "o_proj": init_linear(ko, h * hd, d, dt)}
+
+
+def _write(cache: Array, new: Array, pos: Array) -> Array:
+  """Writes new [b, t, ...] into cache [b, S, ...] at per-sequence offsets pos [b]."""
+  def one(c, n, p):
+    return jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), p, axis=0)
+  return jax.vmap(one)(cache, new, pos)
+
+
+def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask: Array,
+              kv_cache: dict | None = None, write_pos: Array | None = None) -> tuple[Array, dict | None]:
+  """Causal GQA self-attention.
+
+  x [b, t, D]; cos/sin [b, t, hd]; mask [b, t, S] bool (True = may attend), S = t without a cache or the cache
+  length with one. kv_cache {'k','v'} [b, S, Hkv, hd]: the new keys/values are written at write_pos [b] first.
+  Returns out [b, t, D] and the updated kv cache (None without one).
+  """
+  dtype = cfg.compute_dtype
+  b, t, _ = x.shape
+  h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  q = dense(x, p["q_proj"], dtype).reshape(b, t, h, hd)
+  k = dense(x, p["k_proj"], dtype).reshape(b, t, kvh, hd)
+  v = dense(x, p["v_proj"], dtype).reshape(b, t, kvh, hd)
+  q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+  new_cache = None
+  if kv_cache is not None:
+    new_cache = {"k": _write(kv_cache["k"], k, write_pos), "v": _write(kv_cache["v"], v, write_pos)}
+    k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+  if cfg.attention_impl == "cudnn" and kv_cache is None:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+  else:
+    rep = h // kvh  # query head j uses kv head j // rep (HF repeat_kv)
+    qg = q.reshape(b, t, kvh, rep, hd)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+  out = out.reshape(b, t, h * hd)
+  return dense(out, p["o_proj"], dtype), new_cache

@@ -1,0 +1,24 @@
+"""Test set-up: 8 simulated CPU devices (sharding tests), fp32 matmuls, the local default teacher."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEACHER = os.path.join(REPO, ".cache", "teachers", "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir():
+  """The converted SmolLM2-135M-Instruct checkpoint (`make teacher` makes it)."""
+  path = os.environ.get("HYBRID_JAX_TEACHER", DEFAULT_TEACHER)
+  if not os.path.exists(os.path.join(path, "config.json")):
+    pytest.fail(f"default teacher missing at {path}: run `make teacher`")
+  return path
