@@ -34,7 +34,7 @@ def _pick(variant: str, impl: str) -> Callable | None:
       return None
     if jax.default_backend() not in ("gpu", "tpu"):
       return None
-    return _IMPLS.get("pallas", {}).get(variant)
+    return _IMPLS.get("auto", {}).get(variant) or _IMPLS.get("pallas", {}).get(variant)
   import hybrid_jax.pallas  # noqa: F401
   fn = _IMPLS.get(impl, {}).get(variant)
   if fn is None:

@@ -1,0 +1,52 @@
+"""Shared helpers of the Pallas kernels: interpret-mode switch, Triton compiler params, padding."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+Array = jax.Array
+
+
+def interpret_mode() -> bool:
+  """Pallas interpret mode: on CPU (tests), or forced by HYBRID_JAX_PALLAS_INTERPRET=1."""
+  env = os.environ.get("HYBRID_JAX_PALLAS_INTERPRET")
+  if env is not None:
+    return env not in ("0", "", "false", "False")
+  return jax.default_backend() == "cpu"
+
+
+def compiler_params(num_warps: int = 4, num_stages: int = 1):
+  """Triton compiler params across jax versions (CompilerParams in >= 0.6, TritonCompilerParams before)."""
+  from jax.experimental.pallas import triton as plgpu
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int = 4, interpret: bool | None = None):
+  """pallas_call with the Triton params on GPU and interpret mode on CPU."""
+  interpret = interpret_mode() if interpret is None else interpret
+  kw = {} if interpret else {"compiler_params": compiler_params(num_warps)}
+  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        interpret=interpret, **kw)
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+  """Zero-pad `axis` of x up to `size` (no copy when already that size). Triton tiles must be powers of 2."""
+  extra = size - x.shape[axis]
+  if extra == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def softplus(v: Array) -> Array:
+  """softplus written with ops every Pallas lowering has (log1p(exp) for v <= 20, v above, as torch)."""
+  return jnp.where(v > 20.0, v, jnp.log1p(jnp.exp(jnp.minimum(v, 20.0))))

@@ -1,0 +1,196 @@
+"""Multi-step SSM update for speculative verification (SPEC section 4), Pallas kernel + lax.scan reference.
+
+The state is kept only at the last *verified* position (the checkpoint), together with the raw scan inputs
+(x, dt, B) of the K_c steps that the previous verification call ran. One call
+
+  (a) replays the first n_accept[b] cached steps from the checkpoint -> the new checkpoint (written back),
+  (b) runs the K new steps from there, producing y for each of them (their states are not kept),
+  (c) returns the new steps' (x, dt, B) as the next call's cache (they are the inputs themselves: no copy).
+
+In the kernel the state stays in registers for the whole call: HBM traffic is one read and one write of the
+state plus the (small) step inputs, so the cost is nearly flat in K.
+
+Shapes (K_c >= 1 cached steps; pass zeros with n_accept = 0 when there is nothing to replay):
+  Mamba-1 (state.ndim == 3): state [b, d, N] f32; cache_x, cache_dt [b, K_c, d]; cache_B [b, K_c, G, N];
+      x, dt, z [b, K, d]; B, C [b, K, G, N]; A [d, N]; D, dt_bias [d]; y [b, K, d].
+  Mamba-2 (state.ndim == 4): state [b, H, P, N] f32; cache_x [b, K_c, H, P]; cache_dt [b, K_c, H];
+      cache_B [b, K_c, G, N]; x, z [b, K, H, P]; dt [b, K, H]; B, C [b, K, G, N]; A, D, dt_bias [H];
+      y [b, K, H, P].
+  n_accept [b] int, 0 <= n_accept <= K_c. delta = softplus(dt + dt_bias) as in the scans; y = (C h + D x) *
+  silu(z) (z optional; for Mamba-2 pass z=None and apply the gated RMSNorm outside).
+Returns (y [x.dtype], new checkpoint [f32], (x, dt, B)).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from hybrid_jax.model import ssm
+from hybrid_jax.pallas import common
+
+Array = jax.Array
+f32 = jnp.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference
+def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z=None):
+  """Plain lax.scan reference of `multistep_scan` (same arguments and results)."""
+  mamba1 = state.ndim == 3
+  kc = cache_x.shape[1]
+  # replay: step k applies only while k < n_accept; a skipped step is expressed as a reset-free no-op by
+  # keeping the old state (jnp.where), so this is exactly the sequential single-step update.
+  def replay(h, k):
+    xk, dtk, bk = cache_x[:, k], cache_dt[:, k], cache_B[:, k]
+    if mamba1:
+      zero_c = jnp.zeros_like(bk)
+      _, h_new = ssm.selective_scan_ref(xk[:, None], dtk[:, None], A, bk[:, None], zero_c[:, None], D, dt_bias,
+                                        h0=h)
+    else:
+      _, h_new = ssm.ssd_scan_ref(xk[:, None], dtk[:, None], A, bk[:, None], jnp.zeros_like(bk)[:, None], D,
+                                  dt_bias, h0=h)
+    on = (k < n_accept).reshape((-1,) + (1,) * (h.ndim - 1))
+    return jnp.where(on, h_new, h), None
+
+  ckpt, _ = jax.lax.scan(replay, state.astype(f32), jnp.arange(kc))
+  if mamba1:
+    y, _ = ssm.selective_scan_ref(x, dt, A, B, C, D, dt_bias, z=z, h0=ckpt)
+  else:
+    y, _ = ssm.ssd_scan_ref(x, dt, A, B, C, D, dt_bias, h0=ckpt)
+    if z is not None:
+      y = (y.astype(f32) * jax.nn.silu(z.astype(f32))).astype(x.dtype)
+  return y, ckpt, (x, dt, B)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+def _m1_kernel(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
+               bias_ref, *rest):
+  """Mamba-1, one program = one sequence x gb groups of cpg channels; state [gb, cpg, N] in registers."""
+  z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
+  a, bias = a_ref[...], bias_ref[...]
+  n_acc = n_ref[0]
+  h = st_ref[...]
+  for k in range(cx_ref.shape[0]):  # (a) replay the accepted cached steps (static, unrolled)
+    dl = common.softplus(cdt_ref[k].astype(f32) + bias)
+    h_new = jnp.exp(dl[:, :, None] * a) * h + (dl * cx_ref[k].astype(f32))[:, :, None] * \
+        cb_ref[k].astype(f32)[:, None, :]
+    h = jnp.where(k < n_acc, h_new, h)
+  out_ref[...] = h
+  dd = d_ref[...]
+  for k in range(x_ref.shape[0]):  # (b) the new steps
+    dl = common.softplus(dt_ref[k].astype(f32) + bias)
+    xk = x_ref[k].astype(f32)
+    h = jnp.exp(dl[:, :, None] * a) * h + (dl * xk)[:, :, None] * b_ref[k].astype(f32)[:, None, :]
+    y = jnp.sum(h * c_ref[k].astype(f32)[:, None, :], axis=-1) + dd * xk
+    if has_z:
+      zk = z_ref[k].astype(f32)
+      y = y * zk * jax.nn.sigmoid(zk)
+    y_ref[k] = y.astype(y_ref.dtype)
+
+
+def _m2_kernel(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
+               bias_ref, *rest):
+  """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers."""
+  z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
+  a, bias = a_ref[...], bias_ref[...]  # [1, 1]
+  n_acc = n_ref[0]
+  h = st_ref[...]
+  for k in range(cx_ref.shape[0]):
+    dl = common.softplus(cdt_ref[k].astype(f32) + bias)  # [1, 1]
+    h_new = jnp.exp(dl * a) * h + (dl * cx_ref[k].astype(f32)) * cb_ref[k].astype(f32)
+    h = jnp.where(k < n_acc, h_new, h)
+  out_ref[...] = h
+  dd = d_ref[...]
+  for k in range(x_ref.shape[0]):
+    dl = common.softplus(dt_ref[k].astype(f32) + bias)
+    xk = x_ref[k].astype(f32)  # [bp, 1]
+    h = jnp.exp(dl * a) * h + (dl * xk) * b_ref[k].astype(f32)
+    y = jnp.sum(h * c_ref[k].astype(f32), axis=-1, keepdims=True) + dd * xk
+    if has_z:
+      zk = z_ref[k].astype(f32)
+      y = y * zk * jax.nn.sigmoid(zk)
+    y_ref[k] = y.astype(y_ref.dtype)
+
+
+def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
+  b, d, n = state.shape
+  kc, k = cache_x.shape[1], x.shape[1]
+  g = B.shape[-2]
+  cpg = d // g
+  cpg_p, n_p = common.next_pow2(cpg), common.next_pow2(n)
+  gb = max(1, min(common.next_pow2(g), 256 // (cpg_p * n_p)))  # small tiles: many programs at batch 1
+  g_p = pl.cdiv(g, gb) * gb
+
+  def chan(v):  # [..., d] -> [..., g_p, cpg_p]
+    v = v.reshape(*v.shape[:-1], g, cpg)
+    return common.pad_axis(common.pad_axis(v, -1, cpg_p), -2, g_p)
+
+  def grp(v):
+    return common.pad_axis(common.pad_axis(v, -1, n_p), -2, g_p)
+
+  st = common.pad_axis(chan(state.astype(f32).swapaxes(1, 2)).transpose(0, 2, 3, 1), -1, n_p)
+  a = common.pad_axis(chan(A.astype(f32).T).transpose(1, 2, 0), -1, n_p)
+  steps = lambda kk: pl.BlockSpec((None, kk, gb, cpg_p), lambda i, j: (i, 0, j, 0))
+  gsteps = lambda kk: pl.BlockSpec((None, kk, gb, n_p), lambda i, j: (i, 0, j, 0))
+  chans = pl.BlockSpec((gb, cpg_p), lambda i, j: (j, 0))
+  st_spec = pl.BlockSpec((None, gb, cpg_p, n_p), lambda i, j: (i, j, 0, 0))
+  args = [n_accept.astype(jnp.int32), st, chan(cache_x), chan(cache_dt), grp(cache_B), chan(x), chan(dt), grp(B),
+          grp(C), a, chan(D.astype(f32)), chan(dt_bias.astype(f32))]
+  specs = [pl.BlockSpec((1,), lambda i, j: (i,)), st_spec, steps(kc), steps(kc), gsteps(kc), steps(k), steps(k),
+           gsteps(k), gsteps(k), pl.BlockSpec((gb, cpg_p, n_p), lambda i, j: (j, 0, 0)), chans, chans]
+  if z is not None:
+    args.append(chan(z))
+    specs.append(steps(k))
+  y, ck = common.call(
+      lambda *r: _m1_kernel(z is not None, *r),
+      out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
+      grid=(b, g_p // gb), in_specs=specs, out_specs=(steps(k), st_spec), num_warps=1, interpret=interpret,
+  )(*args)
+  return y[:, :, :g, :cpg].reshape(b, k, d), ck[:, :g, :cpg, :n].reshape(b, d, n)
+
+
+def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret, bp=8):
+  b, nh, p, n = state.shape
+  kc, k = cache_x.shape[1], x.shape[1]
+  hpg = nh // B.shape[-2]
+  n_p = common.next_pow2(n)
+  bp = min(bp, common.next_pow2(p))
+  p_p = pl.cdiv(p, bp) * bp
+  rows = lambda v: common.pad_axis(v, -1, p_p)[..., None]  # [b, k, H, P_p, 1]
+  grp = lambda v: common.pad_axis(v, -1, n_p)[:, :, :, None, :]  # [b, k, G, 1, N_p]
+  st = common.pad_axis(common.pad_axis(state.astype(f32), -1, n_p), -2, p_p)
+  row_spec = lambda kk: pl.BlockSpec((None, kk, None, bp, 1), lambda i, hh, j: (i, 0, hh, j, 0))
+  scal_spec = lambda kk: pl.BlockSpec((None, kk, None, 1, 1), lambda i, hh, j: (i, 0, hh, 0, 0))
+  grp_spec = lambda kk: pl.BlockSpec((None, kk, None, 1, n_p), lambda i, hh, j: (i, 0, hh // hpg, 0, 0))
+  head = pl.BlockSpec((None, 1, 1), lambda i, hh, j: (hh, 0, 0))
+  st_spec = pl.BlockSpec((None, None, bp, n_p), lambda i, hh, j: (i, hh, j, 0))
+  per_head = lambda v: v.astype(f32).reshape(nh, 1, 1)
+  args = [n_accept.astype(jnp.int32), st, rows(cache_x), cache_dt[..., None, None], grp(cache_B), rows(x),
+          dt[..., None, None], grp(B), grp(C), per_head(A), per_head(D), per_head(dt_bias)]
+  specs = [pl.BlockSpec((1,), lambda i, hh, j: (i,)), st_spec, row_spec(kc), scal_spec(kc), grp_spec(kc),
+           row_spec(k), scal_spec(k), grp_spec(k), grp_spec(k), head, head, head]
+  if z is not None:
+    args.append(rows(z))
+    specs.append(row_spec(k))
+  y, ck = common.call(
+      lambda *r: _m2_kernel(z is not None, *r),
+      out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
+      grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec), num_warps=1,
+      interpret=interpret,
+  )(*args)
+  return y[:, :, :, :p, 0], ck[:, :, :p, :n]
+
+
+def multistep_scan(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z=None, *,
+                   impl: str = "auto", interpret: bool | None = None):
+  """Speculative-verification update (see the module docstring for shapes). impl: 'auto' (the kernel on
+  GPU, the reference elsewhere), 'pallas' (the kernel; interpret mode on CPU) or 'reference'."""
+  if impl == "reference" or (impl == "auto" and jax.default_backend() != "gpu"):
+    return multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z)
+  if impl not in ("auto", "pallas"):
+    raise ValueError(f"multistep_scan impl must be auto|reference|pallas, got {impl!r}")
+  call = _call_m1 if state.ndim == 3 else _call_m2
+  y, ckpt = call(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret)
+  return y, ckpt, (x, dt, B)
