@@ -5,8 +5,8 @@ Unknown keys are rejected by name and values are checked, so a typo in a recipe 
 YAML layout (every section optional; defaults below):
   stage: distill                     # align | distill | sft | dpo
   model: {variant, attn_fraction | attn_layers, dtype, param_dtype, scan_impl}
-  data:  {...}                        # passed to hybrid_jax.data.DataConfig (its own validation)
-  train: {steps, batch_size, seq_len, grad_accum, seed, log_every, eval_every, eval_batches,
+  data:  {paths, seq_len, batch_size, ...}  # hybrid_jax.data.DataConfig (validated there)
+  train: {steps, grad_accum, seed, log_every, eval_every, eval_batches,
           save_every, keep_checkpoints, peak_tflops, output}
   optim: {lr, b1, b2, eps, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, trainable}
   loss:  {kl_weight, ce_weight, temperature, dpo_beta, dpo_variant, label_smoothing}
@@ -49,10 +49,8 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
-  steps: int = 100
-  batch_size: int = 8                 # global batch (sequences per optimiser step)
-  seq_len: int = 512
-  grad_accum: int = 1                 # micro-batches per step; batch_size must divide by it
+  steps: int = 100                    # optimiser steps (batch size / seq_len live in `data:`)
+  grad_accum: int = 1                 # micro-batches per step; data.batch_size must divide by it
   seed: int = 0
   log_every: int = 10
   eval_every: int = 0                 # 0 = only at start and end
@@ -63,16 +61,13 @@ class TrainSection:
   output: str = "runs/default"
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_batches",
+    for name in ("steps", "grad_accum", "log_every", "eval_batches",
                  "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
     for name in ("eval_every", "save_every"):
       if getattr(self, name) < 0:
         raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
-    if self.batch_size % self.grad_accum:
-      raise ConfigError(f"train.batch_size={self.batch_size} is not a multiple of "
-                        f"train.grad_accum={self.grad_accum}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +140,16 @@ class TrainConfig:
   def __post_init__(self):
     if self.stage not in STAGES:
       raise ConfigError(f"stage must be one of {'|'.join(STAGES)}, got {self.stage!r}")
+    from hybrid_jax.data.config import DataConfig  # validates data.* (unknown keys named there)
+    dc = DataConfig.from_dict(self.data)
+    if dc.batch_size % self.train.grad_accum:
+      raise ConfigError(f"data.batch_size={dc.batch_size} is not a multiple of "
+                        f"train.grad_accum={self.train.grad_accum}")
+
+  @property
+  def data_config(self):
+    from hybrid_jax.data.config import DataConfig
+    return DataConfig.from_dict(self.data)
 
   def __hash__(self):  # data is a dict; hash by the YAML text so the config can be a jit static
     return hash(yaml.safe_dump(self.to_dict(), sort_keys=True))

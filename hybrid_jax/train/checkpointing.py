@@ -1,0 +1,114 @@
+"""Training checkpoints: Orbax CheckpointManager with three items per step.
+
+  state: params, optimiser state, step, RNG (sharded arrays; restored straight into the target shardings, so
+         a checkpoint written on 8 devices restores on 1 and vice versa)
+  data:  the Grain iterator state (grain's Orbax handler: one JSON file per process)
+  meta:  small JSON (step, stage, train config) for humans and sanity checks
+
+Orbax writes each step into a temporary directory and renames it when complete, and `latest_step()` only sees
+finished steps: a crash mid-save never leaves a corrupted latest checkpoint. Saves are asynchronous (arrays
+are copied to host, then written in the background); `wait()` before exiting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from hybrid_jax.train.state import TrainState
+
+
+class _IteratorSnapshot:
+  """The iterator's state captured at save time (async saves must not see later `next()` calls).
+
+  grain's handler JSON-encodes `get_state()` bytes for non-Dataset iterators, which is what we return."""
+
+  def __init__(self, iterator):
+    state = iterator.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=1).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+class Checkpointer:
+  """Thin wrapper over ocp.CheckpointManager for TrainState + data iterator + meta."""
+
+  def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                        enable_async_checkpointing=async_save)
+    self.mgr = ocp.CheckpointManager(
+        self.directory, options=opts,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self.mgr.latest_step()
+
+  def save(self, state: TrainState, iterator, meta: dict[str, Any], force: bool = True) -> bool:
+    step = int(jax.device_get(state.step))
+    if step in self.mgr.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state.to_dict()), "meta": ocp.args.JsonSave(dict(meta, step=step))}
+    if iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))
+    return self.mgr.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract: TrainState, iterator, step: int | None = None) -> tuple[TrainState, dict]:
+    """Restores into `abstract`'s shapes/dtypes/shardings; sets `iterator`'s state in place."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+    items = {"state": ocp.args.StandardRestore(abstract.to_dict()), "meta": ocp.args.JsonRestore()}
+    has_data = "data" in self.item_names(step)
+    if iterator is not None and has_data:
+      items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    out = self.mgr.restore(step, args=ocp.args.Composite(**items))
+    return TrainState.from_dict(out["state"]), dict(out["meta"] or {})
+
+  def item_names(self, step: int) -> list[str]:
+    path = os.path.join(self.directory, str(step))
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+  def wait(self) -> None:
+    self.mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mgr.wait_until_finished()
+    self.mgr.close()
+
+
+class StopFlag:
+  """SIGTERM / SIGINT set a flag instead of killing the process: the loop saves a checkpoint and exits.
+
+  A second Ctrl-C while the flag is set restores the default behaviour (so a stuck save can still be killed).
+  """
+
+  def __init__(self):
+    self.stop = False
+    self.signum: int | None = None
+    self._old: dict[int, Any] = {}
+
+  def _handler(self, signum, frame):  # noqa: ARG002
+    if self.stop and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.stop, self.signum = True, signum
+
+  def __enter__(self) -> "StopFlag":
+    if threading.current_thread() is threading.main_thread():  # signals only install on the main thread
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._old[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old.clear()
