@@ -130,8 +130,11 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   def grp(v):
     return common.pad_axis(common.pad_axis(v, -1, n_p), -2, g_p)
 
-  st = common.pad_axis(chan(state.astype(f32).swapaxes(1, 2)).transpose(0, 2, 3, 1), -1, n_p)
-  a = common.pad_axis(chan(A.astype(f32).T).transpose(1, 2, 0), -1, n_p)
+  # [b, d, N] -> [b, G, cpg, N] is a free reshape (channels are contiguous within a group)
+  st = common.pad_axis(common.pad_axis(common.pad_axis(state.astype(f32).reshape(b, g, cpg, n), -1, n_p), -2,
+                                       cpg_p), -3, g_p)
+  a = common.pad_axis(common.pad_axis(common.pad_axis(A.astype(f32).reshape(g, cpg, n), -1, n_p), -2, cpg_p),
+                      -3, g_p)
   steps = lambda kk: pl.BlockSpec((None, kk, gb, cpg_p), lambda i, j: (i, 0, j, 0))
   gsteps = lambda kk: pl.BlockSpec((None, kk, gb, n_p), lambda i, j: (i, 0, j, 0))
   chans = pl.BlockSpec((gb, cpg_p), lambda i, j: (j, 0))

@@ -70,8 +70,11 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, interpret: bool | None = None):
   def grp(v):  # [b, l, g, n] -> [b, l, g_p, n_p]
     return common.pad_axis(common.pad_axis(v, -1, n_p), -2, g_p)
 
-  a = common.pad_axis(chan(A.astype(f32).T).transpose(1, 2, 0), -1, n_p)  # [g_p, cpg_p, n_p]
-  h = common.pad_axis(chan(h0.swapaxes(1, 2)).transpose(0, 2, 3, 1), -1, n_p)  # [b, g_p, cpg_p, n_p]
+  def tile(v):  # [..., d, N] -> [..., g_p, cpg_p, n_p] (a free reshape when no padding is needed)
+    v = v.reshape(*v.shape[:-2], g, cpg, n)
+    return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, n_p), -2, cpg_p), -3, g_p)
+
+  a, h = tile(A.astype(f32)), tile(h0)
   seq = pl.BlockSpec((None, l, gb, cpg_p), lambda i, j: (i, 0, j, 0))
   grp_spec = pl.BlockSpec((None, l, gb, n_p), lambda i, j: (i, 0, j, 0))
   state = pl.BlockSpec((None, gb, cpg_p, n_p), lambda i, j: (i, j, 0, 0))

@@ -1,0 +1,212 @@
+"""GPU benchmark of the SSM kernels (docs/KERNELS.md): multistep verification and the training scans.
+
+  PYTHONUNBUFFERED=1 python bench/bench_kernels.py [--quick] [--out results.json]
+
+(a) multistep verify for K = 1, 2, 4, 8, 16 against one single-step update, for the 8 Mamba layers of a 50%
+    hybrid of Llama-3.2-1B (Mamba-2 state [b, 32, 64, 64]; Mamba-1 d_inner 2048, N 16), batch 1 and 8; time
+    per layer (8 layers in one jitted call, each its own state buffer), and bandwidth on the call's bytes
+    (inputs + outputs once) against a device-to-device copy measured in the same run.
+(b) training scan at l = 2048: forward and forward + backward of reference / pallas / chunked; rel. error vs
+    the reference on the same inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, ".")
+from hybrid_jax.model import ssm  # noqa: E402
+from hybrid_jax.pallas import multistep as ms  # noqa: E402
+from hybrid_jax.pallas import scan as m1  # noqa: E402
+from hybrid_jax.pallas import ssd as m2  # noqa: E402
+
+BF = jnp.bfloat16
+F32 = jnp.float32
+LAYERS = 8
+
+
+def block(x):
+  return jax.tree_util.tree_map(lambda a: a.block_until_ready(), x)
+
+
+def timeit(f, *args, calls: int = 20, reps: int = 5, budget: float = 1.0) -> float:
+  """Median over `reps` of the mean time of `calls` back-to-back async calls (seconds per call)."""
+  block(f(*args))
+  t0 = time.perf_counter()
+  block(f(*args))
+  one = time.perf_counter() - t0
+  calls = max(1, min(calls, int(budget / max(reps, 1) / max(one, 1e-6))))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      out = f(*args)
+    block(out)
+    ts.append((time.perf_counter() - t0) / calls)
+  return statistics.median(ts)
+
+
+def nbytes(tree) -> int:
+  return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree))
+
+
+def relerr(a, b) -> float:
+  a, b = jnp.asarray(a, F32), jnp.asarray(b, F32)
+  return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
+
+
+def copy_ceiling() -> float:
+  x = jax.random.normal(jax.random.PRNGKey(0), (256 * 1024 * 1024,), F32)  # 1 GiB
+  f = jax.jit(lambda v: v * 1.0001)
+  t = timeit(f, x, calls=10)
+  return 2 * x.nbytes / t
+
+
+# ------------------------------------------------------------------------------------------------
+def verify_inputs(key, variant: str, b: int, k: int):
+  rn = lambda kk, s, dt=BF: jax.random.normal(kk, s, F32).astype(dt)
+  ks = jax.random.split(key, 13)
+  if variant == "mamba":
+    d, n, g = 2048, 16, 128
+    return dict(state=rn(ks[0], (b, d, n), F32), cache_x=rn(ks[1], (b, k, d)), cache_dt=rn(ks[2], (b, k, d)),
+                cache_B=rn(ks[3], (b, k, g, n)), n_accept=jnp.full((b,), k, jnp.int32), x=rn(ks[4], (b, k, d)),
+                dt=rn(ks[5], (b, k, d)), B=rn(ks[6], (b, k, g, n)), C=rn(ks[7], (b, k, g, n)),
+                A=-jnp.exp(rn(ks[8], (d, n), F32)), D=rn(ks[9], (d,), F32), dt_bias=rn(ks[10], (d,), F32),
+                z=rn(ks[11], (b, k, d)))
+  h, p, n, g = 32, 64, 64, 32
+  return dict(state=rn(ks[0], (b, h, p, n), F32), cache_x=rn(ks[1], (b, k, h, p)), cache_dt=rn(ks[2], (b, k, h)),
+              cache_B=rn(ks[3], (b, k, g, n)), n_accept=jnp.full((b,), k, jnp.int32), x=rn(ks[4], (b, k, h, p)),
+              dt=rn(ks[5], (b, k, h)), B=rn(ks[6], (b, k, g, n)), C=rn(ks[7], (b, k, g, n)),
+              A=-jnp.exp(rn(ks[8], (h,), F32)), D=rn(ks[9], (h,), F32), dt_bias=rn(ks[10], (h,), F32), z=None)
+
+
+def single_step_xla(variant):
+  """One plain decode step through XLA (the ssm references at l = 1): the non-speculative baseline."""
+  def f(layers):
+    outs = []
+    for a in layers:
+      if variant == "mamba":
+        y, h = ssm.selective_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1], a["D"],
+                                      a["dt_bias"], z=a["z"][:, :1], h0=a["state"])
+      else:
+        y, h = ssm.ssd_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1], a["D"],
+                                a["dt_bias"], h0=a["state"])
+      outs.append((y, h))
+    return outs
+  return jax.jit(f)
+
+
+def multistep_fn(impl):
+  def f(layers):
+    return [ms.multistep_scan(**a, impl=impl)[:2] for a in layers]
+  return jax.jit(f)
+
+
+def bench_verify(ceiling: float, ks, batches, rows):
+  for variant in ("mamba2", "mamba"):
+    for b in batches:
+      base_layers = [verify_inputs(jax.random.PRNGKey(100 + i), variant, b, 1) for i in range(LAYERS)]
+      t_single = timeit(single_step_xla(variant), base_layers) / LAYERS
+      t_k1 = None
+      for k in ks:
+        layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
+        f = multistep_fn("pallas")
+        out = f(layers)
+        ref = multistep_fn("reference")(layers)
+        err = max(max(relerr(o[0], r[0]), relerr(o[1], r[1])) for o, r in zip(out, ref))
+        t = timeit(f, layers) / LAYERS
+        t_ref = timeit(multistep_fn("reference"), layers) / LAYERS
+        t_k1 = t if k == 1 else t_k1
+        byts = (nbytes({kk: v for kk, v in layers[0].items()}) + nbytes(out[0])) 
+        rows.append(dict(variant=variant, batch=b, K=k, us_per_layer=t * 1e6, us_ref=t_ref * 1e6,
+                         us_single_xla=t_single * 1e6, x_single_xla=t / t_single,
+                         x_k1_kernel=t / t_k1 if t_k1 else float("nan"), MB=byts / 1e6, GBps=byts / t / 1e9, pct_copy=100 * byts / t / ceiling,
+                         err=err))
+        r = rows[-1]
+        print(f"verify {variant:6s} b={b} K={k:2d}: {r['us_per_layer']:8.1f} us/layer (ref {r['us_ref']:8.1f}, "
+              f"1-step XLA {r['us_single_xla']:6.1f}) x{r['x_single_xla']:.2f} vs 1-step, x{r['x_k1_kernel']:.2f} "
+              f"vs K=1 kernel, {r['MB']:.2f} MB {r['GBps']:.0f} GB/s = {r['pct_copy']:.0f}% copy, err {err:.1e}")
+
+
+# ------------------------------------------------------------------------------------------------
+def scan_inputs(variant, b, l):
+  ks = jax.random.split(jax.random.PRNGKey(7), 9)
+  rn = lambda kk, s, dt=BF: jax.random.normal(kk, s, F32).astype(dt)
+  if variant == "mamba":
+    d, n, g = 2048, 16, 128
+    return (rn(ks[0], (b, l, d)), rn(ks[1], (b, l, d)), -jnp.exp(rn(ks[2], (d, n), F32)), rn(ks[3], (b, l, g, n)),
+            rn(ks[4], (b, l, g, n)), rn(ks[5], (d,), F32), rn(ks[6], (d,), F32)), dict(z=rn(ks[7], (b, l, d)))
+  h, p, n, g = 32, 64, 64, 32
+  return (rn(ks[0], (b, l, h, p)), rn(ks[1], (b, l, h)), -jnp.exp(rn(ks[2], (h,), F32)), rn(ks[3], (b, l, g, n)),
+          rn(ks[4], (b, l, g, n)), rn(ks[5], (h,), F32), rn(ks[6], (h,), F32)), {}
+
+
+def bench_scan(b, l, rows):
+  impls = {"mamba": {"reference": ssm.selective_scan_ref, "pallas": m1.selective_scan_pallas,
+                     "chunked": m1.selective_scan_chunked},
+           "mamba2": {"reference": ssm.ssd_scan_ref, "pallas": m2.ssd_scan_pallas, "chunked": m2.ssd_scan_chunked}}
+  for variant, fns in impls.items():
+    args, kw = scan_inputs(variant, b, l)
+    res = {}
+    for name, fn in fns.items():
+      fwd = jax.jit(lambda *a, fn=fn: fn(*a, **kw))
+
+      def loss(*a, fn=fn):
+        y, h = fn(*a, **kw)
+        return jnp.sum(y.astype(F32) * jnp.cos(jnp.arange(y.shape[-1], dtype=F32))) + jnp.sum(h)
+      grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)))  # loss too: keeps the fwd kernel live
+      out, (_, g) = fwd(*args), grad(*args)
+      res[name] = (out, g)
+      ref_out, ref_g = res["reference"]
+      err = max(relerr(out[0], ref_out[0]), relerr(out[1], ref_out[1]))
+      gerr = max(relerr(a, r) for a, r in zip(g, ref_g))
+      t_f, t_fb = timeit(fwd, *args, calls=3), timeit(grad, *args, calls=3)
+      rows.append(dict(variant=variant, impl=name, batch=b, l=l, ms_fwd=t_f * 1e3, ms_fwd_bwd=t_fb * 1e3,
+                       err=err, grad_err=gerr))
+    base = rows[-3]
+    for r in rows[-3:]:
+      r["speedup_fwd"], r["speedup_fwd_bwd"] = base["ms_fwd"] / r["ms_fwd"], base["ms_fwd_bwd"] / r["ms_fwd_bwd"]
+      print(f"scan {variant:6s} {r['impl']:9s} b={b} l={l}: fwd {r['ms_fwd']:8.2f} ms (x{r['speedup_fwd']:5.1f}) "
+            f"fwd+bwd {r['ms_fwd_bwd']:8.2f} ms (x{r['speedup_fwd_bwd']:5.1f}) err {r['err']:.1e} "
+            f"grad err {r['grad_err']:.1e}")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--out", default="")
+  ap.add_argument("--skip", default="", help="comma list of: verify,scan")
+  a = ap.parse_args()
+  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
+  ceiling = copy_ceiling()
+  print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s (read + write)")
+  verify, scans = [], []
+  if "verify" not in a.skip:
+    bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), (1, 8), verify)
+  if "scan" not in a.skip:
+    bench_scan(2, 2048 if not a.quick else 256, scans)
+  print("\n| variant | batch | K | us/layer kernel | us/layer ref | 1-step XLA us | x 1-step | x K=1 kernel "
+        "| MB | GB/s | % copy | err |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in verify:
+    print(f"| {r['variant']} | {r['batch']} | {r['K']} | {r['us_per_layer']:.1f} | {r['us_ref']:.1f} | "
+          f"{r['us_single_xla']:.1f} | {r['x_single_xla']:.2f} | {r['x_k1_kernel']:.2f} | {r['MB']:.2f} | "
+          f"{r['GBps']:.0f} | {r['pct_copy']:.0f} | {r['err']:.1e} |")
+  print("\n| variant | impl | batch | l | fwd ms | x | fwd+bwd ms | x | err | grad err |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in scans:
+    print(f"| {r['variant']} | {r['impl']} | {r['batch']} | {r['l']} | {r['ms_fwd']:.2f} | {r['speedup_fwd']:.1f} | "
+          f"{r['ms_fwd_bwd']:.2f} | {r['speedup_fwd_bwd']:.1f} | {r['err']:.1e} | {r['grad_err']:.1e} |")
+  if a.out:
+    with open(a.out, "w") as fh:
+      json.dump(dict(copy_GBps=ceiling / 1e9, verify=verify, scan=scans), fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
