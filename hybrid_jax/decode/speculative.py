@@ -1,0 +1,220 @@
+"""Speculative decoding (SPEC section 4): a draft model proposes k tokens, the target verifies them in one call.
+
+One round, per sequence (L = tokens in the target's cache; `pending` = the last emitted token, not yet in any
+cache; `prev` = the token at L - 1):
+  1. draft: one call on [prev, pending] at position L - 1 (re-running prev costs nothing extra on a memory-
+     bound step and lets the draft catch up after a fully accepted round), then k - 1 one-token calls;
+     -> draft tokens d_1..d_k and, when sampling, the draft distributions q_1..q_k.
+  2. target: ONE call on [pending, d_1..d_k] (k + 1 tokens) -> distributions p_1..p_{k+1}.
+  3. acceptance (`greedy_accept` / `sampling_accept`): the first n draft tokens are accepted, then one more
+     token comes from the target (its correction, a residual resample, or the bonus token when n = k).
+  4. rollback: both caches' pos are set per sequence (target L + n + 1, draft L + n); Mamba layers replay the
+     valid cached steps at their next call (hybrid_jax/decode/verify.py).
+Everything, prefill included, runs in one jitted function; the rounds are a lax.while_loop (no host round trip
+per token). Sequences advance by different amounts; a finished sequence keeps running with no advance.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.decode.generate import left_pad
+from hybrid_jax.decode.sampling import is_greedy, processed_logprobs, sample_logits
+from hybrid_jax.decode.verify import spec_forward, to_spec_cache
+from hybrid_jax.model import hybrid
+from hybrid_jax.model.cache import init_cache
+
+Array = jax.Array
+
+
+# ------------------------------------------------------------------------------------------------
+# Acceptance rules
+def _leading_true(ok: Array) -> Array:
+  """[b, k] bool -> [b] int32: length of the all-True prefix."""
+  return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
+
+
+def greedy_accept(draft_tokens: Array, target_logits: Array) -> tuple[Array, Array]:
+  """Exact-match acceptance. draft_tokens [b, k]; target_logits [b, k+1, V].
+
+  Returns (n [b] accepted draft tokens, next [b]: the target's argmax after them: its correction at the first
+  mismatch, or the bonus token when all k match).
+  """
+  best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [b, k+1]
+  n = _leading_true(draft_tokens == best[:, :-1])
+  return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+
+
+def sampling_accept(key: Array, draft_tokens: Array, draft_logp: Array, target_logp: Array
+                    ) -> tuple[Array, Array]:
+  """Speculative sampling (Leviathan et al. / Chen et al.): the output is distributed exactly as the target's.
+
+  draft_tokens [b, k] sampled from draft_logp [b, k, V]; target_logp [b, k+1, V] (both already processed
+  by temperature / top-k / top-p). d_i is accepted with probability min(1, p(d_i) / q(d_i)); at the first
+  rejection the next token is drawn from normalize(max(0, p - q)); after k acceptances from p_{k+1}.
+  Returns (n [b], next [b]).
+  """
+  b, k = draft_tokens.shape
+  k_u, k_next = jax.random.split(key)
+  p = jnp.exp(target_logp.astype(jnp.float32))
+  q = jnp.exp(draft_logp.astype(jnp.float32))
+  p_tok = jnp.take_along_axis(p[:, :k], draft_tokens[..., None], axis=-1)[..., 0]  # [b, k]
+  q_tok = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
+  u = jax.random.uniform(k_u, (b, k))
+  n = _leading_true(u * q_tok < p_tok)  # u < p/q without dividing by q
+  q_ext = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # position k: no draft, residual = p
+  p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]  # [b, V]
+  q_n = jnp.take_along_axis(q_ext, n[:, None, None], axis=1)[:, 0]
+  resid = jnp.maximum(p_n - q_n, 0.0)
+  # p == q exactly leaves no residual mass, but then rejection has probability 0; fall back to p for safety.
+  resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 0, resid, p_n)
+  nxt = jax.random.categorical(k_next, jnp.log(resid), axis=-1).astype(jnp.int32)
+  return n, nxt
+
+
+# ------------------------------------------------------------------------------------------------
+# The jitted loop
+def _is_eos(tok: Array, eos: Array) -> Array:
+  if eos.shape[0] == 0:
+    return jnp.zeros(tok.shape, bool)
+  return jnp.any(tok[..., None] == eos, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "k", "max_new_tokens", "max_len", "temperature",
+                                             "top_k", "top_p"))
+def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: ModelConfig, tokens: Array,
+                     offsets: Array, key: Array, eos: Array, *, k: int, max_new_tokens: int, max_len: int,
+                     temperature: float, top_k: int, top_p: float) -> tuple[Array, Array, dict]:
+  """Prefill + speculative rounds until every row has max_new_tokens tokens or an EOS.
+
+  tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32.
+  Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
+  """
+  b, plen = tokens.shape
+  greedy = is_greedy(temperature)
+  sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+  logp_of = functools.partial(processed_logprobs, temperature=temperature, top_k=top_k, top_p=top_p)
+
+  # Prefill: the target on the whole prompt, the draft on all but the last token (its first round call
+  # starts at L - 1 with [prev, pending]).
+  tcache = init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
+  logits, tcache = hybrid.forward(tparams, tcfg, tokens, cache=tcache)
+  dcache = init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
+  if plen > 1:
+    _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
+  tcache, dcache = to_spec_cache(tcfg, tcache, k), to_spec_cache(dcfg, dcache, k)
+  key, sub = jax.random.split(key)
+  first = sample(logits[:, -1], sub)
+  out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
+  done = _is_eos(first, eos) | (max_new_tokens <= 1)
+  zero = jnp.int32(0)
+  state = dict(tcache=tcache, dcache=dcache, out=out, n_out=jnp.ones((b,), jnp.int32), done=done,
+               prev=tokens[:, -1].astype(jnp.int32), pending=first, key=key,
+               rounds=zero, accepted=zero, seq_rounds=zero)
+
+  def draft_pick(logits, key):
+    """logits [b, V] -> (token [b], processed log-probs [b, V] or None when greedy)."""
+    if greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    lp = logp_of(logits)
+    return jax.random.categorical(key, lp, axis=-1).astype(jnp.int32), lp
+
+  def body(st):
+    key, k_first, k_draft, k_acc = jax.random.split(st["key"], 4)
+    L = st["tcache"].pos
+    # 1. draft k tokens
+    dl, dcache = spec_forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1), st["dcache"],
+                              commit=True)
+    d1, q1 = draft_pick(dl[:, -1], k_first)
+
+    def draft_step(carry, step_key):
+      tok, dc = carry
+      lg, dc = spec_forward(dparams, dcfg, tok[:, None], dc, commit=False)
+      nxt, q = draft_pick(lg[:, 0], step_key)
+      return (nxt, dc), (nxt, q)
+
+    (_, dcache), (ds, qs) = jax.lax.scan(draft_step, (d1, dcache), jax.random.split(k_draft, k - 1))
+    draft = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [b, k]
+    # 2. verify all k in one target call
+    tl, tcache = spec_forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
+                              st["tcache"], commit=True)
+    # 3. accept
+    if greedy:
+      n, nxt = greedy_accept(draft, tl)
+    else:
+      q = jnp.concatenate([q1[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
+      n, nxt = sampling_accept(k_acc, draft, q, logp_of(tl))
+    # emit d_1..d_n, next; stop at EOS / max_new_tokens
+    j = jnp.arange(k + 1)[None, :]
+    cand = jnp.where(j < n[:, None], jnp.pad(draft, ((0, 0), (0, 1))), nxt[:, None])
+    eos_at = jnp.where(_is_eos(cand, eos) & (j <= n[:, None]), j, k + 1).min(axis=1)
+    count = jnp.minimum(jnp.minimum(n + 1, eos_at + 1), max_new_tokens - st["n_out"])
+    count = jnp.where(st["done"], 0, count)
+    row = jnp.where(j < count[:, None], cand, -1)
+    out = jax.vmap(lambda o, r, s: jax.lax.dynamic_update_slice_in_dim(o, r, s, axis=0))(
+        st["out"], row, st["n_out"])
+    n_out = st["n_out"] + count
+    done = st["done"] | (eos_at < count) | (n_out >= max_new_tokens)
+    # 4. roll back: prev/pending/caches move by n + 1 for the rows that were still running
+    adv = jnp.where(st["done"], 0, n + 1)
+    last_acc = jnp.take_along_axis(draft, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+    prev = jnp.where(adv == 0, st["prev"], jnp.where(n == 0, st["pending"], last_acc))
+    pending = jnp.where(adv == 0, st["pending"], nxt)
+    active = ~st["done"]
+    return dict(tcache=tcache.replace(pos=L + adv), dcache=dcache.replace(pos=L + adv - 1), out=out,
+                n_out=n_out, done=done, prev=prev, pending=pending, key=key, rounds=st["rounds"] + 1,
+                accepted=st["accepted"] + jnp.sum(jnp.where(active, n, 0)),
+                seq_rounds=st["seq_rounds"] + jnp.sum(active.astype(jnp.int32)))
+
+  st = jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), body, state)
+  stats = {name: st[name] for name in ("rounds", "accepted", "seq_rounds")}
+  return st["out"][:, :max_new_tokens], st["n_out"], stats
+
+
+# ------------------------------------------------------------------------------------------------
+# API
+def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_params: dict,
+                         draft_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                         k: int = 4, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         seed: int = 0, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
+                         pad_multiple: int = 16) -> tuple[list[list[int]], dict]:
+  """Generates like `hybrid_jax.decode.generate.generate` (same output: the new tokens of each prompt, cut
+  before the first EOS; identical tokens when greedy), with a draft model proposing k tokens per target call.
+
+  Returns (tokens per prompt, stats): accepted_per_step (mean accepted draft tokens per verification, over
+  running sequences), tokens_per_step (that + 1), acceptance_rate (accepted / proposed), target_calls
+  (verification calls + the prefill), draft_calls, rounds, generated_tokens.
+  """
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  if draft_cfg.vocab_size != target_cfg.vocab_size:
+    raise ValueError(f"draft vocab {draft_cfg.vocab_size} != target vocab {target_cfg.vocab_size}: the two "
+                     "models must share a tokenizer")
+  if max_new_tokens <= 0:
+    return [[] for _ in prompts], {}
+  eos = tuple(target_cfg.eos_token_id if eos_ids is None else eos_ids)
+  tokens, offsets = left_pad(prompts, pad_id, pad_multiple)
+  max_len = tokens.shape[1] + max_new_tokens + k + 1  # a verify call writes k + 1 past the last token
+  out, n_out, st = speculative_loop(
+      target_params, target_cfg, draft_params, draft_cfg, jnp.asarray(tokens), jnp.asarray(offsets),
+      jax.random.PRNGKey(seed), jnp.asarray(eos, jnp.int32), k=k, max_new_tokens=max_new_tokens,
+      max_len=max_len, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  results = []
+  for row, n in zip(np.asarray(out), np.asarray(n_out)):
+    seq = []
+    for t in row[:n].tolist():
+      if t in eos:
+        break
+      seq.append(t)
+    results.append(seq)
+  rounds, accepted, seq_rounds = (int(st[name]) for name in ("rounds", "accepted", "seq_rounds"))
+  per_step = accepted / max(seq_rounds, 1)
+  stats = {"accepted_per_step": per_step, "tokens_per_step": per_step + 1.0,
+           "acceptance_rate": accepted / max(seq_rounds * k, 1), "target_calls": rounds + 1,
+           "draft_calls": rounds * k + 1, "rounds": rounds, "generated_tokens": int(np.sum(n_out)), "k": k}
+  return results, stats
