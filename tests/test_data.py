@@ -290,7 +290,8 @@ def test_iterator_state_resumes_exactly(tmp_path, tiny_tok):
   state = it.get_state()
   want = take(it, 6)
   fresh = iter(make_dataset(cfg_for(f, seed=3), tiny_tok, process_index=0, process_count=1))
-  fresh.set_state(json.loads(json.dumps(state)) if isinstance(state, dict) else state)
+  assert isinstance(state, dict)
+  fresh.set_state(json.loads(json.dumps(state)))  # the state survives a JSON checkpoint
   got = take(fresh, 6)
   for w, g in zip(want, got):
     for k in w:
@@ -298,6 +299,23 @@ def test_iterator_state_resumes_exactly(tmp_path, tiny_tok):
   other = take(iter(make_dataset(cfg_for(f, seed=4), tiny_tok, process_index=0, process_count=1)), 10)
   assert any(not np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(take(iter(ds), 10), other)), \
       "the seed changes the order"
+
+
+def test_worker_processes_same_stream_and_resume(tmp_path, tiny_tok):
+  f = write_jsonl(tmp_path / "c.jsonl", [conv(i, n_words=1 + i % 4) for i in range(10)])
+  ref = take(iter(make_dataset(cfg_for(f), tiny_tok, process_index=0, process_count=1)), 6)
+  ds = make_dataset(cfg_for(f, num_workers=1), tiny_tok, process_index=0, process_count=1)
+  it = iter(ds)
+  got = take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  got += take(it, 3)
+  resumed = iter(ds)
+  resumed.set_state(state)
+  for a, b in zip(ref, got):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  for a, b in zip(ref[3:], take(resumed, 3)):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
 
 
 def test_process_sharding_is_disjoint(tmp_path, tiny_tok):

@@ -70,6 +70,14 @@ class _PadBatch:
     return {k: np.pad(v, [(0, self.rows - v.shape[0])] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
+def _absl_flags_parsed():
+  """Grain's worker processes read absl flags; outside an absl app nothing parses them, so accept the
+  defaults (otherwise the first batch fails with UnparsedFlagAccessError)."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def make_dataset(cfg: DataConfig, tokenizer, *, seed: int | None = None, split: str = "train",
                  process_index: int | None = None, process_count: int | None = None,
                  records: RecordSource | None = None) -> grain.IterDataset:
@@ -112,5 +120,6 @@ def make_dataset(cfg: DataConfig, tokenizer, *, seed: int | None = None, split: 
   if not train:
     it = it.map(_PadBatch(rows))
   if cfg.num_workers > 0:
+    _absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   return it
