@@ -1,0 +1,94 @@
+"""Hybrid configs from a teacher and the attention-weight initialisation of the Mamba layers (SPEC 2.3).
+
+`init_from_teacher` mirrors the reference's `init_with_kqvo`: for every replaced layer, Mamba-1 gets
+in_proj_x <- v_proj, B_proj <- k_proj, C_proj <- q_proj, out_proj <- o_proj; Mamba-2 gets the x / B / C column
+blocks of in_proj <- v / k / q and out_proj <- o_proj. Norms, MLPs, embeddings and head are the teacher's;
+the rest of each mixer keeps its reference init.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from hybrid_jax.config import ConfigError, ModelConfig, SSMConfig
+
+Array = jax.Array
+
+
+def hybrid_config(teacher_cfg: ModelConfig, attn_layers, variant: str = "mamba", **ssm_overrides) -> ModelConfig:
+  """The recipes' hybrid of `teacher_cfg`: Mamba-1 ssm_cfg {expand: 1} (d_state 16); Mamba-2
+  {expand: 1, ngroups: H, d_state: hd}. d_inner = D (= H * hd for Mamba-2), d_xb = Hkv * hd."""
+  h, hd = teacher_cfg.num_attention_heads, teacher_cfg.head_dim
+  if variant == "mamba":
+    kw = dict(variant="mamba", expand=1, d_state=16)
+  elif variant == "mamba2":
+    kw = dict(variant="mamba2", expand=1, ngroups=h, d_state=hd, d_inner=h * hd)
+  else:
+    raise ConfigError(f"variant must be 'mamba' or 'mamba2', got {variant!r}")
+  kw.update(ssm_overrides)
+  attn = tuple(sorted(int(i) for i in attn_layers))
+  cfg = teacher_cfg.replace(attn_layers=attn, ssm=SSMConfig(**kw))
+  if cfg.is_hybrid:  # fail now on dimensions the mixer cannot take, naming them
+    from hybrid_jax.model import mamba, mamba2
+    try:
+      jax.eval_shape(lambda: (mamba if variant == "mamba" else mamba2).init_mixer(jax.random.PRNGKey(0), cfg))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  return cfg
+
+
+def attn_layers_for_fraction(n_layers: int, fraction: float) -> tuple[int, ...]:
+  """Evenly spread attention layers keeping `fraction` of them, as in the recipes (50% of 32 layers:
+  every even layer 0, 2, ..., 30; 25%: 0, 4, 8, ...; 0%: none)."""
+  if not 0.0 <= fraction <= 1.0:
+    raise ConfigError(f"attention fraction must be in [0, 1], got {fraction}")
+  k = round(n_layers * fraction)
+  if k == 0:
+    return ()
+  return tuple(sorted({int(i * n_layers / k) for i in range(k)}))
+
+
+def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg: ModelConfig,
+                      key: Array) -> dict:
+  """Hybrid params: the teacher's everywhere, Mamba mixers initialised from the replaced attention."""
+  from hybrid_jax.model import mamba, mamba2
+  if teacher_cfg.is_hybrid:
+    raise ConfigError("the teacher must be a plain Llama (all attention layers)")
+  same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim")
+  bad = [f for f in same if getattr(teacher_cfg, f) != getattr(hybrid_cfg, f)]
+  if bad:
+    raise ConfigError(f"hybrid and teacher configs differ in {bad}")
+  mod = mamba if hybrid_cfg.ssm is None or hybrid_cfg.ssm.variant == "mamba" else mamba2
+  dt = hybrid_cfg.params_dtype
+  d_model = hybrid_cfg.hidden_size
+  out = {k: v for k, v in teacher_params.items() if k != "layers"}
+  layers = []
+  for i, (lp, k) in enumerate(zip(teacher_params["layers"],
+                                  jax.random.split(key, hybrid_cfg.num_hidden_layers))):
+    new = {n: v for n, v in lp.items() if n != "self_attn"}
+    if hybrid_cfg.is_attention(i):
+      new["self_attn"] = lp["self_attn"]
+    else:
+      m = mod.init_mixer(k, hybrid_cfg)
+      a = lp["self_attn"]
+      want = {"v_proj": (d_model, hybrid_cfg.d_xb), "k_proj": (d_model, hybrid_cfg.d_xb),
+              "q_proj": (d_model, hybrid_cfg.d_inner), "o_proj": (hybrid_cfg.d_inner, d_model)}
+      wrong = {n: tuple(a[n].shape) for n, s in want.items() if tuple(a[n].shape) != s}
+      if wrong:  # e.g. d_inner != H * hd: the attention weights cannot seed the mixer
+        raise ConfigError(f"layer {i}: attention shapes {wrong} do not fit the mixer ({want})")
+      if mod is mamba:
+        m.update(in_proj_x=a["v_proj"].astype(dt), B_proj=a["k_proj"].astype(dt),
+                 C_proj=a["q_proj"].astype(dt), out_proj=a["o_proj"].astype(dt))
+      else:
+        d = mamba2.dims(hybrid_cfg)
+        di, dxb = d["d_inner"], d["d_xb"]
+        w = m["in_proj"]  # [D, z | x | B | C | dt]
+        w = w.at[:, di:di + dxb].set(a["v_proj"].astype(dt))
+        w = w.at[:, di + dxb:di + 2 * dxb].set(a["k_proj"].astype(dt))
+        w = w.at[:, di + 2 * dxb:2 * di + 2 * dxb].set(a["q_proj"].astype(dt))
+        m.update(in_proj=w, out_proj=a["o_proj"].astype(dt))
+      new["mamba"] = m
+    layers.append(new)
+  out["layers"] = layers
+  return jax.tree.map(jnp.asarray, out)

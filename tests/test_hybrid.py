@@ -1,0 +1,160 @@
+"""The hybrid decoder: cached decoding == full forward, packing, all-attention == teacher, gradients, init."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.config import ConfigError, ModelConfig
+from hybrid_jax.model import hybrid
+from hybrid_jax.model.cache import init_cache
+from hybrid_jax.model.init import attn_layers_for_fraction, hybrid_config, init_from_teacher
+
+TEACHER = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
+
+
+def make(variant, attn_layers, seed=0):
+  cfg = hybrid_config(TEACHER, attn_layers, variant, d_state=8,
+                      scan_impl="reference")
+  teacher = hybrid.init_params(TEACHER, jax.random.PRNGKey(seed), std=0.2)
+  return cfg, teacher, init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(seed + 1))
+
+
+@pytest.mark.parametrize("variant,attn", [("mamba", (0, 2)), ("mamba", ()), ("mamba2", (1,)),
+                                          ("mamba2", (0, 2))])
+def test_cached_decoding_equals_full_forward(variant, attn):
+  cfg, _, params = make(variant, attn)
+  rng = np.random.default_rng(0)
+  lens, total, steps = [5, 2], 5, 4
+  seqs = [rng.integers(1, 64, n + steps) for n in lens]
+  # Left-padded prompt batch; pad token 0 must not matter.
+  prompt = np.zeros((2, total), np.int32)
+  for i, n in enumerate(lens):
+    prompt[i, total - n:] = seqs[i][:n]
+  cache = init_cache(cfg, 2, total + steps)
+  cache = cache.replace(offset=jnp.array([total - n for n in lens], jnp.int32))
+  fwd = jax.jit(lambda p, t, c: hybrid.forward(p, cfg, t, cache=c))
+  logits, cache = fwd(params, jnp.asarray(prompt), cache)
+  got = [[np.asarray(logits[i, total - n:])] for i, n in enumerate(lens)]
+  for s in range(steps):
+    tok = np.array([seqs[i][n + s] for i, n in enumerate(lens)], np.int32)[:, None]
+    logits, cache = fwd(params, jnp.asarray(tok), cache)
+    for i in range(2):
+      got[i].append(np.asarray(logits[i]))
+  for i, n in enumerate(lens):
+    full, _ = hybrid.forward(params, cfg, jnp.asarray(seqs[i])[None])
+    np.testing.assert_allclose(np.concatenate(got[i], 0), np.asarray(full[0]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_packed_segments_equal_separate(variant):
+  cfg, _, params = make(variant, (1,))
+  rng = np.random.default_rng(1)
+  a, b = rng.integers(1, 64, 4), rng.integers(1, 64, 5)
+  packed = jnp.asarray(np.concatenate([a, b, [0, 0]]))[None]
+  seg = jnp.asarray([[1] * 4 + [2] * 5 + [0, 0]], jnp.int32)
+  logits, _ = hybrid.forward(params, cfg, packed, segment_ids=seg)
+  la, _ = hybrid.forward(params, cfg, jnp.asarray(a)[None])
+  lb, _ = hybrid.forward(params, cfg, jnp.asarray(b)[None])
+  np.testing.assert_allclose(np.asarray(logits[0, :4]), np.asarray(la[0]), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits[0, 4:9]), np.asarray(lb[0]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_all_attention_hybrid_equals_teacher(variant):
+  cfg, teacher, params = make(variant, range(TEACHER.num_hidden_layers))
+  assert not cfg.is_hybrid
+  toks = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 6)))
+  lt, _ = hybrid.forward(teacher, TEACHER, toks)
+  lh, _ = hybrid.forward(params, cfg, toks)
+  np.testing.assert_allclose(np.asarray(lh), np.asarray(lt), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_grad_matches_finite_differences(variant):
+  cfg, _, params = make(variant, (0,))
+  # Steps of order 1 (the init's dt ~ 0.001-0.1 makes d loss / d A_log vanish below fp32 resolution).
+  m = dict(params["layers"][1]["mamba"])
+  if variant == "mamba":
+    m["dt_proj"] = {**m["dt_proj"], "bias": m["dt_proj"]["bias"] * 0 + 0.3}
+  else:
+    m["dt_bias"] = m["dt_bias"] * 0 + 0.5
+  params["layers"][1] = {**params["layers"][1], "mamba": m}
+  toks = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 6)))
+
+  def loss(p):
+    logits, _ = hybrid.forward(p, cfg, toks)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, toks[..., None], -1)[..., 0])
+
+  g = jax.jit(jax.grad(loss))(params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+  f = jax.jit(loss)
+  names = ["A_log", "conv1d", "out_proj", "dt_proj" if variant == "mamba" else "dt_bias"]
+  for j, name in enumerate(names):
+    leaf = params["layers"][1]["mamba"][name]
+    gl = g["layers"][1]["mamba"][name]
+    if isinstance(leaf, dict):
+      leaf, gl, sub = leaf["weight"], gl["weight"], "weight"
+    else:
+      sub = None
+    v = jax.random.normal(jax.random.PRNGKey(10 + j), leaf.shape)
+    v = v / jnp.linalg.norm(v)
+
+    def shifted(eps, name=name, sub=sub, leaf=leaf, v=v):
+      p = jax.tree.map(lambda x: x, params)
+      m = dict(p["layers"][1]["mamba"])
+      if sub:
+        m[name] = {**m[name], sub: leaf + eps * v}
+      else:
+        m[name] = leaf + eps * v
+      p["layers"][1] = {**p["layers"][1], "mamba": m}
+      return f(p)
+
+    eps = 1e-2
+    fd = (float(shifted(eps)) - float(shifted(-eps))) / (2 * eps)
+    an = float(jnp.vdot(gl, v))
+    assert abs(an) > 1e-5, name
+    assert abs(fd - an) <= 2e-2 * abs(an) + 1e-5, (name, fd, an)
+
+
+def test_init_copies_attention_into_mixers():
+  for variant in ("mamba", "mamba2"):
+    cfg, teacher, params = make(variant, (0, 2))
+    for i in (1, 3):
+      a, m = teacher["layers"][i]["self_attn"], params["layers"][i]["mamba"]
+      assert "self_attn" not in params["layers"][i]
+      if variant == "mamba":
+        pairs = [("in_proj_x", "v_proj"), ("B_proj", "k_proj"), ("C_proj", "q_proj"), ("out_proj", "o_proj")]
+        for mn, an in pairs:
+          np.testing.assert_array_equal(np.asarray(m[mn]), np.asarray(a[an]))
+      else:
+        w = np.asarray(m["in_proj"])
+        np.testing.assert_array_equal(w[:, 32:48], np.asarray(a["v_proj"]))
+        np.testing.assert_array_equal(w[:, 48:64], np.asarray(a["k_proj"]))
+        np.testing.assert_array_equal(w[:, 64:96], np.asarray(a["q_proj"]))
+        np.testing.assert_array_equal(np.asarray(m["out_proj"]), np.asarray(a["o_proj"]))
+      for k in ("input_layernorm", "post_attention_layernorm"):
+        np.testing.assert_array_equal(np.asarray(params["layers"][i][k]), np.asarray(teacher["layers"][i][k]))
+    np.testing.assert_array_equal(np.asarray(params["embed_tokens"]), np.asarray(teacher["embed_tokens"]))
+    for i in (0, 2):
+      np.testing.assert_array_equal(np.asarray(params["layers"][i]["self_attn"]["q_proj"]),
+                                    np.asarray(teacher["layers"][i]["self_attn"]["q_proj"]))
+
+
+def test_attn_layers_for_fraction_matches_recipes():
+  assert attn_layers_for_fraction(32, 0.5) == tuple(range(0, 32, 2))
+  assert attn_layers_for_fraction(32, 0.25) == tuple(range(0, 32, 4))
+  assert attn_layers_for_fraction(32, 0.125) == (0, 8, 16, 24)
+  assert attn_layers_for_fraction(32, 0.0) == ()
+  assert attn_layers_for_fraction(30, 0.5) == tuple(range(0, 30, 2))
+  with pytest.raises(ConfigError):
+    attn_layers_for_fraction(4, 1.5)
+
+
+def test_hybrid_config_recipes():
+  c1 = hybrid_config(TEACHER, (0,), "mamba")
+  assert (c1.d_inner, c1.d_xb, c1.ssm.d_state, c1.dt_rank) == (32, 16, 16, 2)
+  c2 = hybrid_config(TEACHER, (0,), "mamba2")
+  assert (c2.d_inner, c2.ssm.ngroups, c2.ssm.d_state) == (32, 4, 8)
+  with pytest.raises(ConfigError):
+    hybrid_config(TEACHER, (0,), "mamba3")
