@@ -1,0 +1,111 @@
+"""Training losses: next-token CE, token-level KL distillation, sequence log-probs and DPO.
+
+Conventions (shared by every function here):
+  logits [b, t, V] (any float dtype; promoted to fp32 inside), tokens [b, t] int.
+  Position t predicts tokens[t + 1]; `mask[t] = 1` means that prediction counts. The last position has no
+  target and never counts, whatever its mask says.
+
+Memory: the [b, t, V] tensors dominate. Log-probs of the targets are computed as
+`logit[target] - logsumexp(logits)`, so no normalised [b, t, V] copy is kept for CE / sequence log-probs;
+the KL builds one fp32 log-softmax per side (needed for the gradient anyway) and reduces over V at once.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+  """log softmax(logits)[..., targets]: [b, t, V], [b, t] -> [b, t] fp32 (no normalised [b, t, V] copy)."""
+  logits = logits.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _shifted(tokens: Array, mask: Array) -> tuple[Array, Array]:
+  """Targets [b, t] (tokens shifted left; last = 0 dummy) and fp32 weights with the last column zeroed."""
+  targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+  w = mask.astype(jnp.float32).at[:, -1].set(0.0)
+  return targets, w
+
+
+def cross_entropy(logits: Array, tokens: Array, loss_mask: Array) -> tuple[Array, Array]:
+  """Mean next-token NLL over counted predictions.
+
+  logits [b, t, V], tokens [b, t], loss_mask [b, t] -> (loss scalar fp32, n_tokens scalar fp32).
+  Logits are not sliced to [:, :-1] (a slice would copy [b, t-1, V]); the last position is masked instead.
+  """
+  targets, w = _shifted(tokens, loss_mask)
+  nll = -token_logprobs(logits, targets)
+  n = jnp.sum(w)
+  return jnp.sum(nll * w) / jnp.maximum(n, 1.0), n
+
+
+def kl_div(teacher_logits: Array, student_logits: Array, loss_mask: Array, temperature: float = 1.0) -> Array:
+  """Mean over masked positions of KL(softmax(teacher / T) || softmax(student / T)).
+
+  teacher_logits, student_logits [b, t, V]; loss_mask [b, t] -> scalar fp32. Gradients flow to the student
+  only (the teacher side is stop_gradient'ed).
+
+  The mask means what it means for `cross_entropy` (position t's next-token distribution counts; the
+  last position never counts), so `kl * n_tokens` from `cross_entropy` is the exact masked KL sum.
+
+  No T^2 factor is applied. The reference (jxiw/MambaInLlama train_mamba/train_hybrid.py and
+  trainer/kd_trainer.py) computes `F.kl_div(F.log_softmax(student), F.softmax(teacher),
+  reduction='batchmean')` with no temperature at all; we keep T = 1 as the default so the loss equals the
+  reference's per-token KL. Note the reference's 'batchmean' on [b, t, V] divides the sum over all tokens
+  (padding included) by b, i.e. a per-sequence sum; we average over masked tokens instead, so a recipe's
+  kl_weight is relative to a per-token KL here.
+  """
+  inv_t = 1.0 / temperature
+  t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) * inv_t, axis=-1)
+  s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) * inv_t, axis=-1)
+  # sum_v p_t (log p_t - log p_s); exp is fused into the reduction by XLA.
+  kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)  # [b, t]
+  w = loss_mask.astype(jnp.float32).at[:, -1].set(0.0)
+  return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def sequence_logprob(logits: Array, tokens: Array, mask: Array) -> Array:
+  """Sum over t with mask[t] = 1 of log p(tokens[t + 1] | tokens[:t + 1]): [b, t, V], [b, t], [b, t] -> [b]."""
+  targets, w = _shifted(tokens, mask)
+  return jnp.sum(token_logprobs(logits, targets) * w, axis=-1)
+
+
+DPO_VARIANTS = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(pi_c: Array, pi_r: Array, ref_c: Array, ref_r: Array, beta: float, variant: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """DPO loss from summed sequence log-probs of policy (pi) and frozen reference (ref), each [b].
+
+  With h = (pi_c - ref_c) - (pi_r - ref_r):
+    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label_smoothing; cDPO)
+    ipo:     (h - 1 / (2 beta))^2
+    hinge:   relu(1 - beta h)
+  These are the forms used by TRL's DPOTrainer, which the reference's train_dpo.py runs
+  (the recipes use the default sigmoid loss). Returns (mean loss, metrics): rewards are beta * (pi - ref).
+  """
+  if variant not in DPO_VARIANTS:
+    raise ValueError(f"dpo variant must be one of {'|'.join(DPO_VARIANTS)}, got {variant!r}")
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  pi_c, pi_r, ref_c, ref_r = map(f32, (pi_c, pi_r, ref_c, ref_r))
+  h = (pi_c - ref_c) - (pi_r - ref_r)
+  if variant == "sigmoid":
+    losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+              - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+  elif variant == "ipo":
+    losses = (h - 1.0 / (2.0 * beta)) ** 2
+  else:
+    losses = jax.nn.relu(1.0 - beta * h)
+  chosen = jax.lax.stop_gradient(beta * (pi_c - ref_c))
+  rejected = jax.lax.stop_gradient(beta * (pi_r - ref_r))
+  metrics = {
+      "reward_margin": jnp.mean(chosen - rejected),
+      "reward_accuracy": jnp.mean((chosen > rejected).astype(jnp.float32)),
+      "chosen_reward": jnp.mean(chosen),
+      "rejected_reward": jnp.mean(rejected),
+  }
+  return jnp.mean(losses), metrics

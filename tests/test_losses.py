@@ -1,0 +1,147 @@
+"""Losses vs straightforward torch / numpy computations (independent formulas, not the JAX code)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid_jax.train import losses
+
+B, T, V = 3, 7, 11
+
+
+def _data(seed=0):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(B, T, V)).astype(np.float32) * 3
+  teacher = rng.normal(size=(B, T, V)).astype(np.float32) * 3
+  tokens = rng.integers(0, V, size=(B, T)).astype(np.int32)
+  mask = (rng.random((B, T)) > 0.3).astype(np.int32)
+  mask[:, -1] = 1  # set on purpose: the last position must still not count
+  return logits, teacher, tokens, mask
+
+
+def _torch_ce(logits, tokens, mask):
+  """HF-style shifted CE: logits[:, :-1] predict tokens[:, 1:], masked targets set to -100."""
+  labels = torch.tensor(tokens[:, 1:], dtype=torch.long).clone()
+  labels[torch.tensor(mask[:, :-1]) == 0] = -100
+  lg = torch.tensor(logits[:, :-1])
+  return F.cross_entropy(lg.reshape(-1, V), labels.reshape(-1), ignore_index=-100), (labels != -100).sum()
+
+
+def test_token_logprobs_matches_torch():
+  logits, _, tokens, _ = _data()
+  got = np.asarray(losses.token_logprobs(jnp.asarray(logits), jnp.asarray(tokens)))
+  ref = torch.log_softmax(torch.tensor(logits), -1).gather(-1, torch.tensor(tokens, dtype=torch.long)[..., None])
+  np.testing.assert_allclose(got, ref[..., 0].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cross_entropy_matches_torch_and_ignores_last_position():
+  logits, _, tokens, mask = _data()
+  loss, n = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+  ref, ref_n = _torch_ce(logits, tokens, mask)
+  np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
+  assert int(n) == int(ref_n) == int(mask[:, :-1].sum())
+  # gradient vs torch autograd
+  g = jax.grad(lambda x: losses.cross_entropy(x, jnp.asarray(tokens), jnp.asarray(mask))[0])(jnp.asarray(logits))
+  lt = torch.tensor(logits, requires_grad=True)
+  labels = torch.tensor(tokens[:, 1:], dtype=torch.long).clone()
+  labels[torch.tensor(mask[:, :-1]) == 0] = -100
+  F.cross_entropy(lt[:, :-1].reshape(-1, V), labels.reshape(-1), ignore_index=-100).backward()
+  np.testing.assert_allclose(np.asarray(g), lt.grad.numpy(), rtol=1e-4, atol=1e-6)
+  assert np.all(np.asarray(g)[:, -1] == 0)
+
+
+def test_cross_entropy_empty_mask_is_zero_not_nan():
+  logits, _, tokens, _ = _data()
+  loss, n = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(tokens), jnp.zeros((B, T), jnp.int32))
+  assert float(n) == 0 and float(loss) == 0.0
+
+
+def test_cross_entropy_bf16_logits_computed_in_fp32():
+  logits, _, tokens, mask = _data()
+  lb = jnp.asarray(logits, jnp.bfloat16)
+  loss, _ = losses.cross_entropy(lb, jnp.asarray(tokens), jnp.asarray(mask))
+  ref, _ = _torch_ce(np.asarray(lb.astype(jnp.float32)), tokens, mask)
+  assert loss.dtype == jnp.float32
+  np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_matches_torch(temperature):
+  logits, teacher, _, mask = _data(1)
+  got = losses.kl_div(jnp.asarray(teacher), jnp.asarray(logits), jnp.asarray(mask), temperature)
+  s = torch.log_softmax(torch.tensor(logits) / temperature, -1)
+  t = torch.softmax(torch.tensor(teacher) / temperature, -1)
+  per_tok = F.kl_div(s, t, reduction="none").sum(-1)  # [b, t] = KL(teacher || student)
+  w = torch.tensor(mask, dtype=torch.float32)
+  w[:, -1] = 0
+  ref = (per_tok * w).sum() / w.sum()
+  np.testing.assert_allclose(float(got), ref.item(), rtol=1e-5)
+  # with T=1 and an all-ones mask (bar the last), equals torch's 'batchmean' over the counted rows
+  if temperature == 1.0:
+    full = losses.kl_div(jnp.asarray(teacher), jnp.asarray(logits), jnp.ones((B, T)))
+    ref_bm = F.kl_div(s[:, :-1].reshape(-1, V), t[:, :-1].reshape(-1, V), reduction="batchmean")
+    np.testing.assert_allclose(float(full), ref_bm.item(), rtol=1e-5)
+
+
+def test_kl_is_zero_for_equal_logits_and_grads_only_to_student():
+  logits, teacher, _, mask = _data(2)
+  x = jnp.asarray(logits)
+  assert abs(float(losses.kl_div(x, x, jnp.asarray(mask)))) < 1e-6
+  gt, gs = jax.grad(lambda t, s: losses.kl_div(t, s, jnp.asarray(mask)), argnums=(0, 1))(jnp.asarray(teacher), x)
+  assert np.all(np.asarray(gt) == 0) and np.any(np.asarray(gs) != 0)
+  # student gradient = (softmax(s) - softmax(t)) * w / n  (analytic)
+  p_s, p_t = jax.nn.softmax(x, -1), jax.nn.softmax(jnp.asarray(teacher), -1)
+  w = mask.astype(np.float32).copy()
+  w[:, -1] = 0
+  expect = (np.asarray(p_s - p_t)) * w[..., None] / w.sum()
+  np.testing.assert_allclose(np.asarray(gs), expect, rtol=1e-4, atol=1e-7)
+
+
+def test_sequence_logprob_matches_loop():
+  logits, _, tokens, mask = _data(3)
+  got = np.asarray(losses.sequence_logprob(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask)))
+  lp = torch.log_softmax(torch.tensor(logits, dtype=torch.float64), -1).numpy()
+  ref = np.zeros(B)
+  for b in range(B):
+    for t in range(T - 1):
+      if mask[b, t]:
+        ref[b] += lp[b, t, tokens[b, t + 1]]
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def _dpo_ref(pc, pr, rc, rr, beta, variant, ls):
+  h = (pc - rc) - (pr - rr)
+  logsig = lambda z: -np.log1p(np.exp(-z))
+  if variant == "sigmoid":
+    l = -(1 - ls) * logsig(beta * h) - ls * logsig(-beta * h)
+  elif variant == "ipo":
+    l = (h - 1 / (2 * beta)) ** 2
+  else:
+    l = np.maximum(0, 1 - beta * h)
+  return l.mean()
+
+
+@pytest.mark.parametrize("variant,ls", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0), ("hinge", 0.0)])
+def test_dpo_loss(variant, ls):
+  rng = np.random.default_rng(4)
+  pc, pr, rc, rr = (rng.normal(size=6) * 20 - 50 for _ in range(4))
+  beta = 0.1
+  loss, m = losses.dpo_loss(*(jnp.asarray(a, jnp.float32) for a in (pc, pr, rc, rr)), beta, variant, ls)
+  np.testing.assert_allclose(float(loss), _dpo_ref(pc, pr, rc, rr, beta, variant, ls), rtol=1e-5)
+  ch, rj = beta * (pc - rc), beta * (pr - rr)
+  np.testing.assert_allclose(float(m["chosen_reward"]), ch.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m["rejected_reward"]), rj.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m["reward_margin"]), (ch - rj).mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(m["reward_accuracy"]), (ch > rj).mean())
+
+
+def test_dpo_sigmoid_at_zero_margin_is_log2_and_gradient_sign():
+  z = jnp.zeros(4)
+  loss, _ = losses.dpo_loss(z, z, z, z, 0.1)
+  np.testing.assert_allclose(float(loss), np.log(2), rtol=1e-6)
+  g = jax.grad(lambda c: losses.dpo_loss(c, z, z, z, 0.1)[0])(z)
+  assert np.all(np.asarray(g) < 0)  # raising the chosen log-prob lowers the loss
+  with pytest.raises(ValueError, match="variant"):
+    losses.dpo_loss(z, z, z, z, 0.1, variant="nope")
