@@ -203,7 +203,7 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     raise ValueError("MambaInLlama state dict does not match the config "
                      f"(attn_layers={list(cfg.attn_layers or [])}, variant="
                      f"{cfg.ssm.variant if cfg.ssm else None}): " + "; ".join(problems))
-  return params
+  return jax.tree.map(np.ascontiguousarray, params)  # transposed views -> plain arrays
 
 
 # ------------------------------------------------------------------------------------------------
