@@ -6,7 +6,6 @@ tests can drive it with tiny random models.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -219,12 +218,18 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
   if eval_end:
     writer.write(step, eval_end)
     if eval_start:
-      log(f"held-out perplexity: teacher {eval_start.get('eval/teacher_ppl', math.nan):.3f} | student "
-          f"{eval_start['eval/ppl']:.3f} (start) -> {eval_end['eval/ppl']:.3f} (end)")
+      teacher = (f"teacher {eval_start['eval/teacher_ppl']:.3f} | " if "eval/teacher_ppl" in eval_start else "")
+      log(f"held-out perplexity: {teacher}student {eval_start['eval/ppl']:.3f} (start) -> "
+          f"{eval_end['eval/ppl']:.3f} (end)")
   writer.close()
   ckpt.close()
   if save_model_fn is not None:
     model_dir = os.path.join(output_dir, "model")
-    save_model_fn(jax.device_get(state.params), model_dir)
+    if jax.process_count() > 1:  # multi-host: arrays are not fully addressable; gather to every host
+      from jax.experimental import multihost_utils
+      params = multihost_utils.process_allgather(state.params, tiled=True)
+    else:
+      params = jax.device_get(state.params)
+    save_model_fn(params, model_dir)
     log(f"final model saved to {model_dir}")
   return TrainResult(state, step, False, losses, eval_start, eval_end, ckpt_dir)

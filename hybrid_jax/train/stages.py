@@ -19,10 +19,7 @@ from jax.sharding import Mesh
 
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model import hybrid
-try:
-  from hybrid_jax.train import losses
-except ImportError:  # training-support's losses.py not in the tree yet: the same API, minimal version
-  from hybrid_jax.train import _losses_min as losses  # noqa: F401
+from hybrid_jax.train import losses
 from hybrid_jax.train import sharding as shd
 from hybrid_jax.train.config import TrainConfig
 from hybrid_jax.train.optim import masked_global_norm
@@ -31,8 +28,7 @@ from hybrid_jax.train.state import TrainState
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
-DPO_KEYS = ("chosen_tokens", "chosen_mask", "rejected_tokens", "rejected_mask")
-LM_KEYS = ("tokens", "segment_ids", "loss_mask")
+from hybrid_jax.data.pipeline import DPO_KEYS, SFT_KEYS as LM_KEYS  # noqa: E402  (batch keys per stage)
 
 
 def uses_teacher(cfg: TrainConfig) -> bool:
@@ -54,8 +50,7 @@ def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelCo
       # One forward over [chosen; rejected] for policy and reference each.
       toks = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
       mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
-      seg = (toks >= 0).astype(jnp.int32) if "chosen_segment_ids" not in batch else jnp.concatenate(
-          [batch["chosen_segment_ids"], batch["rejected_segment_ids"]], 0)
+      seg = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]], 0)
       b = batch["chosen_tokens"].shape[0]
       pi = losses.sequence_logprob(_logits(params, student_cfg, toks, seg), toks, mask)
       ref = jax.lax.stop_gradient(

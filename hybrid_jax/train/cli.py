@@ -1,0 +1,220 @@
+"""`train.py` command line: config + models + data -> loop.train.
+
+  python train.py --stage=align|distill|sft|dpo --config configs/X.yaml [--teacher DIR] [--init DIR]
+                  [--output DIR] [--resume] [key=value ...]      e.g. optim.lr=1e-4 train.steps=200
+
+Where the student comes from:
+  --init DIR    a model dir from a previous stage (checkpoint.save_model). In `align`, a different attention
+                layout in the config converts it progressively: layers that were Mamba keep their mixers, newly
+                replaced layers are initialised from the teacher's attention.
+  otherwise     the teacher, turned into the configured hybrid by init_from_teacher (SPEC 2.3).
+The frozen model: the teacher (align / distill / sft with KL) or, for dpo, the starting model itself.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from typing import Any
+
+import jax
+
+from hybrid_jax.config import ConfigError, ModelConfig
+from hybrid_jax.train import config as tcfg
+from hybrid_jax.train import loop, stages
+from hybrid_jax.train import sharding as shd
+
+DEFAULT_CACHE = ".cache"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--stage", choices=tcfg.STAGES, help="overrides the config's `stage`")
+  p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+  p.add_argument("--teacher", help="teacher model dir (convert_torch.py output)")
+  p.add_argument("--init", help="start from this model dir instead of initialising from the teacher")
+  p.add_argument("--output", help="run dir (checkpoints/, logs/, model/); default: the config's train.output")
+  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+  p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where default data is generated/cached")
+  p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+  p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
+  return p.parse_args(argv)
+
+
+# ---- models ------------------------------------------------------------------------------------
+
+def _load(directory: str, what: str):
+  from hybrid_jax.checkpoint import load_model
+  if not directory:
+    raise ConfigError(f"no {what} model given")
+  return load_model(directory)
+
+
+def check_tokenizers(teacher: tuple[ModelConfig, Any, str], student: tuple[ModelConfig, Any, str]) -> None:
+  """KL / pseudo-labels compare distributions token id by token id: both models must share a tokenizer."""
+  (tc, ttok, tdir), (sc, stok, sdir) = teacher, student
+  if tc.vocab_size != sc.vocab_size:
+    raise ConfigError(f"tokenizer mismatch: teacher {tdir} has vocab_size {tc.vocab_size}, student {sdir} has "
+                      f"{sc.vocab_size}; token ids would not line up (use a teacher with the student's tokenizer)")
+  if ttok is not None and stok is not None and ttok.get_vocab() != stok.get_vocab():
+    diff = sum(1 for k, v in ttok.get_vocab().items() if stok.get_vocab().get(k) != v)
+    raise ConfigError(f"tokenizer mismatch: {diff} tokens of teacher {tdir} have other ids (or are missing) in "
+                      f"student {sdir}'s tokenizer")
+
+
+def _target_attn(cfg: tcfg.TrainConfig, n_layers: int) -> tuple[int, ...]:
+  from hybrid_jax.model.init import attn_layers_for_fraction
+  if cfg.model.attn_layers is not None:
+    bad = [i for i in cfg.model.attn_layers if not 0 <= i < n_layers]
+    if bad:
+      raise ConfigError(f"model.attn_layers {bad} out of range for {n_layers} layers")
+    return tuple(sorted(cfg.model.attn_layers))
+  return attn_layers_for_fraction(n_layers, cfg.model.attn_fraction)
+
+
+def _with_dtypes(mcfg: ModelConfig, cfg: tcfg.TrainConfig, params):
+  mcfg = mcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  if mcfg.ssm is not None and cfg.model.scan_impl != mcfg.ssm.scan_impl:
+    import dataclasses
+    mcfg = mcfg.replace(ssm=dataclasses.replace(mcfg.ssm, scan_impl=cfg.model.scan_impl))
+  pdt = jax.numpy.dtype(cfg.model.param_dtype)
+  params = jax.tree.map(lambda x: x.astype(pdt) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
+                        params)
+  return mcfg, params
+
+
+def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str | None, log=print):
+  """-> (student_params, student_cfg, tokenizer, teacher (params, cfg) or None, frozen (params, cfg) or None)."""
+  from hybrid_jax.model.init import hybrid_config, init_from_teacher
+  need_teacher = stages.uses_teacher(cfg) or init_dir is None
+  teacher = None
+  if need_teacher:
+    if not teacher_dir:
+      raise ConfigError(f"stage {cfg.stage!r} needs --teacher" + ("" if init_dir else " (or --init)"))
+    tp, tc, ttok = _load(teacher_dir, "teacher")
+    if tc.is_hybrid:
+      raise ConfigError(f"--teacher {teacher_dir} is a hybrid; the teacher must be a plain Llama")
+    teacher = (tp, tc, ttok)
+  key = jax.random.key(cfg.train.seed)
+  if init_dir:
+    sp, sc, stok = _load(init_dir, "--init")
+    if teacher is not None:
+      check_tokenizers((teacher[1], teacher[2], teacher_dir), (sc, stok, init_dir))
+    want = _target_attn(cfg, sc.num_hidden_layers)
+    have = sc.attn_layers if sc.attn_layers is not None else tuple(range(sc.num_hidden_layers))
+    if want != tuple(have):
+      if cfg.stage != "align" or teacher is None:
+        raise ConfigError(f"--init {init_dir} keeps attention in layers {list(have)} but the config asks for "
+                          f"{list(want)}: set model.attn_layers to match, or change the layout in stage align")
+      # progressive alignment: keep the existing mixers, initialise newly replaced layers from attention
+      new_cfg = hybrid_config(teacher[1], want, cfg.model.variant)
+      new = init_from_teacher(teacher[0], teacher[1], new_cfg, key)
+      for i in range(new_cfg.num_hidden_layers):
+        if "mamba" in sp["layers"][i] and "mamba" in new["layers"][i]:
+          new["layers"][i]["mamba"] = sp["layers"][i]["mamba"]
+      log(f"align: attention layers {list(have)} -> {list(want)} (Mamba mixers of earlier stages kept)")
+      sp, sc = new, new_cfg
+    tokenizer = stok if stok is not None else (teacher[2] if teacher else None)
+  else:
+    tp, tc, ttok = teacher
+    sc = hybrid_config(tc, _target_attn(cfg, tc.num_hidden_layers), cfg.model.variant)
+    sp = init_from_teacher(tp, tc, sc, key)
+    tokenizer = ttok
+    log(f"student initialised from teacher {teacher_dir}: attention layers {list(sc.attn_layers)}, "
+        f"{sc.ssm.variant} elsewhere")
+  sc, sp = _with_dtypes(sc, cfg, sp)
+  frozen = None
+  if cfg.stage == "dpo":
+    frozen = (sp, sc)  # the reference = the starting model (immutable arrays: no copy needed)
+  elif stages.uses_teacher(cfg):
+    tc, tp = _with_dtypes(teacher[1], cfg, teacher[0])
+    frozen = (tp, tc)
+  return sp, sc, tokenizer, teacher, frozen
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str, log=print) -> tcfg.TrainConfig:
+  """Fills data.paths with the teacher-generated default data when the recipe gives none."""
+  if cfg.data.get("paths"):
+    return cfg
+  try:
+    from hybrid_jax.data import default_data
+  except ImportError:
+    raise ConfigError("data.paths is empty and hybrid_jax.data.default_data is unavailable") from None
+  if not teacher_dir:
+    raise ConfigError("data.paths is empty: give data files, or --teacher to generate the default data")
+  log(f"data.paths empty: using the default teacher-generated data (cache {cache_dir})")
+  out = default_data.ensure_default_data(teacher_dir, cache_dir)
+  paths = out if isinstance(out, dict) else (out._asdict() if hasattr(out, "_asdict") else vars(out))
+  key = "dpo" if cfg.stage == "dpo" else "train"
+  data = dict(cfg.data)
+  data["paths"] = [paths[key]]
+  if not data.get("eval_paths") and not data.get("eval_fraction"):
+    ev = paths.get("dpo_eval" if cfg.stage == "dpo" else "eval")
+    if ev:
+      data["eval_paths"] = [ev]
+  return cfg.replace(data=data)
+
+
+def build_data(cfg: tcfg.TrainConfig, tokenizer, log=print):
+  from hybrid_jax.data import load_records, make_dataset
+  dcfg = cfg.data_config
+  if tokenizer is None:
+    raise ConfigError("no tokenizer: the teacher / --init model dir has no tokenizer files")
+  records = load_records(dcfg, "train")  # reads + validates now: a missing file fails before any compile
+  train_iter = iter(make_dataset(dcfg, tokenizer, seed=dcfg.seed, split="train", records=records))
+  eval_batches = None
+  if dcfg.eval_paths or dcfg.eval_fraction:
+    ev = make_dataset(dcfg, tokenizer, split="eval")
+    eval_batches = list(itertools.islice(iter(ev), cfg.train.eval_batches))
+  else:
+    log("no eval split (data.eval_paths / data.eval_fraction): held-out perplexity is not reported")
+  return train_iter, eval_batches
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
+  shd.maybe_initialize_distributed()
+  cfg = tcfg.load(args.config, args.overrides, stage=args.stage)
+  cfg = resolve_data(cfg, args.teacher, args.cache_dir, log)
+  from hybrid_jax.data import load_records
+  load_records(cfg.data_config, "train")  # bad/missing data -> error before loading models
+  sp, sc, tokenizer, teacher, frozen = build_models(cfg, args.teacher, args.init, log)
+  train_iter, eval_batches = build_data(cfg, tokenizer, log)
+  output = args.output or cfg.train.output
+  os.makedirs(output, exist_ok=True)
+  tcfg_path = os.path.join(output, "train_config.yaml")
+  import yaml
+  with open(tcfg_path, "w") as f:
+    yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+  def save_model_fn(params, directory):
+    from hybrid_jax.checkpoint import save_model
+    extra = {"teacher_config.json": teacher[1].to_hf()} if teacher is not None else None
+    if jax.process_index() == 0:
+      save_model(directory, params, sc, tokenizer, extra=extra)
+
+  return loop.train(cfg, student_params=sp, student_cfg=sc,
+                    frozen_params=frozen[0] if frozen else None, frozen_cfg=frozen[1] if frozen else None,
+                    train_iter=train_iter, eval_batches=eval_batches, output_dir=output, resume=args.resume,
+                    save_model_fn=save_model_fn, progress=not args.no_progress, log=log)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  from hybrid_jax.checkpoint import CheckpointError
+  from hybrid_jax.data import DataError
+  try:
+    res = run(args)
+  except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if res.interrupted:
+    print(f"interrupted at step {res.step}; checkpoint saved. Continue with the same command plus --resume",
+          file=sys.stderr)
+    return 130
+  return 0
