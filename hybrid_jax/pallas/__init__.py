@@ -16,7 +16,7 @@ from hybrid_jax.pallas.scan import selective_scan_chunked, selective_scan_pallas
 from hybrid_jax.pallas.ssd import ssd_scan_chunked, ssd_scan_pallas
 
 # Chosen by bench/bench_kernels.py on an H100 (seq 2048, forward + backward): see docs/KERNELS.md.
-GPU_CHOICE = {"mamba": "pallas", "mamba2": "pallas"}
+GPU_CHOICE = {"mamba": "pallas", "mamba2": "chunked"}
 _FNS = {"mamba": {"pallas": selective_scan_pallas, "chunked": selective_scan_chunked},
         "mamba2": {"pallas": ssd_scan_pallas, "chunked": ssd_scan_chunked}}
 

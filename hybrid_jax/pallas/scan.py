@@ -105,7 +105,7 @@ def _local_scan(delta, x, A, B, C, keep, h_start):
   return jax.lax.scan(step, h_start, (delta, x, B, C, keep))
 
 
-def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64):
+def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 32):
   """Same core as `kernel_core`, as a two-level scan: (1) every chunk from a zero state in parallel, (2) a
   short sequential scan over chunk end-states (h_end = P * h_start + S_local), (3) every chunk again from its
   true start state, emitting ys. Depth 2 * chunk + l / chunk; differentiable by plain JAX AD."""
@@ -183,6 +183,6 @@ def selective_scan_pallas(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=Non
   return _front(core, x, dt, A, B, C, D, dt_bias, z, reset, h0)
 
 
-def selective_scan_chunked(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=None, *, chunk: int = 64):
+def selective_scan_chunked(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=None, *, chunk: int = 32):
   """`selective_scan_ref` as the chunk-parallel plain-JAX scan (any backend, plain AD)."""
   return _front(functools.partial(chunked_core, chunk=chunk), x, dt, A, B, C, D, dt_bias, z, reset, h0)

@@ -1,0 +1,215 @@
+"""Pallas scan kernels, chunked scans and the multistep verification kernel vs the lax.scan references.
+
+CPU only: the Pallas kernels run in interpret mode (automatic when the backend is cpu).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.model import ssm
+from hybrid_jax.pallas import common, multistep, scan, ssd
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+TOL = {F32: 1e-5, BF16: 1e-2}
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+def m1_inputs(key, b, l, d, g, n, dtype=F32):
+  k = jax.random.split(key, 10)
+  rn = lambda kk, s, dt=dtype: jax.random.normal(kk, s, F32).astype(dt)
+  return dict(x=rn(k[0], (b, l, d)), dt=rn(k[1], (b, l, d)), A=-jnp.exp(rn(k[2], (d, n), F32)),
+              B=rn(k[3], (b, l, g, n)), C=rn(k[4], (b, l, g, n)), D=rn(k[5], (d,), F32),
+              dt_bias=rn(k[6], (d,), F32), z=rn(k[7], (b, l, d)),
+              reset=jax.random.bernoulli(k[8], 0.15, (b, l)), h0=rn(k[9], (b, d, n), F32))
+
+
+def m2_inputs(key, b, l, h, p, g, n, dtype=F32):
+  k = jax.random.split(key, 9)
+  rn = lambda kk, s, dt=dtype: jax.random.normal(kk, s, F32).astype(dt)
+  return dict(x=rn(k[0], (b, l, h, p)), dt=rn(k[1], (b, l, h)), A=-jnp.exp(rn(k[2], (h,), F32)),
+              B=rn(k[3], (b, l, g, n)), C=rn(k[4], (b, l, g, n)), D=rn(k[5], (h,), F32),
+              dt_bias=rn(k[6], (h,), F32), reset=jax.random.bernoulli(k[7], 0.15, (b, l)),
+              h0=rn(k[8], (b, h, p, n), F32))
+
+
+M1 = {"pallas": scan.selective_scan_pallas, "chunked": lambda *a, **k: scan.selective_scan_chunked(*a, **k, chunk=4)}
+M2 = {"pallas": ssd.ssd_scan_pallas, "chunked": lambda *a, **k: ssd.ssd_scan_chunked(*a, **k, chunk=4)}
+
+
+def test_interpret_on_cpu():
+  assert jax.default_backend() == "cpu" and common.interpret_mode()
+
+
+# -- training scans: forward -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("impl", ["pallas", "chunked"])
+@pytest.mark.parametrize("shape", [(2, 11, 12, 3, 5), (1, 16, 32, 2, 16), (3, 7, 6, 6, 3)])
+def test_selective_scan_matches_reference(impl, dtype, shape):
+  inp = m1_inputs(jax.random.PRNGKey(sum(shape)), *shape, dtype=dtype)
+  y, h = M1[impl](**inp)
+  y_ref, h_ref = ssm.selective_scan_ref(**inp)
+  assert y.dtype == dtype and h.dtype == F32 and y.shape == y_ref.shape and h.shape == h_ref.shape
+  assert rel(y, y_ref) <= TOL[dtype] and rel(h, h_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("impl", ["pallas", "chunked"])
+@pytest.mark.parametrize("shape", [(2, 11, 6, 5, 3, 7), (1, 16, 4, 16, 2, 8), (2, 9, 3, 3, 1, 5)])
+def test_ssd_scan_matches_reference(impl, dtype, shape):
+  inp = m2_inputs(jax.random.PRNGKey(sum(shape)), *shape, dtype=dtype)
+  y, h = M2[impl](**inp)
+  y_ref, h_ref = ssm.ssd_scan_ref(**inp)
+  assert y.dtype == dtype and h.dtype == F32 and y.shape == y_ref.shape and h.shape == h_ref.shape
+  assert rel(y, y_ref) <= TOL[dtype] and rel(h, h_ref) <= TOL[dtype]
+
+
+# -- training scans: gradients ---------------------------------------------------------------------------
+def _grads(fn, inp, names):
+  def loss(*vals):
+    y, h = fn(**dict(inp, **dict(zip(names, vals))))
+    w = jnp.cos(jnp.arange(y.size, dtype=F32)).reshape(y.shape)
+    return jnp.sum(y.astype(F32) * w) + jnp.sum(jnp.sin(h))
+  return jax.grad(loss, argnums=tuple(range(len(names))))(*[inp[k] for k in names])
+
+
+@pytest.mark.parametrize("impl", ["pallas", "chunked"])
+def test_selective_scan_grads(impl):
+  inp = m1_inputs(jax.random.PRNGKey(3), 2, 9, 6, 2, 3)
+  names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "z", "h0"]
+  for g, r, name in zip(_grads(M1[impl], inp, names), _grads(ssm.selective_scan_ref, inp, names), names):
+    assert rel(g, r) <= 1e-5, name
+
+
+@pytest.mark.parametrize("impl", ["pallas", "chunked"])
+def test_ssd_scan_grads(impl):
+  inp = m2_inputs(jax.random.PRNGKey(4), 2, 9, 4, 3, 2, 5)
+  names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "h0"]
+  for g, r, name in zip(_grads(M2[impl], inp, names), _grads(ssm.ssd_scan_ref, inp, names), names):
+    assert rel(g, r) <= 1e-5, name
+
+
+# -- reset and h0 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+@pytest.mark.parametrize("impl", ["pallas", "chunked"])
+def test_reset_and_h0_honoured(variant, impl):
+  """A reset at step 5 makes steps 5.. equal a fresh scan of them from a zero state; h0 changes the rest."""
+  if variant == "mamba":
+    inp, fn = m1_inputs(jax.random.PRNGKey(5), 1, 10, 6, 2, 4), M1[impl]
+  else:
+    inp, fn = m2_inputs(jax.random.PRNGKey(6), 1, 10, 2, 3, 1, 4), M2[impl]
+  reset = jnp.zeros((1, 10), bool).at[0, 5].set(True)
+  y, h = fn(**dict(inp, reset=reset))
+  tail = {k: (v[:, 5:] if k not in ("A", "D", "dt_bias", "h0") and v is not None else v) for k, v in inp.items()}
+  y_tail, h_tail = fn(**dict(tail, reset=None, h0=None))
+  assert rel(y[:, 5:], y_tail) <= 1e-5 and rel(h, h_tail) <= 1e-5
+  y_no_h0, _ = fn(**dict(inp, reset=reset, h0=None))
+  assert rel(y_no_h0[:, :5], y[:, :5]) > 1e-3  # h0 matters before the reset ...
+  assert rel(y_no_h0[:, 5:], y[:, 5:]) <= 1e-5  # ... and not after it
+
+
+# -- dispatch --------------------------------------------------------------------------------------------
+def test_dispatch():
+  inp = m1_inputs(jax.random.PRNGKey(8), 1, 5, 4, 2, 3)
+  assert "mamba" in ssm._IMPLS["auto"] and ssm._pick("mamba", "auto") is None  # cpu: the reference
+  ref = ssm.selective_scan_ref(**inp)
+  for impl in ("auto", "reference", "pallas", "chunked"):
+    out = ssm.selective_scan(**inp, impl=impl)
+    assert rel(out[0], ref[0]) <= 1e-5, impl
+  inp2 = m2_inputs(jax.random.PRNGKey(9), 1, 5, 2, 3, 1, 4)
+  ref2 = ssm.ssd_scan_ref(**inp2)
+  for impl in ("auto", "reference", "pallas", "chunked"):
+    assert rel(ssm.ssd_scan(**inp2, impl=impl)[0], ref2[0]) <= 1e-5, impl
+  assert ssm._IMPLS["pallas"]["mamba"] is scan.selective_scan_pallas
+  assert ssm._IMPLS["chunked"]["mamba2"] is ssd.ssd_scan_chunked
+
+
+# -- multistep verification ------------------------------------------------------------------------------
+def ms_inputs(key, variant, b, kc, k, dtype=F32, z=True):
+  ks = jax.random.split(key, 13)
+  rn = lambda kk, s, dt=dtype: jax.random.normal(kk, s, F32).astype(dt)
+  if variant == "mamba":
+    d, g, n = 12, 3, 5
+    ch, sc, st, a_shape = (d,), (d,), (b, d, n), (d, n)
+  else:
+    h, p, g, n = 4, 3, 2, 5
+    ch, sc, st, a_shape = (h, p), (h,), (b, h, p, n), (h,)
+  return dict(state=rn(ks[0], st, F32), cache_x=rn(ks[1], (b, kc, *ch)), cache_dt=rn(ks[2], (b, kc, *sc)),
+              cache_B=rn(ks[3], (b, kc, g, n)), n_accept=None, x=rn(ks[4], (b, k, *ch)),
+              dt=rn(ks[5], (b, k, *sc)), B=rn(ks[6], (b, k, g, n)), C=rn(ks[7], (b, k, g, n)),
+              A=-jnp.exp(rn(ks[8], a_shape, F32)), D=rn(ks[9], sc, F32), dt_bias=rn(ks[10], sc, F32),
+              z=rn(ks[11], (b, k, *ch)) if z else None)
+
+
+def sequential(inp, variant):
+  """Sequential single-step updates (the references at l = 1): replay n_accept cached steps per sequence,
+  then the new steps one at a time."""
+  ys, ckpts = [], []
+  for i in range(inp["state"].shape[0]):
+    sl = lambda v: v[i:i + 1]
+    h = sl(inp["state"])
+    for k in range(int(inp["n_accept"][i])):
+      step = dict(x=sl(inp["cache_x"])[:, k:k + 1], dt=sl(inp["cache_dt"])[:, k:k + 1], B=sl(inp["cache_B"])[:, k:k + 1])
+      h = _one(variant, step, jnp.zeros_like(step["B"]), None, inp, h)[1]
+    ckpts.append(h)
+    y_i = []
+    for k in range(inp["x"].shape[1]):
+      step = dict(x=sl(inp["x"])[:, k:k + 1], dt=sl(inp["dt"])[:, k:k + 1], B=sl(inp["B"])[:, k:k + 1])
+      z = None if inp["z"] is None else sl(inp["z"])[:, k:k + 1]
+      y, h = _one(variant, step, sl(inp["C"])[:, k:k + 1], z, inp, h)
+      y_i.append(y)
+    ys.append(jnp.concatenate(y_i, 1))
+  return jnp.concatenate(ys, 0), jnp.concatenate(ckpts, 0)
+
+
+def _one(variant, step, c, z, inp, h):
+  if variant == "mamba":
+    return ssm.selective_scan_ref(step["x"], step["dt"], inp["A"], step["B"], c, inp["D"], inp["dt_bias"], z=z, h0=h)
+  y, h = ssm.ssd_scan_ref(step["x"], step["dt"], inp["A"], step["B"], c, inp["D"], inp["dt_bias"], h0=h)
+  if z is not None:
+    y = (y.astype(F32) * jax.nn.silu(z.astype(F32))).astype(y.dtype)
+  return y, h
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+@pytest.mark.parametrize("kc,k,n_accept", [(3, 4, (0, 2, 3)), (4, 1, (4, 0, 1)), (1, 3, (1, 1, 0)),
+                                           (5, 5, (5, 5, 5))])
+def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
+  inp = ms_inputs(jax.random.PRNGKey(kc * 10 + k), variant, 3, kc, k)
+  inp["n_accept"] = jnp.array(n_accept, jnp.int32)
+  y, ck, cache = multistep.multistep_scan(**inp, impl="pallas")
+  y_ref, ck_ref, cache_ref = multistep.multistep_scan_ref(**inp)
+  y_seq, ck_seq = sequential(inp, variant)
+  assert y.shape == inp["x"].shape and ck.shape == inp["state"].shape and ck.dtype == F32
+  assert rel(y, y_ref) <= 1e-5 and rel(ck, ck_ref) <= 1e-5
+  assert rel(y_ref, y_seq) <= 1e-5 and rel(ck_ref, ck_seq) <= 1e-5
+  for a, b_ in zip(cache, (inp["x"], inp["dt"], inp["B"])):
+    assert a is b_ or np.array_equal(np.asarray(a), np.asarray(b_))
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_multistep_bf16_no_z(variant):
+  inp = ms_inputs(jax.random.PRNGKey(11), variant, 2, 3, 4, dtype=BF16, z=False)
+  inp["n_accept"] = jnp.array([1, 3], jnp.int32)
+  y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
+  y_ref, ck_ref, _ = multistep.multistep_scan_ref(**inp)
+  assert y.dtype == BF16 and rel(y, y_ref) <= 1e-2 and rel(ck, ck_ref) <= 1e-2
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_multistep_k1_is_single_step(variant):
+  """K = 1, n_accept = 1: the cached step is applied, then one plain step from there."""
+  inp = ms_inputs(jax.random.PRNGKey(12), variant, 2, 1, 1)
+  inp["n_accept"] = jnp.ones((2,), jnp.int32)
+  y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
+  cached = dict(x=inp["cache_x"], dt=inp["cache_dt"], B=inp["cache_B"])
+  _, h1 = _one(variant, cached, jnp.zeros_like(inp["cache_B"]), None, inp, inp["state"])
+  y1, _ = _one(variant, dict(x=inp["x"], dt=inp["dt"], B=inp["B"]), inp["C"], inp["z"], inp, h1)
+  assert rel(ck, h1) <= 1e-5 and rel(y, y1) <= 1e-5
+  # and the next call with nothing accepted starts from that checkpoint unchanged
+  nxt = dict(inp, state=ck, n_accept=jnp.zeros((2,), jnp.int32))
+  assert rel(multistep.multistep_scan(**nxt, impl="pallas")[1], ck) == 0.0
