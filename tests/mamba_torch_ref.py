@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def _conv(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:

@@ -119,7 +119,7 @@ def test_grad_matches_finite_differences(variant):
 
 def test_init_copies_attention_into_mixers():
   for variant in ("mamba", "mamba2"):
-    cfg, teacher, params = make(variant, (0, 2))
+    _cfg, teacher, params = make(variant, (0, 2))
     for i in (1, 3):
       a, m = teacher["layers"][i]["self_attn"], params["layers"][i]["mamba"]
       assert "self_attn" not in params["layers"][i]

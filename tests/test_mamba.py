@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from mamba_torch_ref import TorchMamba1, TorchMamba2
 
 from hybrid_jax.config import ModelConfig, SSMConfig
 from hybrid_jax.convert.mambainllama import mixer_to_torch
 from hybrid_jax.model import mamba, mamba2
-from mamba_torch_ref import TorchMamba1, TorchMamba2
 
 B, T = 2, 7
 

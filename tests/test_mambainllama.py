@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from mamba_torch_ref import torch_hybrid
 
 from hybrid_jax.config import ConfigError, ModelConfig
 from hybrid_jax.convert import mambainllama as mil
 from hybrid_jax.model import hybrid
 from hybrid_jax.model.init import hybrid_config, init_from_teacher
-from mamba_torch_ref import torch_hybrid
 
 TEACHER = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
@@ -124,3 +124,31 @@ def test_reference_recipe_config_reads():
   m2 = {**mcfg, "ssm_cfg": {"expand": 1, "ngroups": 4, "d_state": 8}, "d_inner": 32}
   cfg2 = mil.config_from_mambainllama(m2, hf, "mamba2")
   assert (cfg2.ssm.ngroups, cfg2.ssm.d_state, cfg2.d_inner) == (4, 8, 32)
+
+
+def test_cli_init_hybrid_export_and_reimport(tmp_path, capsys):
+  import importlib.util
+
+  from conftest import REPO
+
+  from hybrid_jax.checkpoint import load_model, save_model
+  spec = importlib.util.spec_from_file_location("convert_torch", os.path.join(REPO, "convert_torch.py"))
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  teacher = hybrid.init_params(TEACHER, jax.random.PRNGKey(0), std=0.2)
+  save_model(tmp_path / "teacher", teacher, TEACHER)
+  for variant, sel in (("mamba2", ["--attn-layers", "0,2"]), ("mamba", ["--attn-fraction", "0.5"])):
+    hyb, out, back = (str(tmp_path / f"{n}-{variant}") for n in ("hyb", "mil", "back"))
+    assert cli.main(["--init-hybrid", str(tmp_path / "teacher"), *sel, "--variant", variant,
+                     "--output", hyb]) == 0
+    assert cli.main(["--to-mambainllama", hyb, "--output", out]) == 0
+    assert cli.main([out, "--output", back]) == 0
+    p1, c1, _ = load_model(hyb)
+    p2, c2, _ = load_model(back)
+    assert c1.attn_layers == c2.attn_layers == (0, 2) and c2.ssm.variant == variant
+    _same_tree(p1, p2)
+    with open(os.path.join(out, "config.json")) as fh:
+      assert json.load(fh)["_name_or_path"] == str(tmp_path / "teacher")
+  assert cli.main(["--init-hybrid", str(tmp_path / "teacher"), "--attn-layers", "0,x",
+                   "--output", str(tmp_path / "bad")]) == 1
+  assert "attn-layers" in capsys.readouterr().err

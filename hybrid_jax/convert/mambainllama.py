@@ -104,6 +104,7 @@ def mixer_from_torch(sd: dict[str, np.ndarray], template: dict) -> dict:
 def _mixer_template(cfg: ModelConfig) -> dict:
   """Shapes of one mixer (jax.eval_shape: no compute)."""
   import jax
+
   from hybrid_jax.model import mamba, mamba2
   mod = mamba if cfg.ssm.variant == "mamba" else mamba2
   return jax.eval_shape(lambda: mod.init_mixer(jax.random.PRNGKey(0), cfg))
@@ -136,8 +137,9 @@ def params_to_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray
 def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
   """MambaInLlama state dict -> hybrid_jax params. Raises ValueError naming missing / unexpected tensors
   and shape mismatches (all of them at once)."""
-  from hybrid_jax.model import llama
   import jax
+
+  from hybrid_jax.model import llama
   sd = {k: v for k, v in sd.items() if not _IGNORED.match(k)}
   used: set[str] = set()
   missing: list[str] = []
@@ -250,8 +252,8 @@ def config_from_mambainllama(mamba_cfg: dict, teacher_hf: dict, variant: str) ->
   d_inner = mamba_cfg.get("d_inner") or s["expand"] * d
   d_xb = mamba_cfg.get("d_xb") or base.num_key_value_heads * base.head_dim
   dt_rank = s.get("dt_rank", "auto")
-  kw = dict(variant=variant, d_state=int(s["d_state"]), d_conv=int(s["d_conv"]), expand=int(s["expand"]),
-            d_inner=int(d_inner), d_xb=int(d_xb))
+  kw = {"variant": variant, "d_state": int(s["d_state"]), "d_conv": int(s["d_conv"]), "expand": int(s["expand"]),
+            "d_inner": int(d_inner), "d_xb": int(d_xb)}
   if variant == "mamba":
     kw["dt_rank"] = 0 if dt_rank == "auto" else int(dt_rank)
   else:
@@ -337,7 +339,8 @@ def load(path: str, dtype: str | None = None) -> tuple[dict, ModelConfig]:
   store = str(sd["model.embed_tokens.weight"].dtype) if "model.embed_tokens.weight" in sd else "float32"
   dt = dtype or store
   cfg = cfg.replace(param_dtype=dt, dtype=dt)
-  return state_dict_to_params(sd, cfg), cfg
+  params = state_dict_to_params(sd, cfg)
+  return (jax_tree_cast(params, dtype) if dtype else params), cfg
 
 
 def export(params: dict, cfg: ModelConfig, out_dir: str, *, teacher_name: str = "",
@@ -362,3 +365,82 @@ def export(params: dict, cfg: ModelConfig, out_dir: str, *, teacher_name: str = 
   hf["torch_dtype"] = str(np.dtype(cfg.param_dtype)) if cfg.param_dtype != "bfloat16" else "bfloat16"
   with open(os.path.join(out_dir, "config.json"), "w") as fh:
     json.dump(hf, fh, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# hybrid_jax checkpoint directories (used by convert_torch.py)
+TEACHER_META = "mambainllama_teacher.json"  # {'name_or_path': str, 'config': teacher HF config.json dict}
+
+
+def _conversion_error(e: Exception):
+  from hybrid_jax.convert.llama_hf import ConversionError
+  return ConversionError(str(e))
+
+
+def mambainllama_to_checkpoint(src: str, output: str, dtype: str | None = None) -> str:
+  """MambaInLlama dir -> hybrid_jax checkpoint (with the dir's tokenizer, if any, and the teacher config)."""
+  from hybrid_jax.checkpoint import load_tokenizer, save_model
+  try:
+    params, cfg = load(src, dtype=dtype)
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise _conversion_error(e) from None
+  with open(os.path.join(src, "config.json")) as fh:
+    hf = json.load(fh)
+  meta = {"name_or_path": hf.get("_name_or_path", ""), "config": hf}
+  return save_model(output, params, cfg, tokenizer=load_tokenizer(src), extra={TEACHER_META: meta})
+
+
+def jax_tree_cast(params: dict, dtype: str) -> dict:
+  """Floating leaves -> numpy arrays of `dtype` (bfloat16 through ml_dtypes); others unchanged."""
+  import jax
+  import ml_dtypes
+  target = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+
+  def cast(a):
+    a = np.asarray(a)
+    floating = np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
+    return a.astype(target) if floating else a
+  return jax.tree.map(cast, params)
+
+
+def checkpoint_to_mambainllama(ckpt: str, output: str, dtype: str | None = None, teacher_name: str = "") -> str:
+  """hybrid_jax checkpoint -> MambaInLlama dir (atomically). The teacher name comes from `teacher_name`,
+  else the checkpoint's TEACHER_META (written by conversion / --init-hybrid)."""
+  from hybrid_jax.checkpoint import atomic_dir, load_model, read_metadata
+  params, cfg, tok = load_model(ckpt, dtype=dtype)
+  if dtype is not None:
+    cfg = cfg.replace(dtype=cfg.param_dtype)
+  meta = read_metadata(ckpt, TEACHER_META) or {}
+  name = teacher_name or meta.get("name_or_path", "")
+  with atomic_dir(output) as tmp:
+    export(jax_tree_cast(params, cfg.param_dtype), cfg, tmp, teacher_name=name)
+    if tok is not None:
+      tok.save_pretrained(tmp)
+      # the tokenizer may write its own config.json-like files; ours (written by export) must win
+      hf = cfg.to_hf()
+      hf["_name_or_path"] = name
+      hf["torch_dtype"] = cfg.param_dtype
+      with open(os.path.join(tmp, "config.json"), "w") as fh:
+        json.dump(hf, fh, indent=2)
+  return os.path.abspath(output)
+
+
+def init_hybrid_checkpoint(teacher: str, output: str, *, variant: str, attn_layers=None,
+                           attn_fraction: float | None = None, seed: int = 0, dtype: str | None = None) -> str:
+  """hybrid_jax teacher checkpoint -> hybrid checkpoint initialised from attention (SPEC 2.3)."""
+  import jax
+
+  from hybrid_jax.checkpoint import load_model, read_metadata, save_model
+  from hybrid_jax.model.init import attn_layers_for_fraction, hybrid_config, init_from_teacher
+  params, tcfg, tok = load_model(teacher, dtype=dtype)
+  if (attn_layers is None) == (attn_fraction is None):
+    raise ConfigError("give exactly one of --attn-layers and --attn-fraction")
+  if attn_layers is None:
+    attn_layers = attn_layers_for_fraction(tcfg.num_hidden_layers, attn_fraction)
+  cfg = hybrid_config(tcfg, attn_layers, variant)
+  hp = init_from_teacher(params, tcfg, cfg, jax.random.PRNGKey(seed))
+  meta = read_metadata(teacher, TEACHER_META) or {
+      "name_or_path": os.path.abspath(teacher), "config": tcfg.to_hf()}
+  return save_model(output, hp, cfg, tokenizer=tok, extra={TEACHER_META: meta})

@@ -20,9 +20,9 @@ def hybrid_config(teacher_cfg: ModelConfig, attn_layers, variant: str = "mamba",
   {expand: 1, ngroups: H, d_state: hd}. d_inner = D (= H * hd for Mamba-2), d_xb = Hkv * hd."""
   h, hd = teacher_cfg.num_attention_heads, teacher_cfg.head_dim
   if variant == "mamba":
-    kw = dict(variant="mamba", expand=1, d_state=16)
+    kw = {"variant": "mamba", "expand": 1, "d_state": 16}
   elif variant == "mamba2":
-    kw = dict(variant="mamba2", expand=1, ngroups=h, d_state=hd, d_inner=h * hd)
+    kw = {"variant": "mamba2", "expand": 1, "ngroups": h, "d_state": hd, "d_inner": h * hd}
   else:
     raise ConfigError(f"variant must be 'mamba' or 'mamba2', got {variant!r}")
   kw.update(ssm_overrides)

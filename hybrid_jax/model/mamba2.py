@@ -37,8 +37,8 @@ def dims(cfg: ModelConfig) -> dict:
     raise ValueError(f"Mamba-2 needs d_inner == ngroups * d_state; got {d_inner} != {h} * {n}")
   if d_xb % n or d_inner % d_xb:
     raise ValueError(f"Mamba-2 needs d_state={n} | d_xb={d_xb} | d_inner={d_inner}")
-  return dict(d_inner=d_inner, d_xb=d_xb, H=h, N=n, rep=d_inner // d_xb, conv_dim=2 * d_xb + d_inner,
-              d_in_proj=2 * d_inner + 2 * d_xb + h)
+  return {"d_inner": d_inner, "d_xb": d_xb, "H": h, "N": n, "rep": d_inner // d_xb, "conv_dim": 2 * d_xb + d_inner,
+              "d_in_proj": 2 * d_inner + 2 * d_xb + h}
 
 
 def init_mixer(key: Array, cfg: ModelConfig) -> dict:
