@@ -148,7 +148,7 @@ def _numpy_to_torch(a: np.ndarray):
   import torch
   if a.dtype.name == "bfloat16":
     return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-  return torch.from_numpy(np.ascontiguousarray(a))
+  return torch.from_numpy(np.array(a))  # a writable copy (jax arrays give read-only views)
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
