@@ -22,8 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filtering")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
-  # Speculative decoding (--draft DIR --k K --stats) adds its flags here and its answer function in
-  # `make_answer_fn`.
+  ap.add_argument("--draft", default=None,
+                  help="draft checkpoint directory: speculative decoding (the same answer when greedy)")
+  ap.add_argument("--k", type=int, default=4, help="draft tokens proposed per target call (with --draft)")
+  ap.add_argument("--stats", action="store_true",
+                  help="with --draft: print acceptance rate and tokens/s to stderr")
   return ap
 
 
@@ -32,6 +35,21 @@ def make_answer_fn(args):
   from hybrid_jax.decode.generate import generate_text, load_for_generation
   model = load_for_generation(args.model)
   sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+  if args.draft:
+    from hybrid_jax.checkpoint import load_model
+    from hybrid_jax.decode.speculative import speculative_generate_text
+    draft = load_model(args.draft)
+
+    def answer_speculative(messages):
+      text, st = speculative_generate_text(model, draft, messages, max_new_tokens=args.max_new_tokens, k=args.k,
+                                           **sampling)
+      if args.stats:
+        print(f"[speculative k={args.k}] acceptance rate {st['acceptance_rate']:.3f}, accepted per target call "
+              f"{st['accepted_per_step']:.2f}, target calls {st['target_calls']}, {st['generated_tokens']} tokens "
+              f"in {st['seconds']:.2f} s = {st['tokens_per_s']:.1f} tokens/s (+ {st['compile_seconds']:.1f} s "
+              "compilation)", file=sys.stderr)
+      return text
+    return answer_speculative
 
   def answer(messages):
     return generate_text(model, messages, max_new_tokens=args.max_new_tokens, **sampling)

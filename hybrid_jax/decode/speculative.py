@@ -16,6 +16,7 @@ per token). Sequences advance by different amounts; a finished sequence keeps ru
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 
 import jax
@@ -188,7 +189,8 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
 
   Returns (tokens per prompt, stats): accepted_per_step (mean accepted draft tokens per verification, over
   running sequences), tokens_per_step (that + 1), acceptance_rate (accepted / proposed), target_calls
-  (verification calls + the prefill), draft_calls, rounds, generated_tokens.
+  (verification calls + the prefill), draft_calls, rounds, generated_tokens, compile_seconds (0 when
+  cached), seconds and tokens_per_s (execution only: generated tokens of all prompts / seconds).
   """
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
@@ -200,10 +202,15 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
   eos = tuple(target_cfg.eos_token_id if eos_ids is None else eos_ids)
   tokens, offsets = left_pad(prompts, pad_id, pad_multiple)
   max_len = tokens.shape[1] + max_new_tokens + k + 1  # a verify call writes k + 1 past the last token
-  out, n_out, st = speculative_loop(
-      target_params, target_cfg, draft_params, draft_cfg, jnp.asarray(tokens), jnp.asarray(offsets),
-      jax.random.PRNGKey(seed), jnp.asarray(eos, jnp.int32), k=k, max_new_tokens=max_new_tokens,
-      max_len=max_len, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+  args = (target_params, draft_params, jnp.asarray(tokens), jnp.asarray(offsets), jax.random.PRNGKey(seed),
+          jnp.asarray(eos, jnp.int32))
+  statics = dict(k=k, max_new_tokens=max_new_tokens, max_len=max_len, temperature=float(temperature),
+                 top_k=int(top_k), top_p=float(top_p))
+  t0 = time.perf_counter()
+  run = _compiled_loop(target_cfg, draft_cfg, args, statics)
+  t1 = time.perf_counter()
+  out, n_out, st = jax.block_until_ready(run(*args))
+  t2 = time.perf_counter()
   results = []
   for row, n in zip(np.asarray(out), np.asarray(n_out)):
     seq = []
@@ -216,5 +223,49 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
   per_step = accepted / max(seq_rounds, 1)
   stats = {"accepted_per_step": per_step, "tokens_per_step": per_step + 1.0,
            "acceptance_rate": accepted / max(seq_rounds * k, 1), "target_calls": rounds + 1,
-           "draft_calls": rounds * k + 1, "rounds": rounds, "generated_tokens": int(np.sum(n_out)), "k": k}
+           "draft_calls": rounds * k + 1, "rounds": rounds, "generated_tokens": int(np.sum(n_out)), "k": k,
+           "compile_seconds": t1 - t0, "seconds": t2 - t1, "tokens_per_s": int(np.sum(n_out)) / (t2 - t1)}
   return results, stats
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_loop(tcfg: ModelConfig, dcfg: ModelConfig, args: tuple, statics: dict):
+  """speculative_loop compiled ahead of time (so stats can time execution apart from compilation), cached
+  per configs, static arguments and argument shapes/dtypes."""
+  tparams, dparams, *arrays = args
+  sig = jax.tree_util.tree_map(lambda a: (jnp.shape(a), jnp.result_type(a)), (tparams, dparams, arrays))
+  key = (tcfg, dcfg, tuple(sorted(statics.items())), str(sig))
+  if key not in _COMPILED:
+    if len(_COMPILED) >= 8:  # bounded: drop the oldest executable
+      _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = speculative_loop.lower(tparams, tcfg, dparams, dcfg, *arrays, **statics).compile()
+  return _COMPILED[key]
+
+
+def speculative_generate_text(model, draft, messages, max_new_tokens: int = 256, k: int = 4,
+                              **sampling) -> tuple[str, dict]:
+  """`generate_text` with speculative decoding: (answer, stats of `speculative_generate`).
+
+  model / draft: checkpoint directories or (params, cfg, tokenizer) tuples; the draft needs no tokenizer
+  of its own (it must share the target's vocabulary).
+  """
+  import os
+
+  from hybrid_jax.decode.generate import chat_ids, load_for_generation
+  params, cfg, tok = load_for_generation(model)
+  if isinstance(draft, (str, os.PathLike)):
+    from hybrid_jax.checkpoint import load_model
+    dparams, dcfg, _ = load_model(os.fspath(draft))
+  else:
+    dparams, dcfg = draft[0], draft[1]
+  if isinstance(messages, str):
+    messages = [{"role": "user", "content": messages}]
+  eos = sampling.pop("eos_ids", None)
+  if eos is None:  # the same stop set as generate_text
+    eos = tuple(dict.fromkeys(tuple(cfg.eos_token_id) + ((tok.eos_token_id,) if tok.eos_token_id is not None
+                                                           else ())))
+  new, stats = speculative_generate(params, cfg, dparams, dcfg, [chat_ids(tok, messages)], max_new_tokens, k,
+                                    eos_ids=eos, **sampling)
+  return tok.decode(new[0], skip_special_tokens=True).strip(), stats
