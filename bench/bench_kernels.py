@@ -86,22 +86,6 @@ def verify_inputs(key, variant: str, b: int, k: int):
               A=-jnp.exp(rn(ks[8], (h,), F32)), D=rn(ks[9], (h,), F32), dt_bias=rn(ks[10], (h,), F32), z=None)
 
 
-def single_step_xla(variant):
-  """One plain decode step through XLA (the ssm references at l = 1): the non-speculative baseline."""
-  def f(layers):
-    outs = []
-    for a in layers:
-      if variant == "mamba":
-        y, h = ssm.selective_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1], a["D"],
-                                      a["dt_bias"], z=a["z"][:, :1], h0=a["state"])
-      else:
-        y, h = ssm.ssd_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1], a["D"],
-                                a["dt_bias"], h0=a["state"])
-      outs.append((y, h))
-    return outs
-  return jax.jit(f)
-
-
 def multistep_fn(impl):
   def f(layers):
     return [ms.multistep_scan(**a, impl=impl)[:2] for a in layers]
