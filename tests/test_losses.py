@@ -145,3 +145,44 @@ def test_dpo_sigmoid_at_zero_margin_is_log2_and_gradient_sign():
   assert np.all(np.asarray(g) < 0)  # raising the chosen log-prob lowers the loss
   with pytest.raises(ValueError, match="variant"):
     losses.dpo_loss(z, z, z, z, 0.1, variant="nope")
+
+
+def test_evaluate_matches_torch_on_tiny_models():
+  from hybrid_jax.config import ModelConfig, SSMConfig
+  from hybrid_jax.model import hybrid
+  from hybrid_jax.train.evaluate import evaluate
+  tcfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1)
+  scfg = tcfg.replace(attn_layers=(1,), ssm=SSMConfig(d_state=4, scan_impl="reference"))
+  tp = hybrid.init_params(tcfg, jax.random.PRNGKey(0), std=0.5)
+  sp = hybrid.init_params(scfg, jax.random.PRNGKey(1), std=0.5)
+  rng = np.random.default_rng(5)
+  batches = []
+  for _ in range(2):  # different token counts per batch: the result must be token-weighted
+    toks = rng.integers(0, 32, (2, 8)).astype(np.int32)
+    seg = np.ones((2, 8), np.int32)
+    seg[1, 5:] = 0
+    mask = (rng.random((2, 8)) > 0.4).astype(np.int32) * (seg > 0)
+    batches.append({"tokens": toks, "segment_ids": seg, "loss_mask": mask})
+  res = evaluate(sp, scfg, batches, tp, tcfg)
+  nll_s, nll_t, kl, n = 0.0, 0.0, 0.0, 0
+  for b in batches:
+    s = torch.tensor(np.asarray(hybrid.forward(sp, scfg, jnp.asarray(b["tokens"]),
+                                               segment_ids=jnp.asarray(b["segment_ids"]))[0]))
+    t = torch.tensor(np.asarray(hybrid.forward(tp, tcfg, jnp.asarray(b["tokens"]),
+                                               segment_ids=jnp.asarray(b["segment_ids"]))[0]))
+    for i in range(2):
+      for j in range(7):
+        if b["loss_mask"][i, j]:
+          y = int(b["tokens"][i, j + 1])
+          nll_s -= torch.log_softmax(s[i, j], -1)[y].item()
+          nll_t -= torch.log_softmax(t[i, j], -1)[y].item()
+          kl += F.kl_div(torch.log_softmax(s[i, j], -1), torch.softmax(t[i, j], -1), reduction="sum").item()
+          n += 1
+  assert res["n_tokens"] == n
+  np.testing.assert_allclose(res["student_ppl"], np.exp(nll_s / n), rtol=1e-4)
+  np.testing.assert_allclose(res["teacher_ppl"], np.exp(nll_t / n), rtol=1e-4)
+  np.testing.assert_allclose(res["kl"], kl / n, rtol=1e-4)
+  alone = evaluate(sp, scfg, batches)
+  np.testing.assert_allclose(alone["student_ppl"], res["student_ppl"], rtol=1e-6)
+  assert np.isnan(alone["kl"]) and np.isnan(alone["teacher_ppl"])

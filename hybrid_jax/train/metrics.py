@@ -30,7 +30,7 @@ class MetricsWriter:
     self.logdir = os.fspath(logdir)
     os.makedirs(self.logdir, exist_ok=True)
     self.path = os.path.join(self.logdir, METRICS_FILE)
-    self._f = open(self.path, "a", encoding="utf-8")
+    self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run)
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
@@ -54,7 +54,7 @@ class MetricsWriter:
     if not self._f.closed:
       self._f.close()
 
-  def __enter__(self) -> "MetricsWriter":
+  def __enter__(self) -> MetricsWriter:  # noqa: PYI034
     return self
 
   def __exit__(self, *exc) -> None:
