@@ -147,7 +147,7 @@ def _torch_to_numpy(t) -> np.ndarray:
 def _numpy_to_torch(a: np.ndarray):
   import torch
   if a.dtype.name == "bfloat16":
-    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(np.array(a))  # a writable copy (jax arrays give read-only views)
 
 

@@ -1,0 +1,151 @@
+"""Cached decoding, generate(), sampling, and the chat CLI on the real teacher."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.config import ModelConfig
+from hybrid_jax.decode.generate import generate, left_pad
+from hybrid_jax.decode.sampling import processed_logprobs, sample_logits
+from hybrid_jax.model import hybrid
+from hybrid_jax.model.cache import init_cache
+
+V = 97
+
+
+def tiny_llama_cfg():
+  return ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, eos_token_id=(3,))
+
+
+def tiny_llama():
+  cfg = tiny_llama_cfg()
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.25)  # peaked logits: no argmax near-ties
+  return params, cfg
+
+
+FULL_LEN = 32
+
+
+@jax.jit
+def _full_forward(params, tokens):
+  return hybrid.forward(params, tiny_llama_cfg(), tokens)[0]
+
+
+def full_logits(params, cfg, seq):
+  """Full-recompute logits [len(seq), V] without a cache. Right-padding to a fixed length (one compilation)
+  cannot change the causal logits of the real tokens."""
+  assert cfg == tiny_llama_cfg() and len(seq) <= FULL_LEN
+  out = _full_forward(params, jnp.asarray([list(seq) + [0] * (FULL_LEN - len(seq))]))
+  return np.asarray(out[0, :len(seq)])
+
+
+def test_cached_prefill_and_steps_match_full_forward():
+  params, cfg = tiny_llama()
+  rng = np.random.RandomState(0)
+  prompts = [rng.randint(4, V, n).tolist() for n in (3, 9, 6)]
+  cont = rng.randint(4, V, (3, 5))  # tokens fed one at a time after the prompts
+  tokens, offsets = left_pad(prompts, pad_id=0)
+  L = tokens.shape[1]
+  cache = init_cache(cfg, 3, L + cont.shape[1]).replace(offset=jnp.asarray(offsets))
+  step = jax.jit(lambda p, t, c: hybrid.forward(p, cfg, t, cache=c))
+  pre, cache = step(params, jnp.asarray(tokens), cache)
+  steps = []
+  for j in range(cont.shape[1]):
+    lg, cache = step(params, jnp.asarray(cont[:, j:j + 1]), cache)
+    steps.append(np.asarray(lg[:, 0]))
+  assert np.asarray(cache.pos).tolist() == [L + cont.shape[1]] * 3
+  for i, p in enumerate(prompts):
+    ref = full_logits(params, cfg, p + cont[i].tolist())
+    np.testing.assert_allclose(np.asarray(pre[i, offsets[i]:]), ref[:len(p)], atol=1e-4, rtol=0)
+    for j in range(cont.shape[1]):
+      np.testing.assert_allclose(steps[j][i], ref[len(p) + j], atol=1e-4, rtol=0)
+
+
+def naive_greedy(params, cfg, prompt, n, eos=()):
+  seq, new = list(prompt), []
+  for _ in range(n):
+    t = int(full_logits(params, cfg, seq)[-1].argmax())
+    if t in eos:
+      break
+    seq.append(t)
+    new.append(t)
+  return new
+
+
+def test_generate_greedy_equals_naive_loop():
+  params, cfg = tiny_llama()
+  rng = np.random.RandomState(1)
+  prompts = [rng.randint(4, V, n).tolist() for n in (2, 11, 5)]
+  got = generate(params, cfg, prompts, 10, eos_ids=())
+  want = [naive_greedy(params, cfg, p, 10) for p in prompts]
+  assert got == want
+  assert all(len(g) == 10 for g in got)
+  # EOS: pick a token the first row produces at step 4; that row stops before it, the others are cut there too
+  eos = want[0][4]
+  got_eos = generate(params, cfg, prompts, 10, eos_ids=(eos,))
+  assert got_eos == [naive_greedy(params, cfg, p, 10, eos=(eos,)) for p in prompts]
+  assert got_eos[0] == want[0][:want[0].index(eos)]
+  # batch composition does not change a row's result
+  assert generate(params, cfg, prompts[1:2], 10, eos_ids=()) == want[1:2]
+
+
+def test_generate_sampling_reproducible_and_valid():
+  params, cfg = tiny_llama()
+  prompts = [[5, 6, 7], [8, 9]]
+  a = generate(params, cfg, prompts, 8, temperature=1.0, top_k=5, seed=3, eos_ids=())
+  b = generate(params, cfg, prompts, 8, temperature=1.0, top_k=5, seed=3, eos_ids=())
+  c = generate(params, cfg, prompts, 8, temperature=1.0, top_k=5, seed=4, eos_ids=())
+  assert a == b and a != c
+  assert all(0 <= t < V for row in a for t in row)
+  # every sampled token is in the top-5 of its step (checked by full recompute)
+  for p, row in zip(prompts, a):
+    seq = list(p)
+    for t in row:
+      top5 = np.argsort(full_logits(params, cfg, seq)[-1])[-5:]
+      assert t in top5
+      seq.append(t)
+
+
+def test_processed_logprobs_filters():
+  logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0], [0.0, 0.0, 3.0, 1.0, 2.0]])
+  g = np.asarray(processed_logprobs(logits, 0.0))
+  assert (g.argmax(-1) == [0, 2]).all() and np.isfinite(g).sum() == 2
+  full = np.asarray(processed_logprobs(logits, 1.0))
+  np.testing.assert_allclose(full, np.asarray(jax.nn.log_softmax(logits)), atol=1e-6)
+  t = np.asarray(processed_logprobs(logits, 0.5))
+  np.testing.assert_allclose(t, np.asarray(jax.nn.log_softmax(logits / 0.5)), atol=1e-6)
+  k = np.asarray(processed_logprobs(logits, 1.0, top_k=2))
+  assert (np.isfinite(k).sum(-1) == 2).all()
+  np.testing.assert_allclose(np.exp(k).sum(-1), 1.0, atol=1e-6)
+  # top-p: probs of row 0 are ~[.61,.22,.14,.08,.03]: 0.7 needs the top two
+  p = np.asarray(processed_logprobs(logits, 1.0, top_p=0.7))
+  assert np.isfinite(p[0]).tolist() == [True, True, False, False, False]
+  np.testing.assert_allclose(np.exp(p[0, :2]), np.exp(full[0, :2]) / np.exp(full[0, :2]).sum(), atol=1e-6)
+
+
+def test_sample_logits_follows_distribution():
+  logits = jnp.tile(jnp.asarray([[1.0, 0.0, 2.0, -1.0]]), (20000, 1))
+  toks = np.asarray(sample_logits(logits, jax.random.PRNGKey(0), temperature=1.0))
+  freq = np.bincount(toks, minlength=4) / len(toks)
+  np.testing.assert_allclose(freq, np.asarray(jax.nn.softmax(logits[0])), atol=0.015)
+  toks = np.asarray(sample_logits(logits, jax.random.PRNGKey(1), temperature=1.0, top_k=2))
+  assert set(toks.tolist()) == {0, 2}
+  assert np.asarray(sample_logits(logits[:2], jax.random.PRNGKey(2), temperature=0.0)).tolist() == [2, 2]
+
+
+def test_left_pad_and_errors():
+  tokens, offsets = left_pad([[1, 2], [3, 4, 5]], pad_id=0, multiple=4)
+  assert tokens.tolist() == [[0, 0, 1, 2], [0, 3, 4, 5]] and offsets.tolist() == [2, 1]
+  with pytest.raises(ValueError):
+    left_pad([[1], []])
+
+
+@pytest.mark.slow
+def test_chat_cli_capital_of_france(teacher_dir, capsys):
+  from hybrid_jax import generate as cli
+  assert cli.main(["--model", teacher_dir, "--prompt", "What is the capital of France?",
+                   "--max-new-tokens", "24"]) == 0
+  out = capsys.readouterr().out
+  assert "Paris" in out, out
+  assert "<|im_" not in out and "assistant" not in out  # only the answer is printed
