@@ -128,8 +128,35 @@ def single_step_loop(variant):
   return step
 
 
-def bench_verify(ceiling: float, ks, batches, rows):
+VERIFY_CONFIGS = [(256, 8, 1), (512, 16, 2), (1024, 32, 4), (256, 8, 2)]  # (M1_TILE, M2_ROWS, NUM_WARPS)
+
+
+def sweep_verify(sweep_rows):
+  """Time the verify kernel's tile/warp configurations at K = 1, 8 and batch 1, 8; set the best per variant
+  (smallest summed time) in hybrid_jax.pallas.multistep for the table that follows."""
+  best = {}
   for variant in ("mamba2", "mamba"):
+    totals = {}
+    for cfg in VERIFY_CONFIGS:
+      ms.M1_TILE, ms.M2_ROWS, ms.NUM_WARPS = cfg
+      total = 0.0
+      for b in (1, 8):
+        for k in (1, 8):
+          layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
+          t = timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
+          sweep_rows.append(dict(variant=variant, cfg=cfg, batch=b, K=k, us=t * 1e6))
+          total += t
+      totals[cfg] = total
+      print(f"sweep {variant} tile/rows/warps {cfg}: sum {total * 1e6:.1f} us")
+    best[variant] = min(totals, key=totals.get)
+  return best
+
+
+def bench_verify(ceiling: float, ks, batches, rows, best=None):
+  for variant in ("mamba2", "mamba"):
+    if best:
+      ms.M1_TILE, ms.M2_ROWS, ms.NUM_WARPS = best[variant]
+      print(f"verify {variant}: using (M1_TILE, M2_ROWS, NUM_WARPS) = {best[variant]}")
     for b in batches:
       base_layers = [verify_inputs(jax.random.PRNGKey(100 + i), variant, b, 1) for i in range(LAYERS)]
       t_single = timeit(device_loop(single_step_loop(variant)), base_layers, calls=3) / LAYERS / REPEAT
@@ -202,14 +229,16 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--out", default="")
-  ap.add_argument("--skip", default="", help="comma list of: verify,scan")
+  ap.add_argument("--skip", default="", help="comma list of: verify,sweep,scan")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
   ceiling = copy_ceiling()
   print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s (read + write)")
   verify, scans = [], []
+  sweep = []
   if "verify" not in a.skip:
-    bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), (1, 8), verify)
+    best = sweep_verify(sweep) if "sweep" not in a.skip else None
+    bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), (1, 8), verify, best)
   if "scan" not in a.skip:
     bench_scan(2, 2048 if not a.quick else 256, scans)
   print("\n| variant | batch | K | us/layer kernel | us/layer ref | 1-step XLA us | x 1-step | x K=1 kernel "
@@ -226,7 +255,7 @@ def main():
           f"{r['ms_fwd_bwd']:.2f} | {r['speedup_fwd_bwd']:.1f} | {r['err']:.1e} | {r['grad_err']:.1e} |")
   if a.out:
     with open(a.out, "w") as fh:
-      json.dump(dict(copy_GBps=ceiling / 1e9, verify=verify, scan=scans), fh, indent=1)
+      json.dump(dict(copy_GBps=ceiling / 1e9, sweep=sweep, verify=verify, scan=scans), fh, indent=1)
 
 
 if __name__ == "__main__":

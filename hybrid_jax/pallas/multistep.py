@@ -65,53 +65,56 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
-def _m1_kernel(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-               bias_ref, *rest):
-  """Mamba-1, one program = one sequence x gb groups of cpg channels; state [gb, cpg, N] in registers."""
+# Tile sizes and warps (bench/bench_kernels.py sweeps them; the defaults are the H100 pick, docs/KERNELS.md).
+M1_TILE = 256  # Mamba-1 state elements per program (gb * cpg * N)
+M2_ROWS = 8  # Mamba-2 rows of P per program
+NUM_WARPS = 1
+
+
+def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
+                 bias_ref, rest, *, decay, inject, read_out):
+  """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
+  issued together (a store in between would keep the compiler from hoisting later loads: the refs may
+  alias); the step terms that do not depend on h are computed off the dependent chain h = decay * h + u."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
-  a, bias = a_ref[...], bias_ref[...]
+  a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
   n_acc = n_ref[0]
+  kc, k_new = cx_ref.shape[0], x_ref.shape[0]
+  cached = [(cdt_ref[k], cx_ref[k], cb_ref[k]) for k in range(kc)]
+  new = [(dt_ref[k], x_ref[k], b_ref[k], c_ref[k], z_ref[k] if has_z else None) for k in range(k_new)]
   h = st_ref[...]
-  for k in range(cx_ref.shape[0]):  # (a) replay the accepted cached steps (static, unrolled)
-    dl = common.softplus(cdt_ref[k].astype(f32) + bias)
-    h_new = jnp.exp(dl[:, :, None] * a) * h + (dl * cx_ref[k].astype(f32))[:, :, None] * \
-        cb_ref[k].astype(f32)[:, None, :]
-    h = jnp.where(k < n_acc, h_new, h)
+  for k, (dtk, xk, bk) in enumerate(cached):  # (a) replay; steps k >= n_accept become identity steps
+    dl = common.softplus(dtk.astype(f32) + bias)
+    on = k < n_acc
+    h = jnp.where(on, decay(dl, a), 1.0) * h + jnp.where(on, inject(dl, xk.astype(f32), bk.astype(f32)), 0.0)
   out_ref[...] = h
-  dd = d_ref[...]
-  for k in range(x_ref.shape[0]):  # (b) the new steps
-    dl = common.softplus(dt_ref[k].astype(f32) + bias)
-    xk = x_ref[k].astype(f32)
-    h = jnp.exp(dl[:, :, None] * a) * h + (dl * xk)[:, :, None] * b_ref[k].astype(f32)[:, None, :]
-    y = jnp.sum(h * c_ref[k].astype(f32)[:, None, :], axis=-1) + dd * xk
+  for k, (dtk, xk, bk, ck, zk) in enumerate(new):  # (b) the new steps
+    dl = common.softplus(dtk.astype(f32) + bias)
+    xk = xk.astype(f32)
+    h = decay(dl, a) * h + inject(dl, xk, bk.astype(f32))
+    y = read_out(h, ck.astype(f32)) + dd * xk
     if has_z:
-      zk = z_ref[k].astype(f32)
+      zk = zk.astype(f32)
       y = y * zk * jax.nn.sigmoid(zk)
     y_ref[k] = y.astype(y_ref.dtype)
 
 
-def _m2_kernel(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-               bias_ref, *rest):
-  """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers."""
-  z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
-  a, bias = a_ref[...], bias_ref[...]  # [1, 1]
-  n_acc = n_ref[0]
-  h = st_ref[...]
-  for k in range(cx_ref.shape[0]):
-    dl = common.softplus(cdt_ref[k].astype(f32) + bias)  # [1, 1]
-    h_new = jnp.exp(dl * a) * h + (dl * cx_ref[k].astype(f32)) * cb_ref[k].astype(f32)
-    h = jnp.where(k < n_acc, h_new, h)
-  out_ref[...] = h
-  dd = d_ref[...]
-  for k in range(x_ref.shape[0]):
-    dl = common.softplus(dt_ref[k].astype(f32) + bias)
-    xk = x_ref[k].astype(f32)  # [bp, 1]
-    h = jnp.exp(dl * a) * h + (dl * xk) * b_ref[k].astype(f32)
-    y = jnp.sum(h * c_ref[k].astype(f32), axis=-1, keepdims=True) + dd * xk
-    if has_z:
-      zk = z_ref[k].astype(f32)
-      y = y * zk * jax.nn.sigmoid(zk)
-    y_ref[k] = y.astype(y_ref.dtype)
+def _m1_kernel(has_z, *refs):
+  """Mamba-1, one program = one sequence x gb groups of cpg channels; state [gb, cpg, N] in registers.
+  Per step: dt, x [gb, cpg]; B, C [gb, N]."""
+  _verify_body(has_z, *refs[:12], refs[12:],
+               decay=lambda dl, a: jnp.exp(dl[:, :, None] * a),
+               inject=lambda dl, x, b: (dl * x)[:, :, None] * b[:, None, :],
+               read_out=lambda h, c: jnp.sum(h * c[:, None, :], axis=-1))
+
+
+def _m2_kernel(has_z, *refs):
+  """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers.
+  Per step: dt [1, 1]; x [bp, 1]; B, C [1, N]; A [1, 1]."""
+  _verify_body(has_z, *refs[:12], refs[12:],
+               decay=lambda dl, a: jnp.exp(dl * a),
+               inject=lambda dl, x, b: (dl * x) * b,
+               read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True))
 
 
 def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
@@ -120,7 +123,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   g = B.shape[-2]
   cpg = d // g
   cpg_p, n_p = common.next_pow2(cpg), common.next_pow2(n)
-  gb = max(1, min(common.next_pow2(g), 256 // (cpg_p * n_p)))  # small tiles: many programs at batch 1
+  gb = max(1, min(common.next_pow2(g), M1_TILE // (cpg_p * n_p)))  # small tiles: many programs at batch 1
   g_p = pl.cdiv(g, gb) * gb
 
   def chan(v):  # [..., d] -> [..., g_p, cpg_p]
@@ -149,17 +152,17 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   y, ck = common.call(
       lambda *r: _m1_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
-      grid=(b, g_p // gb), in_specs=specs, out_specs=(steps(k), st_spec), num_warps=1, interpret=interpret,
+      grid=(b, g_p // gb), in_specs=specs, out_specs=(steps(k), st_spec), num_warps=NUM_WARPS, interpret=interpret,
   )(*args)
   return y[:, :, :g, :cpg].reshape(b, k, d), ck[:, :g, :cpg, :n].reshape(b, d, n)
 
 
-def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret, bp=8):
+def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
   b, nh, p, n = state.shape
   kc, k = cache_x.shape[1], x.shape[1]
   hpg = nh // B.shape[-2]
   n_p = common.next_pow2(n)
-  bp = min(bp, common.next_pow2(p))
+  bp = min(M2_ROWS, common.next_pow2(p))
   p_p = pl.cdiv(p, bp) * bp
   rows = lambda v: common.pad_axis(v, -1, p_p)[..., None]  # [b, k, H, P_p, 1]
   grp = lambda v: common.pad_axis(v, -1, n_p)[:, :, :, None, :]  # [b, k, G, 1, N_p]
@@ -180,7 +183,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   y, ck = common.call(
       lambda *r: _m2_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
-      grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec), num_warps=1,
+      grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec), num_warps=NUM_WARPS,
       interpret=interpret,
   )(*args)
   return y[:, :, :, :p, 0], ck[:, :, :p, :n]
