@@ -56,7 +56,8 @@ def make_answer_fn(args):
   return answer
 
 
-def _chat_loop(answer, messages: list, first: str | None, out=sys.stdout) -> None:
+def _chat_loop(answer, messages: list, first: str | None, out=None) -> None:
+  """Reads user turns from stdin (until EOF or /exit), appending both sides to `messages`."""
   pending = first
   while True:
     if pending is None:
@@ -72,7 +73,7 @@ def _chat_loop(answer, messages: list, first: str | None, out=sys.stdout) -> Non
     messages.append({"role": "user", "content": pending})
     reply = answer(messages)
     messages.append({"role": "assistant", "content": reply})
-    print(reply, file=out, flush=True)
+    print(reply, file=out or sys.stdout, flush=True)
     pending = None
 
 

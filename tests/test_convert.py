@@ -233,3 +233,8 @@ def test_cli_subprocess_one_line_error(tmp_path):
 def test_default_teacher_reused(teacher_dir, capsys):
   assert convert_torch.main(["--default-teacher", "--output", teacher_dir]) == 0
   assert "reusing" in capsys.readouterr().out
+
+
+def test_hybrid_jax_checkpoint_is_not_a_source(tmp_path, hf_dir):
+  ckpt = convert_to_checkpoint(str(hf_dir), str(tmp_path / "ck"))
+  _expect_error(ckpt, tmp_path / "out", "already a hybrid_jax checkpoint")

@@ -149,3 +149,24 @@ def test_chat_cli_capital_of_france(teacher_dir, capsys):
   out = capsys.readouterr().out
   assert "Paris" in out, out
   assert "<|im_" not in out and "assistant" not in out  # only the answer is printed
+
+
+def test_chat_loop_keeps_conversation(monkeypatch, capsys):
+  from hybrid_jax import generate as cli
+  seen = []
+
+  def answer(messages):
+    seen.append([dict(m) for m in messages])
+    return f"reply{len(seen)}"
+  lines = iter(["first question", "", "second question", "/exit", "never read"])
+  monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+  cli._chat_loop(answer, [{"role": "system", "content": "be brief"}], None)
+  assert capsys.readouterr().out.split() == ["reply1", "reply2"]
+  assert [m["content"] for m in seen[1]] == ["be brief", "first question", "reply1", "second question"]
+
+
+def test_generate_cli_missing_model(tmp_path, capsys):
+  from hybrid_jax import generate as cli
+  assert cli.main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: checkpoint directory not found") and err.count("\n") == 1
