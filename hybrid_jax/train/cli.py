@@ -136,26 +136,26 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
 
 # ---- data --------------------------------------------------------------------------------------
 
-def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str, log=print) -> tcfg.TrainConfig:
-  """Fills data.paths with the teacher-generated default data when the recipe gives none."""
+def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str, init_dir: str | None = None,
+                 log=print) -> tcfg.TrainConfig:
+  """Fills data.paths with the teacher-generated default data when the recipe gives none (dpo: pairs of the
+  teacher's answer (chosen) and the --init student's own answer (rejected))."""
   if cfg.data.get("paths"):
     return cfg
-  try:
-    from hybrid_jax.data import default_data
-  except ImportError:
-    raise ConfigError("data.paths is empty and hybrid_jax.data.default_data is unavailable") from None
+  from hybrid_jax.data import default_data
   if not teacher_dir:
     raise ConfigError("data.paths is empty: give data files, or --teacher to generate the default data")
   log(f"data.paths empty: using the default teacher-generated data (cache {cache_dir})")
-  out = default_data.ensure_default_data(teacher_dir, cache_dir)
-  paths = out if isinstance(out, dict) else (out._asdict() if hasattr(out, "_asdict") else vars(out))
-  key = "dpo" if cfg.stage == "dpo" else "train"
+  if cfg.stage == "dpo":
+    if not init_dir:
+      raise ConfigError("dpo with default data needs --init (the student whose answers become 'rejected')")
+    paths = default_data.ensure_default_dpo_data(teacher_dir, init_dir, cache_dir)
+  else:
+    paths = default_data.ensure_default_data(teacher_dir, cache_dir)
   data = dict(cfg.data)
-  data["paths"] = [paths[key]]
-  if not data.get("eval_paths") and not data.get("eval_fraction"):
-    ev = paths.get("dpo_eval" if cfg.stage == "dpo" else "eval")
-    if ev:
-      data["eval_paths"] = [ev]
+  data["paths"] = [paths["train"]]
+  if not data.get("eval_paths") and not data.get("eval_fraction") and paths.get("eval"):
+    data["eval_paths"] = [paths["eval"]]
   return cfg.replace(data=data)
 
 
@@ -180,7 +180,7 @@ def build_data(cfg: tcfg.TrainConfig, tokenizer, log=print):
 def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
   shd.maybe_initialize_distributed()
   cfg = tcfg.load(args.config, args.overrides, stage=args.stage)
-  cfg = resolve_data(cfg, args.teacher, args.cache_dir, log)
+  cfg = resolve_data(cfg, args.teacher, args.cache_dir, args.init, log)
   from hybrid_jax.data import load_records
   load_records(cfg.data_config, "train")  # bad/missing data -> error before loading models
   sp, sc, tokenizer, teacher, frozen = build_models(cfg, args.teacher, args.init, log)

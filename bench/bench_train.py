@@ -1,0 +1,143 @@
+"""Distillation step throughput: tokens/s and MFU of the jitted train step (teacher forward + student
+forward/backward + AdamW), bf16 compute with fp32 params, random weights, on all local devices.
+
+  python bench/bench_train.py                       # GPU: default (SmolLM2-135M-shaped) and Llama-3.2-1B-shaped
+  python bench/bench_train.py --models llama1b --batch 2 --seq-len 2048
+  python bench/bench_train.py --tiny                # CPU smoke run (tiny shapes, fp32)
+
+FLOPs per token: 6 N_student + 2 N_teacher (N = matmul parameters; attention's quadratic term is not counted,
+so MFU is slightly underestimated at long sequence lengths). Peak: --peak-tflops or the device kind's dense
+bf16 figure (stages.PEAK_TFLOPS).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from hybrid_jax.config import ModelConfig  # noqa: E402
+from hybrid_jax.model import hybrid  # noqa: E402
+from hybrid_jax.model.init import attn_layers_for_fraction, hybrid_config, init_from_teacher  # noqa: E402
+from hybrid_jax.train import config as tcfg  # noqa: E402
+from hybrid_jax.train import optim, stages  # noqa: E402
+from hybrid_jax.train import sharding as shd  # noqa: E402
+from hybrid_jax.train import state as st  # noqa: E402
+
+MODELS = {
+    # SmolLM2-135M-Instruct (the default teacher)
+    "default": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                    tie_word_embeddings=True, max_position_embeddings=8192),
+    # Llama-3.2-1B
+    "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+                    rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                    rope_original_max_position=8192, tie_word_embeddings=True, max_position_embeddings=131072),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def bench_one(name: str, batch: int, seq_len: int, steps: int, dtype: str, peak_tflops: float,
+              mesh_sizes: dict) -> dict:
+  teacher_cfg = ModelConfig(**MODELS[name], dtype=dtype)
+  student_cfg = hybrid_config(teacher_cfg, attn_layers_for_fraction(teacher_cfg.num_hidden_layers, 0.5), "mamba")
+  cfg = tcfg.from_dict({"stage": "distill", "data": {"batch_size": batch, "seq_len": seq_len},
+                        "optim": {"lr": 1e-5, "warmup_steps": 1}, "loss": {"kl_weight": 1.0, "ce_weight": 0.0},
+                        "mesh": mesh_sizes})
+  mesh = shd.make_mesh(mesh_sizes)
+  if batch % shd.batch_divisor(mesh):
+    raise SystemExit(f"--batch {batch} must be a multiple of data x fsdp = {shd.batch_divisor(mesh)}")
+  # Random teacher, placed straight onto the mesh (init under jit with out_shardings: no host copy).
+  t_shape = jax.eval_shape(lambda k: hybrid.init_params(teacher_cfg, k), jax.random.key(0))
+  t_sh = shd.param_shardings(t_shape, teacher_cfg, mesh)
+  teacher = jax.jit(lambda k: hybrid.init_params(teacher_cfg, k), out_shardings=t_sh)(jax.random.key(0))
+  s_shape = jax.eval_shape(lambda t, k: init_from_teacher(t, teacher_cfg, student_cfg, k), t_shape,
+                           jax.random.key(1))
+  s_sh = shd.param_shardings(s_shape, student_cfg, mesh)
+  student = jax.jit(lambda t, k: init_from_teacher(t, teacher_cfg, student_cfg, k),
+                    out_shardings=s_sh)(teacher, jax.random.key(1))
+  mask = optim.trainable_mask(student, ".*")
+  total = steps + 2
+  tx = optim.make_optimizer(cfg.optim, total, mask)
+  state, state_sh = st.create_state(student, tx, student_cfg, mesh, 0)
+  del student
+  step = stages.jit_train_step(
+      stages.make_train_step(stages.make_loss_fn(cfg, student_cfg, teacher_cfg), tx, mask,
+                             optim.lr_schedule(cfg.optim, total), 1), state_sh, t_sh, mesh)
+  rng = np.random.default_rng(0)
+  batch_np = {"tokens": rng.integers(0, teacher_cfg.vocab_size, (batch, seq_len)).astype(np.int32),
+              "segment_ids": np.ones((batch, seq_len), np.int32),
+              "loss_mask": np.ones((batch, seq_len), np.int32)}
+  b = shd.shard_batch(batch_np, mesh)
+  t0 = time.perf_counter()
+  state, m = step(state, b, teacher)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  state, m = step(state, b, teacher)  # one more warm-up step
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, b, teacher)
+  jax.block_until_ready((state.step, m))
+  dt = (time.perf_counter() - t0) / steps
+  loss = float(m["loss"])
+  if not np.isfinite(loss):
+    raise SystemExit(f"{name}: non-finite loss {loss}")
+  n_s = stages.matmul_params(state.params, student_cfg)
+  n_t = stages.matmul_params(teacher, teacher_cfg)
+  tok_s = batch * seq_len / dt
+  fpt = stages.flops_per_token(cfg, n_s, n_t)
+  peak = stages.peak_flops_per_device(peak_tflops)
+  n_dev = mesh.devices.size
+  return dict(model=name, params_student=st.count_params(state.params), params_teacher=st.count_params(teacher),
+              batch=batch, seq_len=seq_len, dtype=dtype, devices=n_dev, step_ms=dt * 1e3, tokens_per_s=tok_s,
+              tflops_per_dev=fpt * tok_s / n_dev / 1e12,
+              mfu=(fpt * tok_s / (peak * n_dev)) if peak else float("nan"), compile_s=compile_s, loss=loss)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--tiny", action="store_true", help="tiny shapes in fp32 (CPU check)")
+  p.add_argument("--models", default="default,llama1b")
+  p.add_argument("--batch", type=int, default=0, help="global batch (0: 8 for default, 4 for llama1b)")
+  p.add_argument("--seq-len", type=int, default=2048)
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--peak-tflops", type=float, default=0.0, help="per device; 0 = from the device kind")
+  p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
+  a = p.parse_args(argv)
+  mesh_sizes = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))}
+  if a.tiny:
+    names, seq, steps, dtype = ["tiny"], min(a.seq_len, 64), min(a.steps, 3), "float32"
+  else:
+    names, seq, steps, dtype = a.models.split(","), a.seq_len, a.steps, a.dtype
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
+  rows = []
+  for n in names:
+    bs = a.batch or (4 if n == "llama1b" else 8)
+    r = bench_one(n, bs, seq, steps, dtype, a.peak_tflops, mesh_sizes)
+    print(f"  {n}: {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.3f}, compile {r['compile_s']:.1f}s",
+          flush=True)
+    rows.append(r)
+  cols = [("model", "{}"), ("params_student", "{:,}"), ("params_teacher", "{:,}"), ("batch", "{}"),
+          ("seq_len", "{}"), ("dtype", "{}"), ("devices", "{}"), ("step_ms", "{:.1f}"),
+          ("tokens_per_s", "{:,.0f}"), ("tflops_per_dev", "{:.1f}"), ("mfu", "{:.3f}"), ("loss", "{:.3f}")]
+  table = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
+  widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+  print("\ndistill train step (teacher fwd + student fwd/bwd + AdamW), random weights")
+  for i, row in enumerate(table):
+    print("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
+    if i == 0:
+      print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
