@@ -147,3 +147,33 @@ def test_failed_restart_leaves_checkpoint_intact(models, tmp_path):
   ck.close()
   again = run(make_cfg(steps=3), models, tmp_path / "r", resume=True)
   assert sorted(again.losses) == [3]
+
+
+def _model_dir(path, cfg, seed=0):
+  from hybrid_jax.checkpoint import save_model
+  return save_model(str(path), hybrid.init_params(cfg, jax.random.key(seed)), cfg)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+  from hybrid_jax.train import cli
+  teacher = _model_dir(tmp_path / "teacher", TEACHER)
+  other = _model_dir(tmp_path / "other", TEACHER.replace(vocab_size=72, attn_layers=(1,), ssm=SSMConfig(d_state=8)))
+  data = tmp_path / "d.jsonl"
+  data.write_text('{"text": "hello"}\n')
+  base = ["--output", str(tmp_path / "out"), "model.attn_layers=[1]", "--no-progress"]
+  # tokenizer mismatch between teacher and --init student
+  assert cli.main(["--stage=distill", "--teacher", teacher, "--init", other, f"data.paths={data}", *base]) == 2
+  err = capsys.readouterr().err
+  assert "tokenizer mismatch" in err and "vocab_size 64" in err and "72" in err
+  # missing data file: named, before any model is built
+  missing = tmp_path / "nope.jsonl"
+  assert cli.main(["--stage=distill", "--teacher", teacher, f"data.paths={missing}", *base]) == 2
+  assert "nope.jsonl" in capsys.readouterr().err
+  # unknown key on the command line, bad value, missing teacher
+  assert cli.main(["--stage=distill", "--teacher", teacher, "optim.betas=[0.9]", *base]) == 2
+  assert "optim.betas" in capsys.readouterr().err
+  assert cli.main(["--stage=distill", "--teacher", teacher, f"data.paths={data}", "optim.b2=1.5", *base]) == 2
+  assert "optim.b2" in capsys.readouterr().err
+  assert cli.main(["--stage=distill", f"data.paths={data}", *base]) == 2
+  assert "--teacher" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "out" / "checkpoints")

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where default data is generated/cached")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
   p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
-  return p.parse_args(argv)
+  return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
 
 # ---- models ------------------------------------------------------------------------------------
