@@ -170,3 +170,24 @@ def test_generate_cli_missing_model(tmp_path, capsys):
   assert cli.main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 1
   err = capsys.readouterr().err
   assert err.startswith("error: checkpoint directory not found") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_generate_hybrid_left_padded_equals_naive(variant):
+  """Nothing in generate() is Llama-specific: a hybrid with left-padded prompts decodes like a full recompute."""
+  cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, attn_layers=(1,),
+                    ssm={"variant": variant, "d_state": 8, "scan_impl": "reference"})
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  fwd = jax.jit(lambda p, t: hybrid.forward(p, cfg, t)[0])
+
+  def naive(seq, n):
+    seq, new = list(seq), []
+    for _ in range(n):
+      padded = seq + [0] * (16 - len(seq))  # right padding: causal, leaves earlier logits unchanged
+      t = int(np.asarray(fwd(params, jnp.asarray([padded])))[0, len(seq) - 1].argmax())
+      seq.append(t)
+      new.append(t)
+    return new
+  prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+  assert generate(params, cfg, prompts, 6, eos_ids=()) == [naive(p, 6) for p in prompts]
