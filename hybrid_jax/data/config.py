@@ -33,6 +33,7 @@ class DataConfig:
   too_long: example longer than seq_len -> 'truncate' | 'skip' (warning) | 'raise'.
   eval_fraction: held-out share of `paths` for evaluation when no eval_paths are given (0 = no eval split).
   num_workers: Grain worker processes (0 = load in the main process; the default, right for CPU runs).
+    Workers are started with 'spawn': the training script must guard its entry with `if __name__ == '__main__':`.
   num_threads / prefetch: Grain read threads and prefetch buffer per process.
   packing_bins: open bins of the first-fit packer (more bins -> fuller rows, more memory).
   """
