@@ -4,8 +4,8 @@
                   [--output DIR] [--resume] [key=value ...]      e.g. optim.lr=1e-4 train.steps=200
 
 Where the student comes from:
-  --init DIR    a model dir from a previous stage (checkpoint.save_model). In `align`, a different attention
-                layout in the config converts it progressively: layers that were Mamba keep their mixers, newly
+  --init DIR    a model dir from a previous stage (checkpoint.save_model); its attention layout is kept, except
+                in `align`, where a different layout in the config converts it progressively: layers that were Mamba keep their mixers, newly
                 replaced layers are initialised from the teacher's attention.
   otherwise     the teacher, turned into the configured hybrid by init_from_teacher (SPEC 2.3).
 The frozen model: the teacher (align / distill / sft with KL) or, for dpo, the starting model itself.
@@ -104,10 +104,13 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
       check_tokenizers((teacher[1], teacher[2], teacher_dir), (sc, stok, init_dir))
     want = _target_attn(cfg, sc.num_hidden_layers)
     have = sc.attn_layers if sc.attn_layers is not None else tuple(range(sc.num_hidden_layers))
-    if want != tuple(have):
-      if cfg.stage != "align" or teacher is None:
-        raise ConfigError(f"--init {init_dir} keeps attention in layers {list(have)} but the config asks for "
-                          f"{list(want)}: set model.attn_layers to match, or change the layout in stage align")
+    if want != tuple(have) and cfg.stage != "align":
+      # the layout belongs to the model: only stage align changes it (progressive alignment)
+      log(f"note: --init {init_dir} keeps attention in layers {list(have)}; the config's layout {list(want)} "
+          f"applies only when creating a hybrid or in stage align")
+    elif want != tuple(have):
+      if teacher is None:
+        raise ConfigError("changing the attention layout in align needs --teacher")
       # progressive alignment: keep the existing mixers, initialise newly replaced layers from attention
       new_cfg = hybrid_config(teacher[1], want, cfg.model.variant)
       new = init_from_teacher(teacher[0], teacher[1], new_cfg, key)

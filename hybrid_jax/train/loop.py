@@ -130,8 +130,9 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
   step_fn = stages.jit_train_step(
       stages.make_train_step(loss_fn, tx, mask, schedule, tc.grad_accum), state_sh, frozen_sh, mesh)
   teacher_for_eval = frozen if (needs_frozen and cfg.stage != "dpo") else None
-  eval_fn = stages.make_eval_step(student_cfg, frozen_cfg if teacher_for_eval is not None else None,
-                                  cfg.loss.temperature)
+  eval_fn = (stages.make_dpo_eval_step(cfg, student_cfg) if cfg.stage == "dpo" else
+             stages.make_eval_step(student_cfg, frozen_cfg if teacher_for_eval is not None else None,
+                                   cfg.loss.temperature))
   n_student = stages.matmul_params(state.params, student_cfg)
   n_frozen = stages.matmul_params(frozen, frozen_cfg) if needs_frozen else 0
   fpt = stages.flops_per_token(cfg, n_student, n_frozen)
@@ -141,8 +142,13 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
   meta = {"stage": cfg.stage, "config": cfg.to_dict()}
 
   def evaluate(tag: str) -> dict[str, float]:
-    if not eval_batches or cfg.stage == "dpo":
+    if not eval_batches:
       return {}
+    if cfg.stage == "dpo":
+      res = stages.run_dpo_eval(eval_fn, state.params, frozen, eval_batches, mesh)
+      log(f"[eval {tag} step {int(jax.device_get(state.step))}] DPO loss {res['eval/dpo_loss']:.4f} | reward "
+          f"margin {res['eval/reward_margin']:.4f} | reward accuracy {res['eval/reward_accuracy']:.3f}")
+      return res
     res = stages.run_eval(eval_fn, state.params, teacher_for_eval, eval_batches, mesh)
     msg = f"[eval {tag} step {int(jax.device_get(state.step))}] student ppl {res['eval/ppl']:.3f}"
     if "eval/teacher_ppl" in res:
@@ -217,7 +223,7 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
   eval_end = evaluate("end")
   if eval_end:
     writer.write(step, eval_end)
-    if eval_start:
+    if eval_start and "eval/ppl" in eval_start:
       teacher = (f"teacher {eval_start['eval/teacher_ppl']:.3f} | " if "eval/teacher_ppl" in eval_start else "")
       log(f"held-out perplexity: {teacher}student {eval_start['eval/ppl']:.3f} (start) -> "
           f"{eval_end['eval/ppl']:.3f} (end)")

@@ -144,6 +144,38 @@ def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, te
   return jax.jit(ev)
 
 
+def make_dpo_eval_step(cfg: TrainConfig, student_cfg: ModelConfig):
+  """(params, ref_params, batch) -> sums over real pairs of the DPO loss, reward margin and accuracy."""
+  lc = cfg.loss
+
+  def ev(params, ref_params, batch):
+    toks = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]], 0)
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
+    seg = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]], 0)
+    b = batch["chosen_tokens"].shape[0]
+    pi = losses.sequence_logprob(_logits(params, student_cfg, toks, seg), toks, mask)
+    ref = losses.sequence_logprob(_logits(ref_params, student_cfg, toks, seg), toks, mask)
+    # per pair (vmap over scalars), so the padded rows of the last eval batch can be left out
+    per = jax.vmap(lambda pc, pr, rc, rr: losses.dpo_loss(pc, pr, rc, rr, lc.dpo_beta, variant=lc.dpo_variant,
+                                                           label_smoothing=lc.label_smoothing))
+    loss, m = per(pi[:b], pi[b:], ref[:b], ref[b:])
+    valid = (jnp.sum(batch["chosen_mask"], -1) > 0).astype(jnp.float32)
+    return {"dpo_sum": jnp.sum(loss * valid), "margin_sum": jnp.sum(m["reward_margin"] * valid),
+            "acc_sum": jnp.sum(m["reward_accuracy"] * valid), "n": jnp.sum(valid)}
+  return jax.jit(ev)
+
+
+def run_dpo_eval(eval_fn, params, ref_params, batches, mesh: Mesh) -> dict[str, float]:
+  tot: dict[str, float] = {}
+  for b in batches:
+    out = eval_fn(params, ref_params, shd.shard_batch({k: b[k] for k in DPO_KEYS}, mesh))
+    for k, v in out.items():
+      tot[k] = tot.get(k, 0.0) + float(v)
+  n = max(tot.get("n", 0.0), 1.0)
+  return {"eval/dpo_loss": tot.get("dpo_sum", 0.0) / n, "eval/reward_margin": tot.get("margin_sum", 0.0) / n,
+          "eval/reward_accuracy": tot.get("acc_sum", 0.0) / n, "eval/pairs": tot.get("n", 0.0)}
+
+
 def run_eval(eval_fn, params, teacher_params, batches, mesh: Mesh) -> dict[str, float]:
   """Held-out perplexity of student (and teacher) and mean KL(teacher || student) over `batches`."""
   tot: dict[str, float] = {}
