@@ -149,12 +149,14 @@ def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str,
   if not teacher_dir:
     raise ConfigError("data.paths is empty: give data files, or --teacher to generate the default data")
   log(f"data.paths empty: using the default teacher-generated data (cache {cache_dir})")
+  dd = cfg.default_data
+  kw = dict(n_train=dd.n_train, n_eval=dd.n_eval, max_new_tokens=dd.max_new_tokens, batch_size=dd.batch_size)
   if cfg.stage == "dpo":
     if not init_dir:
       raise ConfigError("dpo with default data needs --init (the student whose answers become 'rejected')")
-    paths = default_data.ensure_default_dpo_data(teacher_dir, init_dir, cache_dir)
+    paths = default_data.ensure_default_dpo_data(teacher_dir, init_dir, cache_dir, **kw)
   else:
-    paths = default_data.ensure_default_data(teacher_dir, cache_dir)
+    paths = default_data.ensure_default_data(teacher_dir, cache_dir, **kw)
   data = dict(cfg.data)
   data["paths"] = [paths["train"]]
   if not data.get("eval_paths") and not data.get("eval_fraction") and paths.get("eval"):

@@ -11,6 +11,7 @@ YAML layout (every section optional; defaults below):
   optim: {lr, b1, b2, eps, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, trainable}
   loss:  {kl_weight, ce_weight, temperature, dpo_beta, dpo_variant, label_smoothing}
   mesh:  {data, fsdp, tensor}         # -1 = the rest of the devices
+  default_data: {n_train, n_eval, max_new_tokens, batch_size}  # only when data.paths is empty
 """
 from __future__ import annotations
 
@@ -128,6 +129,23 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DefaultDataSection:
+  """Size of the teacher-generated default data (used only when data.paths is empty). Generation on a CPU
+  costs ~ rows x tokens, so CPU recipes ask for just what their steps consume."""
+  n_train: int = 384
+  n_eval: int = 32
+  max_new_tokens: int = 64
+  batch_size: int = 128
+
+  def __post_init__(self):
+    for name in ("n_train", "max_new_tokens", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"default_data.{name} must be >= 1, got {getattr(self, name)}")
+    if self.n_eval < 0:
+      raise ConfigError(f"default_data.n_eval must be >= 0, got {self.n_eval}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
   stage: str = "distill"
   model: ModelSection = ModelSection()
@@ -136,6 +154,7 @@ class TrainConfig:
   optim: OptimSection = OptimSection()
   loss: LossSection = LossSection()
   mesh: MeshSection = MeshSection()
+  default_data: DefaultDataSection = DefaultDataSection()
 
   def __post_init__(self):
     if self.stage not in STAGES:
