@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
   from hybrid_jax.convert import ConversionError
   try:
     print(handler(args))
-  except (ConversionError, CheckpointError, ConfigError, FileNotFoundError) as e:
+  except (ConversionError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError) as e:
     print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
     return 1
   return 0

@@ -33,13 +33,30 @@ class CheckpointError(ValueError):
   """A checkpoint directory that cannot be loaded; the message names the path and the problem."""
 
 
+def ensure_replaceable(path: str | os.PathLike) -> None:
+  """Raises FileExistsError unless `path` is absent, an empty directory, or a previous output (has config.json).
+
+  Guards against `--output` naming an unrelated directory, which the atomic replace would delete.
+  """
+  p = os.fspath(path)
+  if not os.path.lexists(p):
+    return
+  if not os.path.isdir(p) or os.path.islink(p):
+    raise FileExistsError(f"output {p} exists and is not a directory; refusing to replace it")
+  if os.listdir(p) and not os.path.isfile(os.path.join(p, CONFIG_FILE)):
+    raise FileExistsError(f"output directory {p} is not empty and holds no model (no {CONFIG_FILE}); "
+                          "refusing to replace it")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
   """Yields a fresh sibling temp dir; on success it replaces `path`, on any error it is removed.
 
-  An existing `path` is moved aside first and deleted only once the new directory is in place.
+  An existing `path` (see ensure_replaceable) is moved aside first and deleted only once the new directory is
+  in place.
   """
   path = os.path.abspath(os.fspath(path))
+  ensure_replaceable(path)
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)

@@ -238,3 +238,18 @@ def test_default_teacher_reused(teacher_dir, capsys):
 def test_hybrid_jax_checkpoint_is_not_a_source(tmp_path, hf_dir):
   ckpt = convert_to_checkpoint(str(hf_dir), str(tmp_path / "ck"))
   _expect_error(ckpt, tmp_path / "out", "already a hybrid_jax checkpoint")
+
+
+def test_refuses_to_replace_unrelated_dir(tmp_path, hf_dir, capsys):
+  other = tmp_path / "mine"
+  other.mkdir()
+  (other / "notes.txt").write_text("keep me")
+  assert convert_torch.main([str(hf_dir), "--output", str(other)]) == 1
+  assert "refusing to replace" in capsys.readouterr().err
+  assert (other / "notes.txt").read_text() == "keep me"
+  with pytest.raises(ConversionError, match="source itself"):
+    convert_to_checkpoint(str(hf_dir), str(hf_dir))
+  # a previous output is replaced
+  convert_to_checkpoint(str(hf_dir), str(tmp_path / "ck"))
+  convert_to_checkpoint(str(hf_dir), str(tmp_path / "ck"))
+  assert is_checkpoint(tmp_path / "ck")

@@ -312,7 +312,10 @@ def load_llama(src: str, dtype=None, with_tokenizer: bool = True):
 # ---- writing -----------------------------------------------------------------------------------
 def convert_to_checkpoint(src: str, output: str, dtype=None) -> str:
   """Converts a HF dir / hub id / .gguf file into a hybrid_jax checkpoint directory (atomic)."""
-  from hybrid_jax.checkpoint import save_model
+  from hybrid_jax.checkpoint import ensure_replaceable, save_model
+  ensure_replaceable(output)  # fail before a long load
+  if os.path.exists(src) and os.path.realpath(src) == os.path.realpath(output):
+    raise ConversionError(f"--output {output} is the source itself; choose another directory")
   params, cfg, tok = load_llama(src, dtype=dtype)
   return save_model(output, params, cfg, tok)
 
@@ -340,7 +343,10 @@ def export_hf(params: dict, cfg: ModelConfig, output: str, tokenizer: Any = None
 
 def checkpoint_to_hf(ckpt: str, output: str, dtype=None) -> str:
   """hybrid_jax checkpoint directory -> HF LlamaForCausalLM directory."""
-  from hybrid_jax.checkpoint import load_model
+  from hybrid_jax.checkpoint import ensure_replaceable, load_model
+  ensure_replaceable(output)
+  if os.path.realpath(ckpt) == os.path.realpath(output):
+    raise ConversionError(f"--output {output} is the checkpoint itself; choose another directory")
   params, cfg, tok = load_model(ckpt)
   if cfg.is_hybrid:
     raise ConversionError(f"{ckpt} is a hybrid (Mamba layers {list(cfg.ssm_layers)}); --to-hf exports pure "
