@@ -1,5 +1,6 @@
 """Speculative decoding: greedy output == the target's own greedy output; sampled output ~ the target's
 distribution (chi-square, with a control that must fail); the speculative-mode caches roll back exactly."""
+import dataclasses
 import itertools
 
 import jax
@@ -108,6 +109,14 @@ def test_spec_forward_rollback_matches_full_forward(target):
       np.testing.assert_allclose(logits[i], want[0, -(k + 1):], atol=2e-4, rtol=2e-4)
       seqs[i] += list(map(int, new[i, :keep[i]]))
     cache = cache.replace(pos=pos0 + jnp.asarray(keep, jnp.int32))
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_spec_forward_rollback_with_pallas_multistep_kernel(variant):
+  """The same through the Pallas multistep kernel (interpret mode off-GPU) instead of its lax.scan reference."""
+  cfg = tiny_cfg(variant)
+  cfg = cfg.replace(ssm=dataclasses.replace(cfg.ssm, scan_impl="pallas"))
+  test_spec_forward_rollback_matches_full_forward((cfg, hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)))
 
 
 # ------------------------------------------------------------------------------------------------
