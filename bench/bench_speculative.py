@@ -172,7 +172,7 @@ def part_a(args) -> dict:
   rows = []
   for k in args.ks:
     tps, st = end_to_end(tparams, tcfg, dparams, dcfg, prompts, args.max_new, k)
-    rows.append(dict(k=k, tps=tps, speedup=tps / tps_plain, **st))
+    rows.append(dict(st, tps=tps, speedup=tps / tps_plain))
     print(f"MEASURED k={k:>2}: {tps:8.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/step "
           f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls {st['target_calls']}")
   return dict(target=args.target, draft=args.draft, plain_tps=tps_plain, rows=rows)
@@ -193,7 +193,7 @@ def main(argv=None):
   ap.add_argument("--prompt-len", type=int, default=64)
   ap.add_argument("--max-new", type=int, default=128)
   ap.add_argument("--e2e-k", type=int, default=4, help="k of the part-B end-to-end runs (0: skip them)")
-  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--dtype", default="bfloat16", help="part B compute/param dtype (part A keeps the checkpoint's)")
   ap.add_argument("--json", help="write the results here")
   args = ap.parse_args(argv)
   args.ks = [int(x) for x in args.ks.split(",") if x]
