@@ -29,10 +29,20 @@ def _read(path):
     return [json.loads(line) for line in f]
 
 
+def _text(path):
+  with open(path) as f:
+    return f.read()
+
+
+def _meta(d):
+  return json.loads(_text(os.path.join(d, "meta.json")))
+
+
 def test_plan_and_cleaning_are_deterministic():
   assert dd.plan(10, 0) == dd.plan(10, 0) and dd.plan(10, 0) != dd.plan(10, 1)
   assert len(set(dd.plan(len(dd.TOPICS) * len(dd.STYLES), 0))) == len(dd.TOPICS) * len(dd.STYLES)
   assert dd.clean_question('Question: "Why is the sky blue?"\nextra', "x") == "Why is the sky blue?"
+  assert dd.clean_question("Curious student: How do bees fly?", "x") == "How do bees fly?"
   assert dd.clean_question("??", "bees") == dd.FALLBACK_QUESTION.format(topic="bees")
   assert dd.clean_answer("One. Two. Thr", truncated=True) == "One. Two."
   assert dd.clean_answer("One. Two. Thr", truncated=False) == "One. Two. Thr"
@@ -47,14 +57,14 @@ def test_generates_valid_records_deterministically_and_caches(tiny_teacher, tmp_
     n = normalise(r)  # the data pipeline accepts it as a chat record
     assert n["kind"] == "messages" and [m["role"] for m in n["messages"]] == ["user", "assistant"]
     assert r["messages"][1]["content"]
-  meta = json.load(open(os.path.join(a["dir"], "meta.json")))
+  meta = _meta(a["dir"])
   assert meta["settings"]["seed"] == 3 and meta["stats"]["answer_s"] >= 0
 
   # a fresh cache with the same settings -> byte-identical files (determinism)
   b = dd.ensure_default_data(tiny_teacher, str(tmp_path / "c2"), **KW)
   assert os.path.basename(a["dir"]) == os.path.basename(b["dir"])
   for k in ("train", "eval"):
-    assert open(a[k]).read() == open(b[k]).read()
+    assert _text(a[k]) == _text(b[k])
 
   # a cache hit loads no model at all
   import hybrid_jax.checkpoint as ck
@@ -64,7 +74,7 @@ def test_generates_valid_records_deterministically_and_caches(tiny_teacher, tmp_
 
   # other settings -> another cache entry with other content
   c = dd.ensure_default_data(tiny_teacher, str(tmp_path / "c1"), **{**KW, "seed": 4})
-  assert c["dir"] != a["dir"] and open(c["train"]).read() != open(a["train"]).read()
+  assert c["dir"] != a["dir"] and _text(c["train"]) != _text(a["train"])
 
 
 def test_dpo_pairs(tiny_teacher, tmp_path, teacher_dir):
@@ -78,8 +88,8 @@ def test_dpo_pairs(tiny_teacher, tmp_path, teacher_dir):
   sft = dd.ensure_default_data(tiny_teacher, str(tmp_path / "c"), **KW)
   chosen = [r["messages"] for r in _read(sft["train"])]
   rows = _read(p["train"])
-  meta = json.load(open(os.path.join(p["dir"], "meta.json")))
-  assert len(rows) + meta["stats"]["dropped_identical"] >= 5 - 0 and len(rows) >= 1
+  meta = _meta(p["dir"])
+  assert len(rows) + meta["stats"]["dropped_identical"] == 5 and len(rows) >= 1
   for r in rows:
     n = normalise(r)
     assert n["kind"] == "dpo" and n["chat"]
@@ -94,7 +104,7 @@ def test_real_teacher_smoke(teacher_dir, tmp_path):
                              batch_size=4)
   rows = _read(p["train"]) + _read(p["eval"])
   assert len(rows) == 4
-  meta = json.load(open(os.path.join(p["dir"], "meta.json")))
+  meta = _meta(p["dir"])
   # the real teacher writes real questions (not the templated fallback) and non-trivial English answers
   assert meta["stats"]["fallback_questions"] <= 1, rows
   for r in rows:

@@ -54,6 +54,9 @@ STYLES = (
     "a request for a short list",
 )
 
+# A short system turn replaces the template's default one in the question pass only (fewer prefill tokens);
+# answers use the plain chat template, exactly as the training data is later tokenized.
+QUESTION_SYSTEM = "You write questions."
 QUESTION_REQUEST = "Write {style} about {topic}. Reply with only the question or request itself."
 FALLBACK_QUESTION = "Can you explain something interesting about {topic} in a few sentences?"
 
@@ -61,16 +64,17 @@ FALLBACK_QUESTION = "Can you explain something interesting about {topic} in a fe
 @dataclasses.dataclass(frozen=True)
 class GenSettings:
   """Everything that determines the generated data (all of it goes into the cache key)."""
-  n_train: int = 384
-  n_eval: int = 32
+  # Sized for 2 CPU cores (~3 min): decoding SmolLM2-135M costs ~13 ms per row-token there, prefill ~3 ms.
+  n_train: int = 112
+  n_eval: int = 16
   seed: int = 0
-  max_new_tokens: int = 64          # answer length cap
-  question_tokens: int = 40         # question length cap
+  max_new_tokens: int = 48          # answer length cap
+  question_tokens: int = 24         # question length cap
   question_temperature: float = 0.8
   question_top_p: float = 0.95
   answer_temperature: float = 0.0   # 0 = greedy
   answer_top_p: float = 1.0
-  batch_size: int = 128
+  batch_size: int = 64
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -116,12 +120,14 @@ def plan(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 _PREFIX = re.compile(r"^(question|request|q|user|prompt)\s*[:\-]\s*", re.IGNORECASE)
+_SPEAKER = re.compile(r"^[A-Za-z][\w ]{0,24}:\s+(?=\S)")  # 'Inquisitive student: ...'
+
 
 
 def clean_question(text: str, topic: str) -> str:
   """First non-empty line, without quotes / 'Question:' prefixes; a templated question if unusable."""
   line = next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
-  line = _PREFIX.sub("", line).strip().strip('"“”\'').strip()
+  line = _SPEAKER.sub("", _PREFIX.sub("", line)).strip().strip('"“”\'').strip()
   if not 12 <= len(line) <= 300 or sum(c.isalpha() for c in line) < 0.6 * len(line):
     return FALLBACK_QUESTION.format(topic=topic)
   return line
@@ -200,7 +206,8 @@ def generate_conversations(params, cfg, tok, settings: GenSettings) -> tuple[lis
   eos = _eos_ids(cfg, tok)
   items = plan(n, settings.seed)
   t0 = time.perf_counter()
-  reqs = [_chat_ids(tok, [{"role": "user", "content": QUESTION_REQUEST.format(style=s, topic=t)}])
+  reqs = [_chat_ids(tok, [{"role": "system", "content": QUESTION_SYSTEM},
+                          {"role": "user", "content": QUESTION_REQUEST.format(style=s, topic=t)}])
           for t, s in items]
   q_ids = _batched_generate(params, cfg, reqs, settings.question_tokens, settings.question_temperature,
                             settings.question_top_p, settings.seed, settings.batch_size, eos, "questions")
@@ -226,8 +233,8 @@ def generate_conversations(params, cfg, tok, settings: GenSettings) -> tuple[lis
   return rows, stats
 
 
-def ensure_default_data(teacher_dir: str, cache_dir: str, n_train: int = 384, n_eval: int = 32,
-                        seed: int = 0, max_new_tokens: int = 64, batch_size: int = 128,
+def ensure_default_data(teacher_dir: str, cache_dir: str, n_train: int = 112, n_eval: int = 16,
+                        seed: int = 0, max_new_tokens: int = 48, batch_size: int = 64,
                         **settings: Any) -> dict[str, str]:
   """{'train': path, 'eval': path, 'dir': cache dir} of the teacher-written chat data; generated once.
 
@@ -267,8 +274,8 @@ def ensure_default_data(teacher_dir: str, cache_dir: str, n_train: int = 384, n_
 
 # ---- DPO data --------------------------------------------------------------------------------------
 
-def ensure_default_dpo_data(teacher_dir: str, student_dir: str, cache_dir: str, n_train: int = 384,
-                            n_eval: int = 32, seed: int = 0, max_new_tokens: int = 64, batch_size: int = 128,
+def ensure_default_dpo_data(teacher_dir: str, student_dir: str, cache_dir: str, n_train: int = 112,
+                            n_eval: int = 16, seed: int = 0, max_new_tokens: int = 48, batch_size: int = 64,
                             **settings: Any) -> dict[str, str]:
   """{'train', 'eval', 'dir'}: `prompt`/`chosen`/`rejected` JSONL (chat message lists) where chosen is the
   teacher's answer from the default data and rejected is the student's own greedy answer.
