@@ -68,7 +68,8 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 # Tile sizes and warps (bench/bench_kernels.py sweeps them; the defaults are the H100 pick, docs/KERNELS.md).
 M1_TILE = 256  # Mamba-1 state elements per program (gb * cpg * N)
 M2_ROWS = 8  # Mamba-2 rows of P per program
-NUM_WARPS = 1
+NUM_WARPS = None  # None: the per-variant pick below; an int overrides both (the bench sweep sets it)
+M1_WARPS, M2_WARPS = 2, 1
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
@@ -152,7 +153,8 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   y, ck = common.call(
       lambda *r: _m1_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
-      grid=(b, g_p // gb), in_specs=specs, out_specs=(steps(k), st_spec), num_warps=NUM_WARPS, interpret=interpret,
+      grid=(b, g_p // gb), in_specs=specs, out_specs=(steps(k), st_spec), num_warps=NUM_WARPS or M1_WARPS,
+      interpret=interpret,
   )(*args)
   return y[:, :, :g, :cpg].reshape(b, k, d), ck[:, :g, :cpg, :n].reshape(b, d, n)
 
@@ -183,7 +185,8 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   y, ck = common.call(
       lambda *r: _m2_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
-      grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec), num_warps=NUM_WARPS,
+      grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
+      num_warps=NUM_WARPS or M2_WARPS,
       interpret=interpret,
   )(*args)
   return y[:, :, :, :p, 0], ck[:, :, :p, :n]
