@@ -74,7 +74,7 @@ def _step_on(mesh, stage="distill"):
 
 
 def test_sharded_step_matches_single_device():
-  s8, m8, sh8 = _step_on(mesh8())
+  s8, m8, _ = _step_on(mesh8())
   s1, m1, _ = _step_on(mesh1())
   # the params really are spread over the 8 devices
   q = s8.params["layers"][1]["self_attn"]["q_proj"]

@@ -95,7 +95,7 @@ def test_resume_is_exact_and_interrupt_saves(models, tmp_path):
 
 
 def test_align_freezes_all_but_mamba(models, tmp_path):
-  tp, sp = models
+  _tp, sp = models
   res = run(make_cfg(steps=2), models, tmp_path / "a")
   mask = optim.trainable_mask(sp, optim.trainable_pattern("align", tcfg.OptimSection()))
   paths = jax.tree.leaves(shd.path_strings(sp))

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Self
 
 import grain
 import jax
@@ -97,12 +97,12 @@ class StopFlag:
     self.signum: int | None = None
     self._old: dict[int, Any] = {}
 
-  def _handler(self, signum, frame):  # noqa: ARG002
+  def _handler(self, signum, frame):
     if self.stop and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.stop, self.signum = True, signum
 
-  def __enter__(self) -> "StopFlag":
+  def __enter__(self) -> Self:
     if threading.current_thread() is threading.main_thread():  # signals only install on the main thread
       for s in (signal.SIGTERM, signal.SIGINT):
         self._old[s] = signal.signal(s, self._handler)

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--init", help="start from this model dir instead of initialising from the teacher")
   p.add_argument("--output", help="run dir (checkpoints/, logs/, model/); default: the config's train.output")
   p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete --output's earlier checkpoints and start from step 0 (instead of --resume)")
   p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where default data is generated/cached")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
   p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
@@ -150,7 +152,8 @@ def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str,
     raise ConfigError("data.paths is empty: give data files, or --teacher to generate the default data")
   log(f"data.paths empty: using the default teacher-generated data (cache {cache_dir})")
   dd = cfg.default_data
-  kw = dict(n_train=dd.n_train, n_eval=dd.n_eval, max_new_tokens=dd.max_new_tokens, batch_size=dd.batch_size)
+  kw = {"n_train": dd.n_train, "n_eval": dd.n_eval, "max_new_tokens": dd.max_new_tokens,
+        "batch_size": dd.batch_size}
   if cfg.stage == "dpo":
     if not init_dir:
       raise ConfigError("dpo with default data needs --init (the student whose answers become 'rejected')")
@@ -191,6 +194,12 @@ def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
   sp, sc, tokenizer, teacher, frozen = build_models(cfg, args.teacher, args.init, log)
   train_iter, eval_batches = build_data(cfg, tokenizer, log)
   output = args.output or cfg.train.output
+  if args.overwrite and args.resume:
+    raise ConfigError("--overwrite and --resume are exclusive")
+  if args.overwrite and os.path.isdir(os.path.join(output, "checkpoints")):
+    import shutil
+    log(f"--overwrite: removing {os.path.join(output, 'checkpoints')}")
+    shutil.rmtree(os.path.join(output, "checkpoints"))
   os.makedirs(output, exist_ok=True)
   tcfg_path = os.path.join(output, "train_config.yaml")
   import yaml

@@ -179,7 +179,7 @@ class TrainConfig:
       d["model"]["attn_layers"] = list(d["model"]["attn_layers"])
     return d
 
-  def replace(self, **kw) -> "TrainConfig":
+  def replace(self, **kw) -> TrainConfig:
     return dataclasses.replace(self, **kw)
 
 

@@ -9,7 +9,8 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -45,7 +46,7 @@ class _Metrics:
       self._f = None
     except ImportError:  # the training-support module is missing: keep a plain JSONL log
       self._w = None
-      self._f = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      self._f = open(os.path.join(logdir, "metrics.jsonl"), "a")  # noqa: SIM115 - open for the run
 
   def write(self, step: int, values: dict[str, float]) -> None:
     if self._w is not None:
@@ -116,7 +117,7 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
   if latest is not None and not resume:
     ckpt.close()
     raise ConfigError(f"{ckpt_dir} already holds checkpoints (latest step {latest}): pass --resume to "
-                      "continue, or choose another --output")
+                      "continue it, --overwrite to start again, or another --output")
   if latest is not None:
     state, meta = ckpt.restore(st.abstract_state(state_sh, state), train_iter, latest)
     if meta.get("stage", cfg.stage) != cfg.stage:

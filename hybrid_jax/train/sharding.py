@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hybrid_jax.config import ConfigError, ModelConfig
 
@@ -47,9 +49,9 @@ def maybe_initialize_distributed() -> None:
     return
   kw = {}
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    kw = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-              num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-              process_id=int(os.environ["JAX_PROCESS_ID"]))
+    kw = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+          "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+          "process_id": int(os.environ["JAX_PROCESS_ID"])}
   jax.distributed.initialize(**kw)
 
 

@@ -9,7 +9,8 @@ stop_gradient, never updated and never checkpointed (it is re-read from its mode
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,8 @@ from hybrid_jax.train.state import TrainState
 Batch = dict[str, jax.Array]
 LossFn = Callable[[Any, Batch, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
-from hybrid_jax.data.pipeline import DPO_KEYS, SFT_KEYS as LM_KEYS  # noqa: E402  (batch keys per stage)
+from hybrid_jax.data.pipeline import DPO_KEYS
+from hybrid_jax.data.pipeline import SFT_KEYS as LM_KEYS
 
 
 def uses_teacher(cfg: TrainConfig) -> bool:

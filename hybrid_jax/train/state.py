@@ -24,7 +24,7 @@ class TrainState:
     return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
 
   @classmethod
-  def from_dict(cls, d: dict) -> "TrainState":
+  def from_dict(cls, d: dict) -> TrainState:
     return cls(step=d["step"], params=d["params"], opt_state=d["opt_state"], rng=d["rng"])
 
 
