@@ -177,3 +177,37 @@ def test_cli_errors_are_clear(tmp_path, capsys):
   assert cli.main(["--stage=distill", f"data.paths={data}", *base]) == 2
   assert "--teacher" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "out" / "checkpoints")
+
+
+def test_resume_exact_with_packed_chat_pipeline(teacher_dir, tmp_path):
+  """The real data path (chat template, assistant masks, first-fit packing): resume gives the same losses."""
+  import json
+
+  from hybrid_jax.checkpoint import load_tokenizer
+  from hybrid_jax.train import cli
+  tok = load_tokenizer(teacher_dir)
+  rng = np.random.default_rng(0)
+  words = "the a cat dog sat ran on under big small red blue house tree".split()
+  path = tmp_path / "chat.jsonl"
+  with open(path, "w") as f:
+    for _ in range(40):
+      f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choice(words, 4))},
+                                       {"role": "assistant", "content": " ".join(rng.choice(words, 6))}]}) + "\n")
+  tcfg_ = TEACHER.replace(vocab_size=len(tok))
+  scfg = STUDENT.replace(vocab_size=len(tok))
+  tp, sp = hybrid.init_params(tcfg_, jax.random.key(0)), hybrid.init_params(scfg, jax.random.key(1))
+  cfg = tcfg.from_dict({"stage": "distill", "data": {"paths": [str(path)], "batch_size": 2, "seq_len": 48},
+                        "train": {"steps": 5, "log_every": 1}, "optim": {"lr": 1e-3},
+                        "loss": {"kl_weight": 1.0, "ce_weight": 0.5}})
+
+  def go(out, resume=False, on_step=None):
+    it, _ = cli.build_data(cfg, tok, log=lambda *_: None)
+    return loop.train(cfg, student_params=sp, student_cfg=scfg, frozen_params=tp, frozen_cfg=tcfg_,
+                      train_iter=it, output_dir=str(out), resume=resume, mesh=one_device_mesh(),
+                      on_step=on_step, progress=False, log=lambda *_: None)
+  full = go(tmp_path / "full")
+  assert go(tmp_path / "split", on_step=sigterm_at(2)).interrupted
+  rest = go(tmp_path / "split", resume=True)
+  assert sorted(rest.losses) == [3, 4, 5]
+  for s in (3, 4, 5):
+    np.testing.assert_allclose(rest.losses[s], full.losses[s], rtol=1e-6, atol=1e-7)
