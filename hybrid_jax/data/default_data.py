@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-VERSION = 1  # bump when the generation procedure changes: old caches are then not reused
+VERSION = 2  # bump when the generation procedure changes: old caches are then not reused
 
 TOPICS = (
     "the ocean", "volcanoes", "baking bread", "chess", "the moon", "rainforests", "bicycles", "music",
@@ -43,21 +43,23 @@ TOPICS = (
     "rainbows", "museums", "the alphabet", "penguins", "budgeting", "kindness",
 )
 
+# (style, opener): the teacher is asked for a question and its reply is started with the opener, so a
+# 135M model writes a question (it otherwise often answers or chats instead).
 STYLES = (
-    "a short question a curious student might ask",
-    "a 'how does' question",
-    "a 'why' question",
-    "a request for three practical tips",
-    "a request to explain a basic idea in simple words",
-    "a request for a short definition",
-    "a question asking for an example",
-    "a request for a short list",
+    ("a short question", "What"),
+    ("a 'how does' question", "How does"),
+    ("a 'why' question", "Why"),
+    ("a request for practical tips", "What are three tips for"),
+    ("a request to explain a basic idea simply", "Can you explain"),
+    ("a request for a short definition", "What is"),
+    ("a request for an example", "Can you give an example of"),
+    ("a request for a short list", "Can you list a few"),
 )
 
 # A short system turn replaces the template's default one in the question pass only (fewer prefill tokens);
 # answers use the plain chat template, exactly as the training data is later tokenized.
 QUESTION_SYSTEM = "You write questions."
-QUESTION_REQUEST = "Write {style} about {topic}. Reply with only the question or request itself."
+QUESTION_REQUEST = "Write {style} about {topic}. Reply with only the question."
 FALLBACK_QUESTION = "Can you explain something interesting about {topic} in a few sentences?"
 
 
@@ -112,7 +114,7 @@ def _key(obj: dict[str, Any]) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan(n: int, seed: int) -> list[tuple[str, str]]:
+def plan(n: int, seed: int) -> list[tuple[str, tuple[str, str]]]:
   """(topic, style) for each of n examples: a seeded permutation of all pairs, cycled."""
   pairs = [(t, s) for t in TOPICS for s in STYLES]
   order = np.random.default_rng(seed).permutation(len(pairs))
@@ -125,9 +127,13 @@ _SPEAKER = re.compile(r"^[A-Za-z][\w ]{0,24}:\s+(?=\S)")  # 'Inquisitive student
 
 
 def clean_question(text: str, topic: str) -> str:
-  """First non-empty line, without quotes / 'Question:' prefixes; a templated question if unusable."""
+  """First line up to its first '?', without quotes / 'Question:' prefixes; a templated question if unusable."""
   line = next((ln.strip() for ln in text.strip().splitlines() if ln.strip()), "")
   line = _SPEAKER.sub("", _PREFIX.sub("", line)).strip().strip('"“”\'').strip()
+  if "?" in line:
+    line = line[:line.index("?") + 1]
+  elif line and line[-1] not in ".!":
+    line += "?"
   if not 12 <= len(line) <= 300 or sum(c.isalpha() for c in line) < 0.6 * len(line):
     return FALLBACK_QUESTION.format(topic=topic)
   return line
@@ -206,12 +212,14 @@ def generate_conversations(params, cfg, tok, settings: GenSettings) -> tuple[lis
   eos = _eos_ids(cfg, tok)
   items = plan(n, settings.seed)
   t0 = time.perf_counter()
+  # chat prompt + the opener as the start of the reply (tokenized separately: the prompt ends in '\n')
   reqs = [_chat_ids(tok, [{"role": "system", "content": QUESTION_SYSTEM},
                           {"role": "user", "content": QUESTION_REQUEST.format(style=s, topic=t)}])
-          for t, s in items]
+          + tok.encode(opener, add_special_tokens=False) for t, (s, opener) in items]
   q_ids = _batched_generate(params, cfg, reqs, settings.question_tokens, settings.question_temperature,
                             settings.question_top_p, settings.seed, settings.batch_size, eos, "questions")
-  questions = [clean_question(tok.decode(q, skip_special_tokens=True), t) for q, (t, _) in zip(q_ids, items)]
+  questions = [clean_question(opener + tok.decode(q, skip_special_tokens=True), t)
+               for q, (t, (_, opener)) in zip(q_ids, items)]
   t1 = time.perf_counter()
   prompts = [_chat_ids(tok, [{"role": "user", "content": q}]) for q in questions]
   a_ids = _batched_generate(params, cfg, prompts, settings.max_new_tokens, settings.answer_temperature,
