@@ -12,6 +12,7 @@ bf16 figure (stages.PEAK_TFLOPS).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -44,25 +45,23 @@ MODELS = {
 }
 
 
-def bench_one(name: str, batch: int, seq_len: int, steps: int, dtype: str, peak_tflops: float,
-              mesh_sizes: dict) -> dict:
-  teacher_cfg = ModelConfig(**MODELS[name], dtype=dtype)
-  student_cfg = hybrid_config(teacher_cfg, attn_layers_for_fraction(teacher_cfg.num_hidden_layers, 0.5), "mamba")
+def bench_one(name: str, variant: str, batch: int, seq_len: int, steps: int, dtype: str, peak_tflops: float,
+              mesh_sizes: dict, remat: str = "none", attention: str = "auto") -> dict:
+  teacher_cfg = ModelConfig(**MODELS[name], dtype=dtype, remat=remat, attention_impl=attention)
+  student_cfg = hybrid_config(teacher_cfg, attn_layers_for_fraction(teacher_cfg.num_hidden_layers, 0.5), variant)
   cfg = tcfg.from_dict({"stage": "distill", "data": {"batch_size": batch, "seq_len": seq_len},
                         "optim": {"lr": 1e-5, "warmup_steps": 1}, "loss": {"kl_weight": 1.0, "ce_weight": 0.0},
                         "mesh": mesh_sizes})
   mesh = shd.make_mesh(mesh_sizes)
   if batch % shd.batch_divisor(mesh):
     raise SystemExit(f"--batch {batch} must be a multiple of data x fsdp = {shd.batch_divisor(mesh)}")
-  # Random teacher, placed straight onto the mesh (init under jit with out_shardings: no host copy).
-  t_shape = jax.eval_shape(lambda k: hybrid.init_params(teacher_cfg, k), jax.random.key(0))
-  t_sh = shd.param_shardings(t_shape, teacher_cfg, mesh)
-  teacher = jax.jit(lambda k: hybrid.init_params(teacher_cfg, k), out_shardings=t_sh)(jax.random.key(0))
-  s_shape = jax.eval_shape(lambda t, k: init_from_teacher(t, teacher_cfg, student_cfg, k), t_shape,
-                           jax.random.key(1))
-  s_sh = shd.param_shardings(s_shape, student_cfg, mesh)
-  student = jax.jit(lambda t, k: init_from_teacher(t, teacher_cfg, student_cfg, k),
-                    out_shardings=s_sh)(teacher, jax.random.key(1))
+  # Random teacher and its attention-initialised student, made op by op on the default device (a jit of the
+  # whole init took minutes to compile for 30 layers) and then placed on the mesh.
+  teacher = hybrid.init_params(teacher_cfg, jax.random.key(0))
+  student = init_from_teacher(teacher, teacher_cfg, student_cfg, jax.random.key(1))
+  t_sh = shd.param_shardings(teacher, teacher_cfg, mesh)
+  teacher = jax.device_put(teacher, t_sh)
+  student = jax.device_put(student, shd.param_shardings(student, student_cfg, mesh))
   mask = optim.trainable_mask(student, ".*")
   total = steps + 2
   tx = optim.make_optimizer(cfg.optim, total, mask)
@@ -96,7 +95,7 @@ def bench_one(name: str, batch: int, seq_len: int, steps: int, dtype: str, peak_
   fpt = stages.flops_per_token(cfg, n_s, n_t)
   peak = stages.peak_flops_per_device(peak_tflops)
   n_dev = mesh.devices.size
-  return dict(model=name, params_student=st.count_params(state.params), params_teacher=st.count_params(teacher),  # noqa: C408
+  return dict(model=name, variant=variant, remat=remat, params_student=st.count_params(state.params), params_teacher=st.count_params(teacher),  # noqa: C408
               batch=batch, seq_len=seq_len, dtype=dtype, devices=n_dev, step_ms=dt * 1e3, tokens_per_s=tok_s,
               tflops_per_dev=fpt * tok_s / n_dev / 1e12,
               mfu=(fpt * tok_s / (peak * n_dev)) if peak else float("nan"), compile_s=compile_s, loss=loss)
@@ -112,6 +111,10 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--peak-tflops", type=float, default=0.0, help="per device; 0 = from the device kind")
   p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1")
+  p.add_argument("--variants", default="mamba2,mamba", help="student Mamba variants to measure")
+  p.add_argument("--remat", default="none", choices=["none", "dots", "full"])
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas", "cudnn"])
+  p.add_argument("--json", default="", help="also write the rows here")
   a = p.parse_args(argv)
   mesh_sizes = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))}
   if a.tiny:
@@ -121,16 +124,24 @@ def main(argv=None) -> int:
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
   rows = []
   for n in names:
-    bs = a.batch or (4 if n == "llama1b" else 8)
-    r = bench_one(n, bs, seq, steps, dtype, a.peak_tflops, mesh_sizes)
-    print(f"  {n}: {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.3f}, compile {r['compile_s']:.1f}s",
-          flush=True)
-    rows.append(r)
-  cols = [("model", "{}"), ("params_student", "{:,}"), ("params_teacher", "{:,}"), ("batch", "{}"),
+    for variant in a.variants.split(","):
+      bs = a.batch or (4 if n == "llama1b" else 8)
+      try:
+        r = bench_one(n, variant, bs, seq, steps, dtype, a.peak_tflops, mesh_sizes, a.remat, a.attention)
+      except Exception as e:  # one failing shape (e.g. out of memory) must not lose the other rows
+        print(f"  {n}/{variant}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+        continue
+      print(f"  {n}/{variant}: {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.3f}, compile {r['compile_s']:.1f}s",
+            flush=True)
+      rows.append(r)
+  cols = [("model", "{}"), ("variant", "{}"), ("remat", "{}"), ("params_student", "{:,}"), ("params_teacher", "{:,}"), ("batch", "{}"),
           ("seq_len", "{}"), ("dtype", "{}"), ("devices", "{}"), ("step_ms", "{:.1f}"),
           ("tokens_per_s", "{:,.0f}"), ("tflops_per_dev", "{:.1f}"), ("mfu", "{:.3f}"), ("loss", "{:.3f}")]
   table = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
   widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(rows, f, indent=2)
   print("\ndistill train step (teacher fwd + student fwd/bwd + AdamW), random weights")
   for i, row in enumerate(table):
     print("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")

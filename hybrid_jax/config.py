@@ -18,6 +18,10 @@ class ConfigError(ValueError):
   """A configuration that cannot work; the message names the field."""
 
 
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+REMAT_POLICIES = ("none", "dots", "full")
+
+
 @dataclasses.dataclass(frozen=True)
 class SSMConfig:
   """Mamba mixer settings (SPEC section 2.1 / 2.2).
@@ -76,7 +80,11 @@ class ModelConfig:
   # Numerics: parameters are stored in param_dtype, matmuls run in dtype; norms/softmax/scan in fp32.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  attention_impl: str = "xla"  # 'xla' (einsum) | 'cudnn' (jax.nn.dot_product_attention, GPU)
+  # Runtime choices (no effect on the math): how attention runs without a cache ('auto': the Pallas flash
+  # kernel with segment ids on GPU, the einsum elsewhere | 'xla' | 'pallas' | 'cudnn'), and what each decoder
+  # layer keeps for the backward pass ('none': everything | 'dots': matmul outputs | 'full': only its input).
+  attention_impl: str = "auto"
+  remat: str = "none"
 
   def __post_init__(self):
     if self.head_dim == 0:
@@ -110,8 +118,10 @@ class ModelConfig:
         jnp.dtype(getattr(self, name))
       except TypeError as e:
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a dtype") from e
-    if self.attention_impl not in ("xla", "cudnn"):
-      raise ConfigError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"attention_impl must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"remat must be one of {'|'.join(REMAT_POLICIES)}, got {self.remat!r}")
 
   # ---- derived -------------------------------------------------------------------------------
   def is_attention(self, layer: int) -> bool:

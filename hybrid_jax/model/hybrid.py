@@ -88,19 +88,26 @@ def forward(params: dict, cfg: ModelConfig, tokens: Array, *, segment_ids: Array
       mask = mask | (key_idx == abs_idx[..., None])  # a padding query attends to itself: no empty rows
   cos, sin = llama.rope_tables(cfg, positions)
 
-  x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(dtype)
-  new_layers = []
-  for i, lp in enumerate(params["layers"]):
+  def block(x, lp, layer_cache):
     h = rms_norm(x, lp["input_layernorm"], cfg.rms_norm_eps)
-    layer_cache = None if cache is None else cache.layers[i]
     if "self_attn" in lp:
       a, layer_cache = llama.attention(lp["self_attn"], cfg, h, cos, sin, mask, layer_cache,
-                                       None if cache is None else cache.pos)
+                                       None if cache is None else cache.pos,
+                                       segment_ids=seg if cache is None else None)
     else:
       a, layer_cache = _mixer_module(cfg).mixer(lp["mamba"], cfg, h, segment_ids=seg, state=layer_cache)
     x = x + a.astype(x.dtype)
     h = rms_norm(x, lp["post_attention_layernorm"], cfg.rms_norm_eps)
-    x = x + mlp(lp["mlp"], h, dtype).astype(x.dtype)
+    return x + mlp(lp["mlp"], h, dtype).astype(x.dtype), layer_cache
+
+  if cache is None and cfg.remat != "none":  # training: recompute inside each layer in the backward pass
+    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+    block = jax.checkpoint(block, policy=policy)
+
+  x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(dtype)
+  new_layers = []
+  for i, lp in enumerate(params["layers"]):
+    x, layer_cache = block(x, lp, None if cache is None else cache.layers[i])
     new_layers.append(layer_cache)
   x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
   new_cache = None if cache is None else cache.replace(layers=tuple(new_layers), pos=cache.pos + t)

@@ -59,12 +59,45 @@ def _write(cache: Array, new: Array, pos: Array) -> Array:
   return jax.vmap(one)(cache, new, pos)
 
 
+def _use_flash(cfg: ModelConfig, t: int) -> bool:
+  """Whether the cache-free path runs the Pallas flash kernel (it needs t to be a multiple of its tile)."""
+  if cfg.attention_impl == "pallas":
+    return True
+  return cfg.attention_impl == "auto" and jax.default_backend() == "gpu" and t % FLASH_BLOCK == 0
+
+
+FLASH_BLOCK = 128  # query/key tile of the forward kernel
+
+
+def flash_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+  """Causal attention restricted to equal segment ids, never materialising [t, t] scores (the training path).
+
+  q [b, t, H, hd], k/v [b, t, Hkv, hd], segment_ids [b, t] int. Pallas (Triton) flash attention from
+  jax.experimental with its own backward; interpret mode off-GPU (tests). Same mask as `attention`'s einsum path.
+  """
+  from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+  b, t, h, hd = q.shape
+  rep = h // k.shape[2]
+  if rep > 1:  # the kernel has no GQA: repeat kv heads as HF repeat_kv does (head j uses kv head j // rep)
+    k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+  blk = min(FLASH_BLOCK, t)
+  if t % blk:
+    raise ValueError(f"flash attention needs the sequence length ({t}) to be a multiple of {blk}")
+  sizes = pallas_attention.BlockSizes(block_q=blk, block_k=min(64, blk), block_q_dkv=min(64, blk),
+                                      block_kv_dkv=min(64, blk), block_q_dq=min(64, blk),
+                                      block_kv_dq=min(64, blk))
+  return pallas_attention.mha(q, k, v, segment_ids.astype(jnp.int32), sm_scale=1.0 / math.sqrt(hd),
+                              causal=True, block_sizes=sizes, interpret=jax.default_backend() != "gpu")
+
+
 def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask: Array,
-              kv_cache: dict | None = None, write_pos: Array | None = None) -> tuple[Array, dict | None]:
+              kv_cache: dict | None = None, write_pos: Array | None = None,
+              segment_ids: Array | None = None) -> tuple[Array, dict | None]:
   """Causal GQA self-attention.
 
   x [b, t, D]; cos/sin [b, t, hd]; mask [b, t, S] bool (True = may attend), S = t without a cache or the cache
   length with one. kv_cache {'k','v'} [b, S, Hkv, hd]: the new keys/values are written at write_pos [b] first.
+  segment_ids [b, t] (cache-free path only; `mask` must be causal & equal segments) enables the flash kernel.
   Returns out [b, t, D] and the updated kv cache (None without one).
   """
   dtype = cfg.compute_dtype
@@ -78,7 +111,9 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
   if kv_cache is not None:
     new_cache = {"k": _write(kv_cache["k"], k, write_pos), "v": _write(kv_cache["v"], v, write_pos)}
     k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-  if cfg.attention_impl == "cudnn" and kv_cache is None:
+  if kv_cache is None and segment_ids is not None and _use_flash(cfg, t):
+    out = flash_attention(q, k, v, segment_ids)
+  elif cfg.attention_impl == "cudnn" and kv_cache is None:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
   else:
     rep = h // kvh  # query head j uses kv head j // rep (HF repeat_kv)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call: install the carried wheels (grain & co. are missing on the GPU image), then run the named
+# benchmarks, each in its own process with its log and JSON under $OUT (a failure or timeout in one keeps the
+# others' results).
+#   bench/run_gpu.sh train spec-mamba2 spec-mamba kernels
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-} || exit 1
+fi
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)" | tee -a "$OUT/device.txt"
+run() { local name=$1; shift; echo "=== $name: $*"; local t=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"; echo "=== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t)) s"; }
+for what in "$@"; do
+  case $what in
+    train) run train python3 bench/bench_train.py --models default,llama1b --seq-len 2048 --steps 10 --json "$OUT/train.json" ;;
+    train-remat) run train-remat python3 bench/bench_train.py --models llama1b --remat dots --batch 8 --seq-len 2048 --steps 10 --json "$OUT/train-remat.json" ;;
+    spec-mamba2) run spec-mamba2 python3 bench/bench_speculative.py --sizes 1b,3b --variant mamba2 \
+                   --ks 1,2,4,8,16 --json "$OUT/spec-mamba2.json" ;;
+    spec-mamba) run spec-mamba python3 bench/bench_speculative.py --sizes 1b,3b --variant mamba \
+                  --ks 1,2,4,8,16 --json "$OUT/spec-mamba.json" ;;
+    spec-b8) run spec-b8 python3 bench/bench_speculative.py --sizes 1b --variant mamba2 --batch 8 \
+               --ks 1,2,4,8 --json "$OUT/spec-b8.json" ;;
+    kernels) run kernels python3 bench/bench_kernels.py --out "$OUT/kernels.json" ;;
+    train-1b) run train-1b python3 bench/bench_train.py --models llama1b --seq-len 2048 --steps 10 --json "$OUT/train-1b.json" ;;
+    train-default) run train-default python3 bench/bench_train.py --models default --seq-len 2048 --steps 10 --json "$OUT/train-default.json" ;;
+    *) echo "unknown benchmark $what"; exit 2 ;;
+  esac
+done
