@@ -186,3 +186,31 @@ def test_evaluate_matches_torch_on_tiny_models():
   alone = evaluate(sp, scfg, batches)
   np.testing.assert_allclose(alone["student_ppl"], res["student_ppl"], rtol=1e-6)
   assert np.isnan(alone["kl"]) and np.isnan(alone["teacher_ppl"])
+
+
+def test_chunked_ce_kl_equals_full_logits_losses_and_grads():
+  # The training loss works from hidden states in time chunks; it must equal CE + KL on full logits.
+  rng = np.random.default_rng(0)
+  b, t, d, v = 2, 37, 16, 50  # t not a multiple of the chunk: the padded tail must not count
+  sh, th = (jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32) for _ in range(2))
+  sw, tw = (jnp.asarray(rng.normal(size=(d, v)), jnp.float32) for _ in range(2))
+  toks, mask = jnp.asarray(rng.integers(0, v, (b, t))), jnp.asarray(rng.integers(0, 2, (b, t)))
+
+  def full(sh, sw):
+    sl = sh @ sw
+    ce, n = losses.cross_entropy(sl, toks, mask)
+    kl = losses.kl_div(th @ tw, sl, mask, temperature=2.0)
+    return ce + 0.7 * kl, (ce, kl, n)
+
+  def chunked(sh, sw):
+    ce, kl, n = losses.chunked_ce_kl(sh, sw, toks, mask, th, tw, temperature=2.0, chunk=8, dtype=jnp.float32)
+    return ce + 0.7 * kl, (ce, kl, n)
+
+  (_, ref), g_ref = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(sh, sw)
+  (_, got), g_got = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(sh, sw)
+  np.testing.assert_allclose(np.array(got), np.array(ref), rtol=1e-5)
+  for a, r in zip(g_got, g_ref):
+    np.testing.assert_allclose(np.array(a), np.array(r), rtol=1e-4, atol=1e-6)
+  ce_only = losses.chunked_ce_kl(sh, sw, toks, mask, chunk=8, dtype=jnp.float32)
+  np.testing.assert_allclose(float(ce_only[0]), float(ref[0]), rtol=1e-5)
+  assert float(ce_only[1]) == 0.0

@@ -109,3 +109,55 @@ def dpo_loss(pi_c: Array, pi_r: Array, ref_c: Array, ref_r: Array, beta: float, 
       "rejected_reward": jnp.mean(rejected),
   }
   return jnp.mean(losses), metrics
+
+
+def chunked_ce_kl(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: Array,
+                  t_hidden: Array | None = None, t_head: Array | None = None, temperature: float = 1.0,
+                  chunk: int = 0, dtype=jnp.bfloat16) -> tuple[Array, Array, Array]:
+  """`cross_entropy` and `kl_div` from final hidden states, never holding [b, t, V] logits at once.
+
+  s_hidden [b, t, D] (student), s_head [D, V]; t_hidden [b, t, Dt], t_head [Dt, V] (teacher, optional: then
+  kl = 0). The time axis is cut into chunks; each chunk's logits (matmul in `dtype`, fp32 accumulation, as
+  hybrid.logits_from_hidden) are made, reduced and dropped, and rebuilt in the backward pass (jax.checkpoint),
+  so a 128k-vocab teacher + student fit at long sequence lengths for ~2 extra LM-head matmuls per token.
+  Returns (ce, kl, n_tokens) with the exact semantics (and values) of the unchunked functions.
+  """
+  b, t, _ = s_hidden.shape
+  v = s_head.shape[1]
+  if chunk <= 0:  # ~128 MiB of fp32 logits per side and chunk
+    chunk = max(16, min(t, (1 << 25) // max(1, b * v)))
+  targets, w = _shifted(tokens, loss_mask)
+  pad = (-t) % chunk
+  nc = (t + pad) // chunk
+
+  def split(x):  # [b, t, ...] -> [nc, b, chunk, ...] (padded positions get weight 0)
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, nc, chunk) + x.shape[2:]), 1, 0)
+
+  inv_t = 1.0 / temperature
+  with_teacher = t_hidden is not None
+
+  @jax.checkpoint
+  def piece(s_h, t_h, tgt, wc):
+    s_logits = jnp.einsum("btd,dv->btv", s_h.astype(dtype), s_head.astype(dtype),
+                          preferred_element_type=jnp.float32)
+    ce = -jnp.sum(token_logprobs(s_logits, tgt) * wc)
+    if not with_teacher:
+      return ce, jnp.zeros((), jnp.float32)
+    t_logits = jnp.einsum("btd,dv->btv", t_h.astype(dtype), jax.lax.stop_gradient(t_head).astype(dtype),
+                          preferred_element_type=jnp.float32)
+    t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits) * inv_t, axis=-1)
+    s_logp = jax.nn.log_softmax(s_logits * inv_t, axis=-1)
+    kl = jnp.sum(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * wc)
+    return ce, kl
+
+  def body(carry, xs):
+    ce, kl = piece(*xs)
+    return (carry[0] + ce, carry[1] + kl), None
+
+  t_in = split(jax.lax.stop_gradient(t_hidden)) if with_teacher else split(jnp.zeros((b, t, 1), s_hidden.dtype))
+  zero = jnp.zeros((), jnp.float32)
+  (ce_sum, kl_sum), _ = jax.lax.scan(body, (zero, zero), (split(s_hidden), t_in, split(targets), split(w)))
+  n = jnp.sum(w)
+  denom = jnp.maximum(n, 1.0)
+  return ce_sum / denom, kl_sum / denom, n

@@ -69,14 +69,18 @@ def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelCo
   ce_w = lc.ce_weight
 
   def lm_fn(params, batch, teacher_params):
+    # From final hidden states: chunked_ce_kl never holds the [b, t, V] logits of both models at once.
     toks, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
-    s_logits = _logits(params, student_cfg, toks, seg)
-    ce, n = losses.cross_entropy(s_logits, toks, mask)
+    s_hidden, _ = hybrid.forward(params, student_cfg, toks, segment_ids=seg, return_hidden=True)
+    t_hidden = t_head = None
+    if with_teacher:
+      t_hidden, _ = hybrid.forward(teacher_params, frozen_cfg, toks, segment_ids=seg, return_hidden=True)
+      t_hidden, t_head = jax.lax.stop_gradient(t_hidden), hybrid.lm_head_weight(teacher_params, frozen_cfg)
+    ce, kl, n = losses.chunked_ce_kl(s_hidden, hybrid.lm_head_weight(params, student_cfg), toks, mask, t_hidden,
+                                     t_head, temperature=lc.temperature, dtype=student_cfg.compute_dtype)
     m = {"ce": ce, "n_tokens": jnp.asarray(n, jnp.float32)}
     loss = ce_w * ce
     if with_teacher:
-      t_logits = jax.lax.stop_gradient(_logits(teacher_params, frozen_cfg, toks, seg))
-      kl = losses.kl_div(t_logits, s_logits, mask, temperature=lc.temperature)
       m["kl"] = kl
       loss = loss + kl_w * kl
     return loss, m
