@@ -46,7 +46,7 @@ MODELS = {
 
 
 def bench_one(name: str, variant: str, batch: int, seq_len: int, steps: int, dtype: str, peak_tflops: float,
-              mesh_sizes: dict, remat: str = "none", attention: str = "auto") -> dict:
+              mesh_sizes: dict, remat: str = "none", attention: str = "auto", profile_dir: str = "") -> dict:
   teacher_cfg = ModelConfig(**MODELS[name], dtype=dtype, remat=remat, attention_impl=attention)
   student_cfg = hybrid_config(teacher_cfg, attn_layers_for_fraction(teacher_cfg.num_hidden_layers, 0.5), variant)
   cfg = tcfg.from_dict({"stage": "distill", "data": {"batch_size": batch, "seq_len": seq_len},
@@ -86,6 +86,11 @@ def bench_one(name: str, variant: str, batch: int, seq_len: int, steps: int, dty
     state, m = step(state, b, teacher)
   jax.block_until_ready((state.step, m))
   dt = (time.perf_counter() - t0) / steps
+  if profile_dir:  # a few more steps under the profiler (perfetto JSON: per-kernel GPU time, see --profile)
+    with jax.profiler.trace(os.path.join(profile_dir, f"{name}-{variant}"), create_perfetto_trace=True):
+      for _ in range(3):
+        state, m = step(state, b, teacher)
+      jax.block_until_ready((state.step, m))
   loss = float(m["loss"])
   if not np.isfinite(loss):
     raise SystemExit(f"{name}: non-finite loss {loss}")
@@ -115,6 +120,7 @@ def main(argv=None) -> int:
   p.add_argument("--remat", default="none", choices=["none", "dots", "full"])
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas", "cudnn"])
   p.add_argument("--json", default="", help="also write the rows here")
+  p.add_argument("--profile", default="", help="trace 3 extra steps into this dir (bench/profile_summary.py reads it)")
   a = p.parse_args(argv)
   mesh_sizes = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))}
   if a.tiny:
@@ -127,7 +133,8 @@ def main(argv=None) -> int:
     for variant in a.variants.split(","):
       bs = a.batch or (4 if n == "llama1b" else 8)
       try:
-        r = bench_one(n, variant, bs, seq, steps, dtype, a.peak_tflops, mesh_sizes, a.remat, a.attention)
+        r = bench_one(n, variant, bs, seq, steps, dtype, a.peak_tflops, mesh_sizes, a.remat, a.attention,
+                      a.profile)
       except Exception as e:  # one failing shape (e.g. out of memory) must not lose the other rows
         print(f"  {n}/{variant}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
         continue

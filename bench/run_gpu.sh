@@ -27,6 +27,9 @@ for what in "$@"; do
     kernels) run kernels python3 bench/bench_kernels.py --out "$OUT/kernels.json" ;;
     train-1b) run train-1b python3 bench/bench_train.py --models llama1b --seq-len 2048 --steps 10 --json "$OUT/train-1b.json" ;;
     train-default) run train-default python3 bench/bench_train.py --models default --seq-len 2048 --steps 10 --json "$OUT/train-default.json" ;;
+    train-prof) run train-prof python3 bench/bench_train.py --models llama1b --variants mamba2 --seq-len 2048 --steps 5 \
+                  --profile /tmp/prof --json "$OUT/train-prof.json" && python3 bench/profile_summary.py /tmp/prof | tee "$OUT/profile.txt" ;;
+    train-b8) run train-b8 python3 bench/bench_train.py --models llama1b --variants mamba2 --batch 8 --remat dots --seq-len 2048 --steps 5 --json "$OUT/train-b8.json" ;;
     *) echo "unknown benchmark $what"; exit 2 ;;
   esac
 done

@@ -1,0 +1,61 @@
+"""Summarise a jax.profiler perfetto trace (perfetto_trace.json.gz): GPU time per kernel, largest first.
+
+  python bench/profile_summary.py DIR [--top 40]
+Kernel names are grouped after stripping numeric suffixes (fusion.123 -> fusion), so the table shows which
+kinds of kernels (matmuls, fusions, Triton/Pallas kernels, copies) take the step's time.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+
+
+def load_events(path: str) -> list[dict]:
+  with gzip.open(path) as f:
+    data = json.load(f)
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("dir")
+  ap.add_argument("--top", type=int, default=40)
+  a = ap.parse_args(argv)
+  files = glob.glob(os.path.join(a.dir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not files:
+    raise SystemExit(f"no perfetto_trace.json.gz under {a.dir}")
+  for path in files:
+    events = load_events(path)
+    # GPU activity lives on the device's "process"; find pids whose name mentions the GPU.
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {p for p, n in names.items() if "/device:GPU" in n or "GPU" in n.upper() and "host" not in n}
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    # Device timelines: one line per stream (kernel names) plus "XLA Ops" / "XLA Modules" lines (HLO names);
+    # summarise each line separately so nothing is counted twice.
+    per_line: dict = collections.defaultdict(collections.Counter)
+    per_line_n: dict = collections.defaultdict(collections.Counter)
+    for e in events:
+      if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+        continue
+      line = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+      key = re.sub(r"[._]\d+", "", e.get("name", "?"))
+      per_line[line][key] += e.get("dur", 0)
+      per_line_n[line][key] += 1
+    print(f"\n{path}")
+    for line, total in sorted(per_line.items(), key=lambda kv: -sum(kv[1].values())):
+      all_us = sum(total.values())
+      print(f"\n[{line}] {all_us / 1e3:.1f} ms busy over the traced steps")
+      for k, us in total.most_common(a.top):
+        print(f"{us / 1e3:10.2f} ms {100 * us / max(all_us, 1):5.1f}%  x{per_line_n[line][k]:<6} {k[:110]}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
