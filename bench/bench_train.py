@@ -135,7 +135,7 @@ def main(argv=None) -> int:
       try:
         r = bench_one(n, variant, bs, seq, steps, dtype, a.peak_tflops, mesh_sizes, a.remat, a.attention,
                       a.profile)
-      except Exception as e:  # one failing shape (e.g. out of memory) must not lose the other rows
+      except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) must not lose the rest
         print(f"  {n}/{variant}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
         continue
       print(f"  {n}/{variant}: {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.3f}, compile {r['compile_s']:.1f}s",
