@@ -5,8 +5,8 @@ forward/backward + AdamW), bf16 compute with fp32 params, random weights, on all
   python bench/bench_train.py --models llama1b --batch 2 --seq-len 2048
   python bench/bench_train.py --tiny                # CPU smoke run (tiny shapes, fp32)
 
-FLOPs per token: 6 N_student + 2 N_teacher (N = matmul parameters; attention's quadratic term is not counted,
-so MFU is slightly underestimated at long sequence lengths). Peak: --peak-tflops or the device kind's dense
+FLOPs per token: 6 N_student + 2 N_teacher (N = matmul parameters): `mfu`; `mfu_attn` adds the causal
+attention scores/values FLOPs (stages.flops_per_token with the configs, PaLM's convention). Peak: --peak-tflops or the device kind's dense
 bf16 figure (stages.PEAK_TFLOPS).
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ MODELS = {
 
 
 def bench_one(name: str, variant: str, batch: int, seq_len: int, steps: int, dtype: str, peak_tflops: float,
-              mesh_sizes: dict, remat: str = "none", attention: str = "auto", profile_dir: str = "") -> dict:
+              mesh_sizes: dict, remat: str = "none", attention: str = "auto", profile_dir: str = "",
+              teacher_dtype: str = "float32") -> dict:
   teacher_cfg = ModelConfig(**MODELS[name], dtype=dtype, remat=remat, attention_impl=attention)
   student_cfg = hybrid_config(teacher_cfg, attn_layers_for_fraction(teacher_cfg.num_hidden_layers, 0.5), variant)
   cfg = tcfg.from_dict({"stage": "distill", "data": {"batch_size": batch, "seq_len": seq_len},
@@ -59,6 +60,8 @@ def bench_one(name: str, variant: str, batch: int, seq_len: int, steps: int, dty
   # whole init took minutes to compile for 30 layers) and then placed on the mesh.
   teacher = hybrid.init_params(teacher_cfg, jax.random.key(0))
   student = init_from_teacher(teacher, teacher_cfg, student_cfg, jax.random.key(1))
+  # the frozen teacher may be kept in bf16 (half the memory, no per-step fp32 -> bf16 cast of its weights)
+  teacher = jax.tree.map(lambda x: x.astype(teacher_dtype), teacher)
   t_sh = shd.param_shardings(teacher, teacher_cfg, mesh)
   teacher = jax.device_put(teacher, t_sh)
   student = jax.device_put(student, shd.param_shardings(student, student_cfg, mesh))
@@ -98,12 +101,15 @@ def bench_one(name: str, variant: str, batch: int, seq_len: int, steps: int, dty
   n_t = stages.matmul_params(teacher, teacher_cfg)
   tok_s = batch * seq_len / dt
   fpt = stages.flops_per_token(cfg, n_s, n_t)
+  fpt_attn = stages.flops_per_token(cfg, n_s, n_t, student_cfg, teacher_cfg)
   peak = stages.peak_flops_per_device(peak_tflops)
   n_dev = mesh.devices.size
   return dict(model=name, variant=variant, remat=remat, params_student=st.count_params(state.params), params_teacher=st.count_params(teacher),  # noqa: C408
               batch=batch, seq_len=seq_len, dtype=dtype, devices=n_dev, step_ms=dt * 1e3, tokens_per_s=tok_s,
               tflops_per_dev=fpt * tok_s / n_dev / 1e12,
-              mfu=(fpt * tok_s / (peak * n_dev)) if peak else float("nan"), compile_s=compile_s, loss=loss)
+              mfu=(fpt * tok_s / (peak * n_dev)) if peak else float("nan"),
+              mfu_attn=(fpt_attn * tok_s / (peak * n_dev)) if peak else float("nan"), compile_s=compile_s,
+              loss=loss, teacher_dtype=teacher_dtype, xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def main(argv=None) -> int:
@@ -119,6 +125,7 @@ def main(argv=None) -> int:
   p.add_argument("--variants", default="mamba2,mamba", help="student Mamba variants to measure")
   p.add_argument("--remat", default="none", choices=["none", "dots", "full"])
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas", "cudnn"])
+  p.add_argument("--teacher-dtype", default="float32", help="storage dtype of the frozen teacher's params")
   p.add_argument("--json", default="", help="also write the rows here")
   p.add_argument("--profile", default="", help="trace 3 extra steps into this dir (bench/profile_summary.py reads it)")
   a = p.parse_args(argv)
@@ -134,7 +141,7 @@ def main(argv=None) -> int:
       bs = a.batch or (4 if n == "llama1b" else 8)
       try:
         r = bench_one(n, variant, bs, seq, steps, dtype, a.peak_tflops, mesh_sizes, a.remat, a.attention,
-                      a.profile)
+                      a.profile, a.teacher_dtype)
       except Exception as e:  # noqa: BLE001 -- one failing shape (e.g. out of memory) must not lose the rest
         print(f"  {n}/{variant}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
         continue
@@ -143,7 +150,8 @@ def main(argv=None) -> int:
       rows.append(r)
   cols = [("model", "{}"), ("variant", "{}"), ("remat", "{}"), ("params_student", "{:,}"), ("params_teacher", "{:,}"), ("batch", "{}"),
           ("seq_len", "{}"), ("dtype", "{}"), ("devices", "{}"), ("step_ms", "{:.1f}"),
-          ("tokens_per_s", "{:,.0f}"), ("tflops_per_dev", "{:.1f}"), ("mfu", "{:.3f}"), ("loss", "{:.3f}")]
+          ("tokens_per_s", "{:,.0f}"), ("tflops_per_dev", "{:.1f}"), ("mfu", "{:.3f}"), ("mfu_attn", "{:.3f}"),
+          ("teacher_dtype", "{}"), ("loss", "{:.3f}")]
   table = [[c for c, _ in cols]] + [[f.format(r[c]) for c, f in cols] for r in rows]
   widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
   if a.json:

@@ -30,6 +30,16 @@ for what in "$@"; do
     train-prof) run train-prof python3 bench/bench_train.py --models llama1b --variants mamba2 --seq-len 2048 --steps 5 \
                   --profile /tmp/prof --json "$OUT/train-prof.json" && python3 bench/profile_summary.py /tmp/prof | tee "$OUT/profile.txt" ;;
     train-b8) run train-b8 python3 bench/bench_train.py --models llama1b --variants mamba2 --batch 8 --remat dots --seq-len 2048 --steps 5 --json "$OUT/train-b8.json" ;;
+    train-sweep)  # the distill step's throughput levers, one process each (XLA flags are per process)
+      B="python3 bench/bench_train.py --models llama1b --seq-len 2048 --steps 5"
+      run sw-base $B --variants mamba2 --json "$OUT/sw-base.json"
+      run sw-tbf16 $B --variants mamba2 --teacher-dtype bfloat16 --profile /tmp/prof2 --json "$OUT/sw-tbf16.json"
+      python3 bench/profile_summary.py /tmp/prof2 | head -40 | tee "$OUT/profile2.txt"
+      XLA_FLAGS=--xla_gpu_enable_triton_gemm=false run sw-notriton $B --variants mamba2 --teacher-dtype bfloat16 \
+        --json "$OUT/sw-notriton.json"
+      run sw-b8 $B --variants mamba2 --teacher-dtype bfloat16 --batch 8 --remat dots --json "$OUT/sw-b8.json"
+      run sw-mamba $B --variants mamba --teacher-dtype bfloat16 --batch 2 --json "$OUT/sw-mamba.json"
+      run sw-mamba-remat $B --variants mamba --teacher-dtype bfloat16 --batch 4 --remat full --json "$OUT/sw-mamba-remat.json" ;;
     *) echo "unknown benchmark $what"; exit 2 ;;
   esac
 done

@@ -69,20 +69,19 @@ def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelCo
   ce_w = lc.ce_weight
 
   def lm_fn(params, batch, teacher_params):
-    # From final hidden states: chunked_ce_kl never holds the [b, t, V] logits of both models at once.
+    # From final hidden states, in time chunks, head gradients made in the forward pass (fused_ce_kl_loss).
     toks, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
     s_hidden, _ = hybrid.forward(params, student_cfg, toks, segment_ids=seg, return_hidden=True)
     t_hidden = t_head = None
     if with_teacher:
       t_hidden, _ = hybrid.forward(teacher_params, frozen_cfg, toks, segment_ids=seg, return_hidden=True)
       t_hidden, t_head = jax.lax.stop_gradient(t_hidden), hybrid.lm_head_weight(teacher_params, frozen_cfg)
-    ce, kl, n = losses.chunked_ce_kl(s_hidden, hybrid.lm_head_weight(params, student_cfg), toks, mask, t_hidden,
-                                     t_head, temperature=lc.temperature, dtype=student_cfg.compute_dtype)
+    loss, ce, kl, n = losses.fused_ce_kl_loss(
+        s_hidden, hybrid.lm_head_weight(params, student_cfg), toks, mask, t_hidden, t_head, ce_weight=ce_w,
+        kl_weight=kl_w, temperature=lc.temperature, dtype=student_cfg.compute_dtype)
     m = {"ce": ce, "n_tokens": jnp.asarray(n, jnp.float32)}
-    loss = ce_w * ce
     if with_teacher:
       m["kl"] = kl
-      loss = loss + kl_w * kl
     return loss, m
   return lm_fn
 
@@ -224,7 +223,19 @@ def matmul_params(params, mcfg: ModelConfig) -> int:
   return n
 
 
-def flops_per_token(cfg: TrainConfig, n_student: int, n_frozen: int) -> float:
-  """6N per trained token for the student, 2N for each frozen forward (teacher / reference)."""
-  frozen = 2.0 * n_frozen if (cfg.stage == "dpo" or uses_teacher(cfg)) else 0.0
-  return 6.0 * n_student + frozen
+def flops_per_token(cfg: TrainConfig, n_student: int, n_frozen: int, student_cfg: ModelConfig | None = None,
+                    frozen_cfg: ModelConfig | None = None) -> float:
+  """6N per trained token for the student, 2N for each frozen forward (teacher / reference); with the model
+  configs also the causal attention scores and values (PaLM's MFU convention, halved for causality:
+  2 * seq_len * heads * head_dim per attention layer and forward; x3 for a trained forward + backward)."""
+  uses_frozen = cfg.stage == "dpo" or uses_teacher(cfg)
+  flops = 6.0 * n_student + (2.0 * n_frozen if uses_frozen else 0.0)
+  t = cfg.data_config.seq_len
+
+  def attn(mc: ModelConfig) -> float:
+    return 2.0 * t * mc.num_attention_heads * mc.head_dim * (mc.num_hidden_layers - len(mc.ssm_layers))
+  if student_cfg is not None:
+    flops += 3.0 * attn(student_cfg)
+  if frozen_cfg is not None and uses_frozen:
+    flops += attn(frozen_cfg)
+  return flops
