@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model import llama
 from hybrid_jax.model.cache import Cache
-from hybrid_jax.model.layers import mlp, rms_norm
+from hybrid_jax.model.layers import dense, mlp, rms_norm
 
 Array = jax.Array
 
@@ -123,5 +123,4 @@ def lm_head_weight(params: dict, cfg: ModelConfig) -> Array:
 
 def logits_from_hidden(params: dict, cfg: ModelConfig, x: Array) -> Array:
   w = lm_head_weight(params, cfg)
-  return jnp.einsum("...d,dv->...v", x.astype(cfg.compute_dtype), w.astype(cfg.compute_dtype),
-                    preferred_element_type=jnp.float32)
+  return dense(x, w, cfg.compute_dtype, out_dtype=jnp.float32)

@@ -7,9 +7,26 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def dense(x: Array, w: Array, dtype) -> Array:
-  """x [..., in] @ w [in, out] in the compute dtype (fp32 accumulation is XLA's default on GPU/TPU)."""
-  return jnp.einsum("...i,io->...o", x.astype(dtype), w.astype(dtype))
+# On CPU, XLA accumulates an fp32 contraction in one sequential chain over all of `in`; BLAS sgemm (what
+# PyTorch runs) adds up partial products over blocks of `in` instead. fp32 `dense` on CPU does the same, with
+# MKL's AVX2 block of 192: ~4x less rounding error at in=1536, and bitwise equal to PyTorch's CPU matmuls for
+# most shapes. GPU/TPU and bf16 matmuls are left as one dot.
+CPU_FP32_K_BLOCK = 192
+
+
+def dense(x: Array, w: Array, dtype, out_dtype=None) -> Array:
+  """x [..., in] @ w [in, out] in the compute dtype (fp32 accumulation is XLA's default on GPU/TPU).
+
+  out_dtype: the result dtype (default: the compute dtype), e.g. fp32 logits from bf16 operands.
+  """
+  x, w = x.astype(dtype), w.astype(dtype)
+  k, blk = x.shape[-1], CPU_FP32_K_BLOCK
+  if dtype == jnp.float32 and k > blk and jax.default_backend() == "cpu":
+    out = jnp.einsum("...i,io->...o", x[..., :blk], w[:blk], preferred_element_type=out_dtype)
+    for s in range(blk, k, blk):
+      out = out + jnp.einsum("...i,io->...o", x[..., s:s + blk], w[s:s + blk], preferred_element_type=out_dtype)
+    return out
+  return jnp.einsum("...i,io->...o", x, w, preferred_element_type=out_dtype)
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
