@@ -37,11 +37,19 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
   return weight.astype(dtype) * x32.astype(dtype) if dtype != jnp.float32 else weight * x32
 
 
+def silu(x: Array) -> Array:
+  """x * sigmoid(x), written as PyTorch's x / (1 + exp(-x)) (rounds as it does: fp32 parity with transformers).
+
+  exp's argument is capped so that very negative x give ~0 and a finite gradient, not inf / inf.
+  """
+  return x / (1 + jnp.exp(-jnp.maximum(x, -80.0)))
+
+
 def mlp(p: dict, x: Array, dtype) -> Array:
   """SwiGLU: down(silu(gate(x)) * up(x)). x [..., D] -> [..., D]."""
   g = dense(x, p["gate_proj"], dtype)
   u = dense(x, p["up_proj"], dtype)
-  return dense(jax.nn.silu(g) * u, p["down_proj"], dtype)
+  return dense(silu(g) * u, p["down_proj"], dtype)
 
 
 def init_linear(key: Array, d_in: int, d_out: int, dtype=jnp.float32) -> Array:
