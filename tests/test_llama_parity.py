@@ -111,10 +111,8 @@ def test_default_teacher_matches_transformers(teacher_dir, hf_teacher):
   err_ours, err_hf = np.abs(ours - ref64).max(), np.abs(ref32 - ref64).max()
   diff = np.abs(ours - ref32).max()
   print(f"max|ours-hf32|={diff:.3g} max|ours-hf64|={err_ours:.3g} max|hf32-hf64|={err_hf:.3g}")
-  # Measured: ours-hf32 1.2e-4, ours-hf64 9.3e-5, hf32-hf64 9.3e-5 (logits up to ~38, 30 layers): two fp32
-  # computations of the same function differ by their rounding noise, which for this model sits at the 1e-4
-  # level. So the 1e-4 bound is asserted against the exact (fp64) logits, with HF's own fp32 error as the
-  # allowance, and the fp32-vs-fp32 difference must stay within two such noise levels.
-  assert err_ours <= max(TOL, 1.25 * err_hf), (err_ours, err_hf)
-  assert diff <= 2.5 * TOL, diff
+  # Measured (2-core AMD EPYC, torch 2.13 MKL): ours-hf32 6.8e-5, ours-hf64 7.4e-5, hf32-hf64 9.3e-5 (logits up
+  # to ~38, 30 layers, residual outliers ~2.5e4). The fp64 errors are printed for diagnosis; the acceptance
+  # bound is on the fp32-vs-fp32 difference.
+  assert diff <= TOL, (diff, err_ours, err_hf)
   assert (ours.argmax(-1) == ref32.argmax(-1)).all()
