@@ -42,6 +42,15 @@ def _pick(variant: str, impl: str) -> Callable | None:
   return fn
 
 
+def _scan_steps(step: Callable, h: Array, xs: tuple) -> tuple[Array, Array]:
+  """lax.scan over the leading (time) axis of xs; one step (every cached decode step) is a plain call: even a
+  fully unrolled scan lowers to a while loop of one trip, left to the compiler to remove."""
+  if xs[0].shape[0] == 1:
+    h, y = step(h, tuple(v[0] for v in xs))
+    return h, y[None]
+  return jax.lax.scan(step, h, xs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Mamba-1
 def selective_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array, dt_bias: Array,
@@ -71,7 +80,7 @@ def selective_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Arr
 
   xs = (delta.swapaxes(0, 1), x.astype(f32).swapaxes(0, 1), Bc.swapaxes(0, 1), Cc.swapaxes(0, 1),
         keep.swapaxes(0, 1))
-  h, ys = jax.lax.scan(step, h, xs, unroll=l == 1)  # one step (decoding): no loop at all
+  h, ys = _scan_steps(step, h, xs)
   y = ys.swapaxes(0, 1) + x.astype(f32) * D.astype(f32)
   if z is not None:
     y = y * jax.nn.silu(z.astype(f32))
@@ -113,7 +122,7 @@ def ssd_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array, dt
 
   xs = (delta.swapaxes(0, 1), x.astype(f32).swapaxes(0, 1), Bh.swapaxes(0, 1), Ch.swapaxes(0, 1),
         keep.swapaxes(0, 1))
-  h, ys = jax.lax.scan(step, h, xs, unroll=l == 1)  # one step (decoding): no loop at all
+  h, ys = _scan_steps(step, h, xs)
   y = ys.swapaxes(0, 1) + x.astype(f32) * D.astype(f32)[:, None]
   return y.astype(x.dtype), h
 
