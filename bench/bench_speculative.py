@@ -2,23 +2,31 @@
 
 Part A (only with --target DIR [--draft DIR]): real checkpoints. End-to-end tokens/s of plain greedy decoding
   vs speculative decoding for each k, the measured mean accepted length and the measured speedup.
-Part B (random weights, shapes of Llama-3.2-1B / 3B with 50% of the layers Mamba): the figure of merit is the
-  cost of one verification call of k+1 tokens (k = 1..16) against one plain decode step (both MEASURED).
-  Random weights accept ~nothing, so speedups are PROJECTED from those measured times at an assumed per-token
-  acceptance rate alpha (expected tokens per round = (1 - alpha^(k+1)) / (1 - alpha), the i.i.d. model of
-  Leviathan et al.) and the measured draft step cost:
+Part B (--parts b; random weights, shapes of Llama-3.2-1B / 3B with 50% of the layers Mamba): the cost of one
+  verification call of k+1 tokens against one plain decode step (both MEASURED), and speedups PROJECTED from
+  them at an assumed per-token acceptance alpha (expected tokens per round (1 - alpha^(k+1)) / (1 - alpha)):
       projected speedup = E[tokens per round] * t_step / (t_verify(k) + k * t_draft_step)
-  plus the zero-cost-draft bound E[tokens] * t_step / t_verify(k). The end-to-end run with the random draft
-  (acceptance ~0: the overhead floor) and with draft == target (every proposal accepted, full-cost draft) are
-  measured too.
+  plus the zero-cost-draft bound E[tokens] * t_step / t_verify(k).
+Part C (--parts c, the default; same random-weight targets): MEASURED end-to-end speedups at a controlled
+  acceptance. A random draft accepts nothing, so `controlled_acceptance_hook` rewrites each draft proposal to
+  the target's greedy continuation with probability alpha (else a wrong token); the draft model still runs in
+  full (its real cost). Per (size, variant, batch): one plain greedy `generate` (the baseline, best of
+  --repeats); per k one compilation of the speculative loop, reused for every alpha (hook_args is traced):
+  a run at alpha = 0 gives the continuation as the speculative path's own verifier emits it (bf16 argmax ties
+  can differ between the plain and the verify path of a random model; `plain_match` reports how often), then
+  each alpha is timed. Reported: tokens/s plain and speculative (wall time of the whole API call, compile
+  excluded), speedup, the MEASURED mean accepted length per round vs its i.i.d. expectation sum_{i<=k} alpha^i,
+  and whether the output equals the continuation (`exact`).
 
-  python bench/bench_speculative.py --tiny                       # CPU smoke test
-  python bench/bench_speculative.py --sizes 1b,3b --variant mamba2
+  python bench/bench_speculative.py --tiny                       # CPU smoke test (parts B and C)
+  python bench/bench_speculative.py --sizes 1b,3b --variants mamba2,mamba --batches 1,8 --json out.json
+  python bench/bench_speculative.py --parts b --sizes 1b --ks 1,2,4,8,16   # verify cost per k
   python bench/bench_speculative.py --target DIR --draft DIR --ks 2,4,8
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -26,35 +34,50 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from hybrid_jax.config import ModelConfig, SSMConfig  # noqa: E402
-from hybrid_jax.decode import verify  # noqa: E402
-from hybrid_jax.decode.generate import generate  # noqa: E402
-from hybrid_jax.decode.speculative import speculative_generate  # noqa: E402
-from hybrid_jax.model import hybrid  # noqa: E402
-from hybrid_jax.model.cache import init_cache  # noqa: E402
+from hybrid_jax.config import ModelConfig, SSMConfig
+from hybrid_jax.decode import verify
+from hybrid_jax.decode.generate import generate
+from hybrid_jax.decode.speculative import controlled_acceptance_hook, speculative_generate
+from hybrid_jax.model import hybrid
+from hybrid_jax.model.cache import init_cache
 
 # (hidden, ffn, layers, heads, kv heads, vocab)
 SHAPES = {"1b": (2048, 8192, 16, 32, 8, 128256), "3b": (3072, 8192, 28, 24, 8, 128256),
           "tiny": (64, 128, 4, 4, 2, 256)}
-# Draft per target shape: a narrower/shallower all-attention Llama of the same vocabulary.
-DRAFTS = {"1b": (2048, 8192, 2, 32, 8, 128256), "3b": (2048, 8192, 16, 32, 8, 128256),
-          "tiny": (32, 64, 1, 4, 2, 256)}
+
+
+def draft_shape(args, size: str) -> tuple:
+  """An all-attention Llama of the target's vocabulary: --draft-layers x --draft-hidden (ffn 8/3 x hidden,
+  head dim 64, 4 query heads per kv head)."""
+  vocab = SHAPES[size][-1]
+  if size == "tiny":
+    return (32, 64, 1, 4, 2, vocab)
+  d = args.draft_hidden
+  heads = max(1, d // 64)
+  return (d, -(-8 * d // 3 // 256) * 256, args.draft_layers, heads, max(1, heads // 4), vocab)
 
 
 def make_cfg(shape, variant: str | None, dtype: str) -> ModelConfig:
   d, f, n, h, kv, v = shape
-  kw = dict(vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=n, num_attention_heads=h,
-            num_key_value_heads=kv, rope_theta=500000.0, dtype=dtype, param_dtype=dtype,
-            max_position_embeddings=131072)
+  kw = {"vocab_size": v, "hidden_size": d, "intermediate_size": f, "num_hidden_layers": n,
+        "num_attention_heads": h, "num_key_value_heads": kv, "rope_theta": 500000.0, "dtype": dtype,
+        "param_dtype": dtype, "max_position_embeddings": 131072}
   if variant:
     hd = d // h
     ssm = SSMConfig(variant="mamba2", d_state=hd) if variant == "mamba2" else SSMConfig(variant="mamba")
     kw.update(attn_layers=tuple(range(1, n, 2)), ssm=ssm)  # 50%: every other layer keeps attention
   return ModelConfig(**kw)
+
+
+def models(args, size: str, variant: str):
+  tcfg = make_cfg(SHAPES[size], variant, args.dtype)
+  dcfg = make_cfg(draft_shape(args, size), None, args.dtype)
+  init = jax.jit(hybrid.init_params, static_argnums=(0,))
+  return tcfg, init(tcfg, jax.random.PRNGKey(0)), dcfg, init(dcfg, jax.random.PRNGKey(1))
 
 
 def timeit(fn, *args, repeats: int = 3) -> float:
@@ -117,43 +140,121 @@ def expected_tokens(alpha: float, k: int) -> float:
   return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def part_b(args, size: str) -> dict:
-  shape = SHAPES[size]
-  tcfg = make_cfg(shape, args.variant, args.dtype)
-  dcfg = make_cfg(DRAFTS[size], None, args.dtype)
-  init = jax.jit(hybrid.init_params, static_argnums=(0,))
-  tparams, dparams = init(tcfg, jax.random.PRNGKey(0)), init(dcfg, jax.random.PRNGKey(1))
-  b, ctx, iters = args.batch, args.ctx, args.iters
-  print(f"\n== Part B: {size}-shaped 50% hybrid ({args.variant}), random weights, batch {b}, context {ctx}, "
-        f"{args.dtype}; draft: {DRAFTS[size][2]}-layer D={DRAFTS[size][0]} Llama ==")
-  t_step = plain_step_time(tparams, tcfg, b, ctx, iters)
-  t_draft = plain_step_time(dparams, dcfg, b, ctx, iters)
+def part_b(args, size: str, variant: str, batch: int) -> dict:
+  tcfg, tparams, dcfg, dparams = models(args, size, variant)
+  ctx, iters = args.ctx, args.iters
+  ds = draft_shape(args, size)
+  print(f"\n== Part B: {size}-shaped 50% hybrid ({variant}), random weights, batch {batch}, context {ctx}, "
+        f"{args.dtype}; draft: {ds[2]}-layer D={ds[0]} Llama ==")
+  t_step = plain_step_time(tparams, tcfg, batch, ctx, iters)
+  t_draft = plain_step_time(dparams, dcfg, batch, ctx, iters)
   print(f"MEASURED  target decode step {t_step * 1e3:8.3f} ms | draft decode step {t_draft * 1e3:8.3f} ms "
         f"(ratio {t_draft / t_step:.3f})")
   rows = []
   print(f"{'k':>3} {'verify ms':>10} {'/step':>7} | PROJECTED speedup at alpha = "
         + " ".join(f"{a:>5}" for a in args.alphas) + " | zero-cost-draft bound at the same alphas")
   for k in args.ks:
-    t_ver = verify_step_time(tparams, tcfg, b, ctx, iters, k)
+    t_ver = verify_step_time(tparams, tcfg, batch, ctx, iters, k)
     proj = [expected_tokens(a, k) * t_step / (t_ver + k * t_draft) for a in args.alphas]
     bound = [expected_tokens(a, k) * t_step / t_ver for a in args.alphas]
-    rows.append(dict(k=k, verify_s=t_ver, verify_over_step=t_ver / t_step, projected=proj, bound=bound))
+    rows.append({"k": k, "verify_s": t_ver, "verify_over_step": t_ver / t_step, "projected": proj,
+                 "bound": bound})
     print(f"{k:>3} {t_ver * 1e3:10.3f} {t_ver / t_step:7.2f} | {'':>28}" + " ".join(f"{p:5.2f}" for p in proj)
           + " | " + " ".join(f"{p:5.2f}" for p in bound))
-  e2e = {}
-  if args.e2e_k:
-    k = args.e2e_k
-    prompts = [list(range(1, args.prompt_len + 1))] * b
-    tps_plain, _ = end_to_end(tparams, tcfg, None, None, prompts, args.max_new, None)
-    tps_rand, st_rand = end_to_end(tparams, tcfg, dparams, dcfg, prompts, args.max_new, k)
-    tps_self, st_self = end_to_end(tparams, tcfg, tparams, tcfg, prompts, args.max_new, k)
-    print(f"MEASURED end-to-end (k={k}, {args.max_new} new tokens): plain {tps_plain:.1f} tok/s | random draft "
-          f"{tps_rand:.1f} tok/s (accepted/step {st_rand['accepted_per_step']:.2f}) | draft == target "
-          f"{tps_self:.1f} tok/s (accepted/step {st_self['accepted_per_step']:.2f})")
-    e2e = dict(k=k, plain_tps=tps_plain, random_draft_tps=tps_rand, self_draft_tps=tps_self,
-               random_draft_stats=st_rand, self_draft_stats=st_self)
-  return dict(size=size, variant=args.variant, batch=b, ctx=ctx, step_s=t_step, draft_step_s=t_draft,
-              verify=rows, end_to_end=e2e)
+  return {"size": size, "variant": variant, "batch": batch, "ctx": ctx, "step_s": t_step,
+          "draft_step_s": t_draft, "verify": rows}
+
+
+def _wall(fn, repeats: int):
+  """(best wall seconds of fn() over `repeats` calls, the last result)."""
+  best, res = float("inf"), None
+  for _ in range(repeats):
+    t = time.perf_counter()
+    res = fn()
+    best = min(best, time.perf_counter() - t)
+  return best, res
+
+
+def part_c(args, size: str, variant: str, batch: int, deadline: float, sink: list, save) -> None:
+  """Controlled-acceptance end-to-end runs (module docstring); appends one row per (k, alpha) to sink and
+  calls save() after every k (a run cut off by a time limit keeps what it measured)."""
+  if time.perf_counter() > deadline:
+    print(f"SKIPPED part C {size} {variant} batch {batch}: past --budget-s")
+    sink.append({"size": size, "variant": variant, "batch": batch, "k": None, "skipped": True})
+    return
+  tcfg, tparams, dcfg, dparams = models(args, size, variant)
+  ds = draft_shape(args, size)
+  n = args.max_new
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(1, tcfg.vocab_size, (batch, args.prompt_len)).tolist()
+  print(f"\n== Part C: {size}-shaped 50% hybrid ({variant}), random weights, batch {batch}, prompt "
+        f"{args.prompt_len}, {n} new tokens, {args.dtype}; draft {ds[2]}-layer D={ds[0]} ffn {ds[1]} Llama ==")
+  plain = lambda: generate(tparams, tcfg, prompts, n, eos_ids=())
+  t0 = time.perf_counter()
+  want = plain()
+  t_compile_plain = time.perf_counter() - t0
+  t_plain, _ = _wall(plain, args.repeats)
+  tps_plain = batch * n / t_plain
+  t_draft = plain_step_time(dparams, dcfg, batch, args.prompt_len + n // 2, args.iters)
+  t_step = t_plain / n  # per generated token incl. the prefill: an upper bound on the decode step
+  print(f"MEASURED plain greedy: {tps_plain:.1f} tok/s ({t_step * 1e3:.3f} ms per step incl. prefill; compile "
+        f"{t_compile_plain - t_plain:.1f} s) | draft decode step {t_draft * 1e3:.3f} ms (ratio "
+        f"{t_draft / t_step:.3f})")
+  base = {"size": size, "variant": variant, "batch": batch, "max_new": n, "prompt_len": args.prompt_len,
+          "draft_shape": ds, "plain_tps": tps_plain, "plain_step_s": t_step, "draft_step_s": t_draft}
+  cont0 = jnp.asarray(want, jnp.int32)  # [b, n] (no EOS: every row has n tokens)
+  for k in args.ks:
+    if time.perf_counter() > deadline:
+      print(f"SKIPPED k={k} and later: past --budget-s")
+      sink.append(dict(base, k=k, skipped=True))
+      continue
+    spec = lambda cont, alpha, k=k: speculative_generate(
+        tparams, tcfg, dparams, dcfg, prompts, n, k, eos_ids=(), draft_hook=controlled_acceptance_hook,
+        hook_args=(cont, jnp.float32(alpha)))
+    t0 = time.perf_counter()
+    got0, st0 = spec(cont0, 0.0)  # compiles; alpha 0: every round emits the verifier's own token
+    t_compile = time.perf_counter() - t0 - st0["seconds"]
+    plain_match = float(np.mean([g == w for g, w in zip(got0, want)]))
+    cont = jnp.asarray(got0, jnp.int32)
+    for alpha in [0.0, *args.alphas]:
+      t, (got, st) = _wall(functools.partial(spec, cont, alpha), args.repeats)
+      tps = batch * n / t
+      exp_acc = sum(alpha ** i for i in range(1, k + 1))
+      row = dict(base, k=k, alpha=alpha, spec_tps=tps, speedup=tps / tps_plain,
+                 accepted_per_round=st["accepted_per_step"], expected_accepted=exp_acc,
+                 acceptance_rate=st["acceptance_rate"], rounds=st["rounds"],
+                 exact=float(np.mean([g == c for g, c in zip(got, np.asarray(cont).tolist())])),
+                 plain_match=plain_match, compile_s=t_compile)
+      sink.append(row)
+      print(f"MEASURED k={k} alpha={alpha:.2f}: {tps:9.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/round "
+            f"{st['accepted_per_step']:.2f} (i.i.d. {exp_acc:.2f})  exact {row['exact']:.2f}  plain_match "
+            f"{plain_match:.2f}  compile {t_compile:.1f} s")
+    save()
+
+
+def markdown(rows: list) -> str:
+  head = ("| size | variant | batch | K | alpha | plain tok/s | spec tok/s | speedup | accepted/round (measured) "
+          "| i.i.d. expectation | exact | compile s |")
+  lines = [head, "|" + "---|" * 12]
+  for r in rows:
+    if r.get("skipped"):
+      lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['k']} | skipped (budget) |" + " |" * 7)
+      continue
+    lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['k']} | {r['alpha']:.2f} | "
+                 f"{r['plain_tps']:.1f} | {r['spec_tps']:.1f} | {r['speedup']:.2f} | "
+                 f"{r['accepted_per_round']:.2f} | {r['expected_accepted']:.2f} | {r['exact']:.2f} | "
+                 f"{r['compile_s']:.1f} |")
+  best = {}
+  for r in rows:
+    if not r.get("skipped") and r["alpha"] > 0:
+      key = (r["size"], r["variant"], r["batch"], r["alpha"])
+      if key not in best or r["speedup"] > best[key]["speedup"]:
+        best[key] = r
+  lines += ["", "Best K per alpha:", "| size | variant | batch | alpha | best K | speedup | accepted/round |",
+            "|" + "---|" * 7]
+  lines += [f"| {s} | {v} | {b} | {a:.2f} | {r['k']} | {r['speedup']:.2f} | {r['accepted_per_round']:.2f} |"
+            for (s, v, b, a), r in best.items()]
+  return "\n".join(lines)
 
 
 def part_a(args) -> dict:
@@ -162,10 +263,11 @@ def part_a(args) -> dict:
   dparams, dcfg, _ = load_model(args.draft) if args.draft else (tparams, tcfg, None)
   texts = ["Explain how a state space model differs from attention.", "Write a haiku about the sea.",
            "List three prime numbers and explain why they are prime.", "What is the capital of France?"]
+  batch = max(args.batches)
   if tok is not None:
-    prompts = [tok.encode(t) for t in texts][:args.batch]
+    prompts = [tok.encode(t) for t in texts][:batch]
   else:
-    prompts = [list(range(1, args.prompt_len + 1))] * args.batch
+    prompts = [list(range(1, args.prompt_len + 1))] * batch
   print(f"\n== Part A: target {args.target}, draft {args.draft or '(the target itself)'}, batch {len(prompts)} ==")
   tps_plain, _ = end_to_end(tparams, tcfg, None, None, prompts, args.max_new, None)
   print(f"MEASURED plain greedy: {tps_plain:.1f} tok/s")
@@ -174,8 +276,9 @@ def part_a(args) -> dict:
     tps, st = end_to_end(tparams, tcfg, dparams, dcfg, prompts, args.max_new, k)
     rows.append(dict(st, tps=tps, speedup=tps / tps_plain))
     print(f"MEASURED k={k:>2}: {tps:8.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/step "
-          f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls {st['target_calls']}")
-  return dict(target=args.target, draft=args.draft, plain_tps=tps_plain, rows=rows)
+          f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls "
+          f"{st['target_calls']}")
+  return {"target": args.target, "draft": args.draft, "plain_tps": tps_plain, "rows": rows}
 
 
 def main(argv=None):
@@ -183,32 +286,57 @@ def main(argv=None):
   ap.add_argument("--tiny", action="store_true", help="small shapes, few iterations: a CPU smoke test")
   ap.add_argument("--target", help="checkpoint dir of a distilled hybrid (part A)")
   ap.add_argument("--draft", help="checkpoint dir of its draft (part A; default: the target itself)")
-  ap.add_argument("--sizes", default="1b,3b", help="part B shapes: comma list of 1b,3b ('' to skip)")
-  ap.add_argument("--variant", default="mamba2", choices=["mamba", "mamba2"])
-  ap.add_argument("--ks", default="1,2,4,8,12,16")
-  ap.add_argument("--alphas", default="0.6,0.8,0.9")
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--ctx", type=int, default=512, help="context length the decode/verify steps run at")
+  ap.add_argument("--parts", default="c", help="random-weight parts: comma list of b (verify cost), c (measured "
+                                               "end-to-end at controlled acceptance)")
+  ap.add_argument("--sizes", default="1b,3b", help="target shapes: comma list of 1b,3b ('' to skip B and C)")
+  ap.add_argument("--variants", default="mamba2,mamba", help="comma list of mamba2,mamba")
+  ap.add_argument("--batches", default="1", help="comma list of batch sizes")
+  ap.add_argument("--ks", default="1,2,3,4,6,8")
+  ap.add_argument("--alphas", default="0.7,0.8,0.9", help="per-token acceptance of part C (projected in B)")
+  ap.add_argument("--draft-layers", type=int, default=2, help="draft Llama depth (parts B, C)")
+  ap.add_argument("--draft-hidden", type=int, default=768, help="draft Llama width (ffn 8/3 x, head dim 64)")
+  ap.add_argument("--ctx", type=int, default=512, help="part B: context length the decode/verify steps run at")
   ap.add_argument("--iters", type=int, default=32, help="steps per timed loop")
   ap.add_argument("--prompt-len", type=int, default=64)
-  ap.add_argument("--max-new", type=int, default=128)
-  ap.add_argument("--e2e-k", type=int, default=4, help="k of the part-B end-to-end runs (0: skip them)")
-  ap.add_argument("--dtype", default="bfloat16", help="part B compute/param dtype (part A keeps the checkpoint's)")
-  ap.add_argument("--json", help="write the results here")
+  ap.add_argument("--max-new", type=int, default=256)
+  ap.add_argument("--repeats", type=int, default=2, help="part C: timed calls per point (best is kept)")
+  ap.add_argument("--budget-s", type=float, default=0, help="part C: skip further k once this many seconds "
+                                                            "have passed (0: no limit)")
+  ap.add_argument("--dtype", default="bfloat16", help="random-weight dtype (part A keeps the checkpoint's)")
+  ap.add_argument("--json", help="write the results here (rewritten after every part-C model)")
   args = ap.parse_args(argv)
   args.ks = [int(x) for x in args.ks.split(",") if x]
   args.alphas = [float(x) for x in args.alphas.split(",") if x]
-  sizes = [s for s in args.sizes.split(",") if s]
+  args.batches = [int(x) for x in args.batches.split(",") if x]
+  sizes, variants = [s for s in args.sizes.split(",") if s], [v for v in args.variants.split(",") if v]
+  parts = set(args.parts.split(","))
   if args.tiny:
-    sizes, args.ks, args.iters, args.ctx, args.max_new, args.prompt_len = ["tiny"], [1, 2, 4], 4, 16, 12, 8
-    args.dtype = "float32"
+    sizes, args.ks, args.iters, args.ctx, args.max_new, args.prompt_len = ["tiny"], [1, 2, 4], 4, 16, 24, 8
+    args.dtype, args.repeats = "float32", 1
+  start = time.perf_counter()
+  deadline = start + args.budget_s if args.budget_s > 0 else float("inf")
   print(f"devices: {jax.devices()}")
-  results = {"part_b": [part_b(args, s) for s in sizes]}
+  results: dict = {"args": vars(args), "part_b": [], "part_c": []}
+
+  def save():
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+
+  for size in sizes:
+    for variant in variants:
+      for batch in args.batches:
+        if "b" in parts:
+          results["part_b"].append(part_b(args, size, variant, batch))
+        if "c" in parts:
+          part_c(args, size, variant, batch, deadline, results["part_c"], save)
+        save()
+  if results["part_c"]:
+    print("\n" + markdown(results["part_c"]))
   if args.target:
     results["part_a"] = part_a(args)
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
+  print(f"total {time.perf_counter() - start:.1f} s")
+  save()
 
 
 if __name__ == "__main__":

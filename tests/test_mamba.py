@@ -8,7 +8,7 @@ from mamba_torch_ref import TorchMamba1, TorchMamba2
 
 from hybrid_jax.config import ModelConfig, SSMConfig
 from hybrid_jax.convert.mambainllama import mixer_to_torch
-from hybrid_jax.model import mamba, mamba2
+from hybrid_jax.model import mamba, mamba2, ssm
 
 B, T = 2, 7
 
@@ -94,6 +94,37 @@ def test_state_carry_equals_full(variant):
     y, state = mod.mixer(p, cfg, u[:, lo:hi], segment_ids=jnp.ones((B, hi - lo), jnp.int32), state=state)
     outs.append(np.asarray(y))
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_single_step_scan_is_plain_elementwise(variant):
+  """l = 1 (every cached decode step): whatever impl, no kernel launch and no loop, and the reference's values
+  (a kernel here pads time to its chunk; the chunked SSD runs ~10 matmuls for one step)."""
+  ks = jax.random.split(jax.random.PRNGKey(12), 8)
+  rn = lambda k, s: jax.random.normal(k, s, jnp.float32)
+  if variant == "mamba":
+    d, g, n = 8, 2, 4
+    inp = {"x": rn(ks[0], (B, 1, d)), "dt": rn(ks[1], (B, 1, d)), "A": -jnp.exp(rn(ks[2], (d, n))),
+           "B": rn(ks[3], (B, 1, g, n)), "C": rn(ks[4], (B, 1, g, n)), "D": rn(ks[5], (d,)),
+           "dt_bias": rn(ks[6], (d,)), "z": rn(ks[7], (B, 1, d)), "h0": rn(ks[0], (B, d, n))}
+    fn, ref = ssm.selective_scan, ssm.selective_scan_ref
+  else:
+    h, n = 2, 3
+    inp = {"x": rn(ks[0], (B, 1, h, n)), "dt": rn(ks[1], (B, 1, h)), "A": -jnp.exp(rn(ks[2], (h,))),
+           "B": rn(ks[3], (B, 1, 1, n)), "C": rn(ks[4], (B, 1, 1, n)), "D": rn(ks[5], (h,)),
+           "dt_bias": rn(ks[6], (h,)), "h0": rn(ks[7], (B, h, n, n))}
+    fn, ref = ssm.ssd_scan, ssm.ssd_scan_ref
+  want = ref(**inp)  # the one-step path (checked against the lax.scan path below)
+  for impl in ("auto", "pallas", "chunked", "reference"):
+    jaxpr = str(jax.make_jaxpr(lambda inp, impl=impl: fn(**inp, impl=impl))(inp))
+    assert "pallas_call" not in jaxpr and "scan" not in jaxpr and "while" not in jaxpr, impl
+    got = fn(**inp, impl=impl)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+  # and the reference's one-step path equals its multi-step lax.scan on the same step
+  two = {k: (jnp.concatenate([v, v], axis=1) if k in ("x", "dt", "B", "C", "z") else v) for k, v in inp.items()}
+  y2, _ = ref(**two)
+  np.testing.assert_allclose(y2[:, :1], want[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])

@@ -12,7 +12,12 @@ from hybrid_jax.config import ModelConfig, SSMConfig
 from hybrid_jax.decode import verify
 from hybrid_jax.decode.generate import generate
 from hybrid_jax.decode.sampling import processed_logprobs
-from hybrid_jax.decode.speculative import greedy_accept, sampling_accept, speculative_generate
+from hybrid_jax.decode.speculative import (
+  controlled_acceptance_hook,
+  greedy_accept,
+  sampling_accept,
+  speculative_generate,
+)
 from hybrid_jax.model import hybrid, mamba, mamba2
 from hybrid_jax.model.cache import init_cache
 
@@ -20,8 +25,8 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]  # batc
 
 
 def tiny_cfg(variant, layers=3, attn=(1,), vocab=64, **kw):
-  base = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2)
+  base = {"vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": layers,
+          "num_attention_heads": 4, "num_key_value_heads": 2}
   if variant is not None:
     base.update(attn_layers=attn, ssm=SSMConfig(variant=variant, d_state=8 if variant == "mamba2" else 4,
                                                  scan_impl="reference"))
@@ -152,6 +157,29 @@ def test_greedy_with_different_architecture_draft_and_eos(target):
   assert stats["target_calls"] <= 12
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.0, 0.6])
+def test_controlled_acceptance_hook(alpha):
+  """The benchmark hook: alpha = 1 accepts all k proposals in every round, alpha = 0 none, 0.6 a mean of about
+  sum_{i<=k} alpha^i; the output is still exactly the target's greedy output (a hook changes speed only).
+  One compilation serves the three alphas (hook_args is traced)."""
+  cfg = tiny_cfg("mamba2")
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  dparams = hybrid.init_params(cfg, jax.random.PRNGKey(9), std=0.3)  # unrelated draft: rarely right alone
+  k, n_new = 3, 24
+  prompts = PROMPTS * 4  # batch 12
+  cont = generate(params, cfg, prompts, n_new + k + 1, eos_ids=())  # proposals may land up to k + 1 past the end
+  got, stats = speculative_generate(params, cfg, dparams, cfg, prompts, n_new, k, eos_ids=(),
+                                    draft_hook=controlled_acceptance_hook,
+                                    hook_args=(jnp.asarray(cont, jnp.int32), jnp.float32(alpha)))
+  assert got == [c[:n_new] for c in cont]
+  if alpha in (0.0, 1.0):  # every round of every row, the last (truncated) one included
+    assert stats["accepted_per_step"] == k * alpha, stats
+    assert stats["rounds"] == (-(-(n_new - 1) // (k + 1)) if alpha else n_new - 1), stats
+  else:  # ~125 row-rounds: standard error ~0.1
+    want = sum(alpha ** i for i in range(1, k + 1))
+    assert abs(stats["accepted_per_step"] - want) < 0.3, (stats, want)
+
+
 # ------------------------------------------------------------------------------------------------
 # Sampling: the emitted tokens are distributed as the target's (chi-square at a fixed seed)
 def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
@@ -183,8 +211,8 @@ def exact_joint(params, cfg, prompt, n, **sampling):
   return joint.reshape(-1)
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=1.0, top_k=0, top_p=1.0),
-                                      dict(temperature=0.7, top_k=6, top_p=0.9)], ids=["plain", "topk_topp"])
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0, "top_k": 0, "top_p": 1.0},
+                                      {"temperature": 0.7, "top_k": 6, "top_p": 0.9}], ids=["plain", "topk_topp"])
 def test_sampling_matches_target_distribution(sampling):
   v, n_tok, samples = 8, 3, 20000
   cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)

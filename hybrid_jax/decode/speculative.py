@@ -12,12 +12,19 @@ cache; `prev` = the token at L - 1):
      valid cached steps at their next call (hybrid_jax/decode/verify.py).
 Everything, prefill included, runs in one jitted function; the rounds are a lax.while_loop (no host round trip
 per token). Sequences advance by different amounts; a finished sequence keeps running with no advance.
+
+Benchmarking / research hook: `draft_hook(logits, gen_idx, key, hook_args) -> logits` rewrites each draft
+distribution before its token is picked (gen_idx [b]: the index among the generated tokens at which the proposal
+would land). The draft model still runs in full. Exactness does not depend on the proposals (greedy output is the
+target's; sampling accepts against the rewritten q), so a hook changes only speed. `controlled_acceptance_hook`
+proposes a known continuation with probability alpha per token: measured speedups at a chosen acceptance rate.
 """
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +38,7 @@ from hybrid_jax.model import hybrid
 from hybrid_jax.model.cache import init_cache
 
 Array = jax.Array
+DraftHook = Callable[[Array, Array, Array, Any], Array]  # (logits [b, V], gen_idx [b], key, hook_args) -> logits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,6 +86,25 @@ def sampling_accept(key: Array, draft_tokens: Array, draft_logp: Array, target_l
   return n, nxt
 
 
+def controlled_acceptance_hook(logits: Array, gen_idx: Array, key: Array, hook_args: tuple[Array, Array]
+                               ) -> Array:
+  """A `draft_hook` for benchmarks: acceptance at a chosen rate, with the draft's full cost.
+
+  hook_args = (cont [b, n] int32: the target's own greedy continuation of each prompt, alpha: scalar).
+  Each proposal is cont[gen_idx] with probability alpha (i.i.d. per token) and otherwise a wrong token (the
+  draft's own argmax, or the next id where that happens to be right). Greedy verification then accepts each
+  proposal with probability alpha given the earlier ones: mean accepted length sum_{i<=k} alpha^i.
+  Returns one-hot logits (0 on the proposal, -inf elsewhere).
+  """
+  cont, alpha = hook_args
+  v = logits.shape[-1]
+  right = jnp.take_along_axis(cont, jnp.clip(gen_idx, 0, cont.shape[1] - 1)[:, None], axis=1)[:, 0]
+  own = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # uses the logits: the draft's LM head is not dead code
+  wrong = jnp.where(own == right, (right + 1) % v, own)
+  tok = jnp.where(jax.random.uniform(key, right.shape) < alpha, right, wrong)
+  return jnp.where(jnp.arange(v)[None, :] == tok[:, None], 0.0, -jnp.inf)
+
+
 # ------------------------------------------------------------------------------------------------
 # The jitted loop
 def _is_eos(tok: Array, eos: Array) -> Array:
@@ -87,13 +114,15 @@ def _is_eos(tok: Array, eos: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "k", "max_new_tokens", "max_len", "temperature",
-                                             "top_k", "top_p"))
+                                             "top_k", "top_p", "draft_hook"))
 def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: ModelConfig, tokens: Array,
-                     offsets: Array, key: Array, eos: Array, *, k: int, max_new_tokens: int, max_len: int,
-                     temperature: float, top_k: int, top_p: float) -> tuple[Array, Array, dict]:
+                     offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
+                     max_new_tokens: int, max_len: int, temperature: float, top_k: int, top_p: float,
+                     draft_hook: DraftHook | None = None) -> tuple[Array, Array, dict]:
   """Prefill + speculative rounds until every row has max_new_tokens tokens or an EOS.
 
-  tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32.
+  tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32. draft_hook (static)
+  and hook_args (traced pytree): see the module docstring.
   Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
   """
   b, plen = tokens.shape
@@ -114,12 +143,14 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
   out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
   done = _is_eos(first, eos) | (max_new_tokens <= 1)
   zero = jnp.int32(0)
-  state = dict(tcache=tcache, dcache=dcache, out=out, n_out=jnp.ones((b,), jnp.int32), done=done,
-               prev=tokens[:, -1].astype(jnp.int32), pending=first, key=key,
-               rounds=zero, accepted=zero, seq_rounds=zero)
+  state = {"tcache": tcache, "dcache": dcache, "out": out, "n_out": jnp.ones((b,), jnp.int32), "done": done,
+           "prev": tokens[:, -1].astype(jnp.int32), "pending": first, "key": key,
+           "rounds": zero, "accepted": zero, "seq_rounds": zero}
 
-  def draft_pick(logits, key):
+  def draft_pick(logits, key, gen_idx):
     """logits [b, V] -> (token [b], processed log-probs [b, V] or None when greedy)."""
+    if draft_hook is not None:  # fold_in: the pick's own key (sampling) stays as without a hook
+      logits = draft_hook(logits, gen_idx, jax.random.fold_in(key, 1), hook_args)
     if greedy:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
     lp = logp_of(logits)
@@ -131,15 +162,17 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     # 1. draft k tokens
     dl, dcache = spec_forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1), st["dcache"],
                               commit=True)
-    d1, q1 = draft_pick(dl[:, -1], k_first)
+    d1, q1 = draft_pick(dl[:, -1], k_first, st["n_out"])
 
-    def draft_step(carry, step_key):
+    def draft_step(carry, xs):
       tok, dc = carry
+      step_key, i = xs
       lg, dc = spec_forward(dparams, dcfg, tok[:, None], dc, commit=False)
-      nxt, q = draft_pick(lg[:, 0], step_key)
+      nxt, q = draft_pick(lg[:, 0], step_key, st["n_out"] + i)
       return (nxt, dc), (nxt, q)
 
-    (_, dcache), (ds, qs) = jax.lax.scan(draft_step, (d1, dcache), jax.random.split(k_draft, k - 1))
+    (_, dcache), (ds, qs) = jax.lax.scan(draft_step, (d1, dcache),
+                                         (jax.random.split(k_draft, k - 1), jnp.arange(1, k, dtype=jnp.int32)))
     draft = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [b, k]
     # 2. verify all k in one target call
     tl, tcache = spec_forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
@@ -167,10 +200,10 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     prev = jnp.where(adv == 0, st["prev"], jnp.where(n == 0, st["pending"], last_acc))
     pending = jnp.where(adv == 0, st["pending"], nxt)
     active = ~st["done"]
-    return dict(tcache=tcache.replace(pos=L + adv), dcache=dcache.replace(pos=L + adv - 1), out=out,
-                n_out=n_out, done=done, prev=prev, pending=pending, key=key, rounds=st["rounds"] + 1,
-                accepted=st["accepted"] + jnp.sum(jnp.where(active, n, 0)),
-                seq_rounds=st["seq_rounds"] + jnp.sum(active.astype(jnp.int32)))
+    return {"tcache": tcache.replace(pos=L + adv), "dcache": dcache.replace(pos=L + adv - 1), "out": out,
+            "n_out": n_out, "done": done, "prev": prev, "pending": pending, "key": key,
+            "rounds": st["rounds"] + 1, "accepted": st["accepted"] + jnp.sum(jnp.where(active, n, 0)),
+            "seq_rounds": st["seq_rounds"] + jnp.sum(active.astype(jnp.int32))}
 
   st = jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), body, state)
   stats = {name: st[name] for name in ("rounds", "accepted", "seq_rounds")}
@@ -183,9 +216,12 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
                          draft_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                          k: int = 4, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          seed: int = 0, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
-                         pad_multiple: int = 16) -> tuple[list[list[int]], dict]:
+                         pad_multiple: int = 16, draft_hook: DraftHook | None = None, hook_args: Any = None
+                         ) -> tuple[list[list[int]], dict]:
   """Generates like `hybrid_jax.decode.generate.generate` (same output: the new tokens of each prompt, cut
   before the first EOS; identical tokens when greedy), with a draft model proposing k tokens per target call.
+  draft_hook / hook_args: benchmarking and research only (module docstring); one compilation serves all
+  hook_args of the same shapes.
 
   Returns (tokens per prompt, stats): accepted_per_step (mean accepted draft tokens per verification, over
   running sequences), tokens_per_step (that + 1), acceptance_rate (accepted / proposed), target_calls
@@ -203,9 +239,9 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
   tokens, offsets = left_pad(prompts, pad_id, pad_multiple)
   max_len = tokens.shape[1] + max_new_tokens + k + 1  # a verify call writes k + 1 past the last token
   args = (target_params, draft_params, jnp.asarray(tokens), jnp.asarray(offsets), jax.random.PRNGKey(seed),
-          jnp.asarray(eos, jnp.int32))
-  statics = dict(k=k, max_new_tokens=max_new_tokens, max_len=max_len, temperature=float(temperature),
-                 top_k=int(top_k), top_p=float(top_p))
+          jnp.asarray(eos, jnp.int32), hook_args)
+  statics = {"k": k, "max_new_tokens": max_new_tokens, "max_len": max_len, "temperature": float(temperature),
+             "top_k": int(top_k), "top_p": float(top_p), "draft_hook": draft_hook}
   t0 = time.perf_counter()
   run = _compiled_loop(target_cfg, draft_cfg, args, statics)
   t1 = time.perf_counter()

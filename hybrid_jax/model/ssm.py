@@ -9,7 +9,7 @@ Shapes: b batch, l steps, d channels (Mamba-1), H heads of P channels (Mamba-2),
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ def _pick(variant: str, impl: str) -> Callable | None:
     return None
   if impl == "auto":
     try:  # importing registers the kernels; optional so the reference works without GPU extras
-      import hybrid_jax.pallas  # noqa: F401
+      import hybrid_jax.pallas
     except ImportError:
       return None
     if jax.default_backend() not in ("gpu", "tpu"):
@@ -40,6 +40,15 @@ def _pick(variant: str, impl: str) -> Callable | None:
   if fn is None:
     raise ValueError(f"no {impl!r} implementation of the {variant} scan is registered")
   return fn
+
+
+def _scan_steps(step: Callable, h: Array, xs: tuple) -> tuple[Array, Array]:
+  """lax.scan over the leading (time) axis of xs; one step (every cached decode step) is a plain call: even a
+  fully unrolled scan lowers to a while loop of one trip, left to the compiler to remove."""
+  if xs[0].shape[0] == 1:
+    h, y = step(h, tuple(v[0] for v in xs))
+    return h, y[None]
+  return jax.lax.scan(step, h, xs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,11 +76,11 @@ def selective_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Arr
     delta_t, x_t, B_t, C_t, keep_t = inp
     dA = jnp.exp(delta_t[..., None] * A.astype(f32)) * keep_t[:, None, None]
     h = dA * h + (delta_t * x_t)[..., None] * B_t
-    return h, jnp.einsum("bdn,bdn->bd", h, C_t)
+    return h, jnp.sum(h * C_t, axis=-1)  # multiply + reduce: exact fp32 on every backend (no TF32 dot)
 
   xs = (delta.swapaxes(0, 1), x.astype(f32).swapaxes(0, 1), Bc.swapaxes(0, 1), Cc.swapaxes(0, 1),
         keep.swapaxes(0, 1))
-  h, ys = jax.lax.scan(step, h, xs)
+  h, ys = _scan_steps(step, h, xs)
   y = ys.swapaxes(0, 1) + x.astype(f32) * D.astype(f32)
   if z is not None:
     y = y * jax.nn.silu(z.astype(f32))
@@ -79,8 +88,10 @@ def selective_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Arr
 
 
 def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=None, *, impl: str = "auto"):
-  """Dispatching front of `selective_scan_ref` (same signature and semantics)."""
-  fn = _pick("mamba", impl) or selective_scan_ref
+  """Dispatching front of `selective_scan_ref` (same signature and semantics). A single step (l = 1, every
+  cached decode step) always takes the reference: it is a few fused elementwise ops, while a scan kernel
+  would add launches and time padding (the Pallas kernel pads l to its 32-step chunk)."""
+  fn = (None if x.shape[1] == 1 else _pick("mamba", impl)) or selective_scan_ref
   return fn(x, dt, A, B, C, D, dt_bias, z=z, reset=reset, h0=h0)
 
 
@@ -107,16 +118,17 @@ def ssd_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array, dt
     delta_t, x_t, B_t, C_t, keep_t = inp
     a = jnp.exp(delta_t * A.astype(f32)) * keep_t[:, None]  # [b, H]
     h = a[..., None, None] * h + (delta_t[..., None] * x_t)[..., None] * B_t[:, :, None, :]
-    return h, jnp.einsum("bhpn,bhn->bhp", h, C_t)
+    return h, jnp.sum(h * C_t[:, :, None, :], axis=-1)
 
   xs = (delta.swapaxes(0, 1), x.astype(f32).swapaxes(0, 1), Bh.swapaxes(0, 1), Ch.swapaxes(0, 1),
         keep.swapaxes(0, 1))
-  h, ys = jax.lax.scan(step, h, xs)
+  h, ys = _scan_steps(step, h, xs)
   y = ys.swapaxes(0, 1) + x.astype(f32) * D.astype(f32)[:, None]
   return y.astype(x.dtype), h
 
 
 def ssd_scan(x, dt, A, B, C, D, dt_bias, reset=None, h0=None, *, impl: str = "auto"):
-  """Dispatching front of `ssd_scan_ref` (same signature and semantics)."""
-  fn = _pick("mamba2", impl) or ssd_scan_ref
+  """Dispatching front of `ssd_scan_ref` (same signature and semantics). A single step (l = 1) always takes
+  the reference, as in `selective_scan` (the chunked SSD form would run ~10 small matmuls for one step)."""
+  fn = (None if x.shape[1] == 1 else _pick("mamba2", impl)) or ssd_scan_ref
   return fn(x, dt, A, B, C, D, dt_bias, reset=reset, h0=h0)
