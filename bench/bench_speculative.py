@@ -264,17 +264,35 @@ def part_a(args) -> dict:
   texts = ["Explain how a state space model differs from attention.", "Write a haiku about the sea.",
            "List three prime numbers and explain why they are prime.", "What is the capital of France?"]
   batch = max(args.batches)
-  if tok is not None:
-    prompts = [tok.encode(t) for t in texts][:batch]
+  if tok is not None:  # as a chat user would send them: the model's chat template (a distilled chat model)
+    from hybrid_jax.decode.generate import chat_ids
+    prompts = [chat_ids(tok, [{"role": "user", "content": t}]) for t in texts]
   else:
-    prompts = [list(range(1, args.prompt_len + 1))] * batch
-  print(f"\n== Part A: target {args.target}, draft {args.draft or '(the target itself)'}, batch {len(prompts)} ==")
-  tps_plain, _ = end_to_end(tparams, tcfg, None, None, prompts, args.max_new, None)
+    prompts = [list(range(1, args.prompt_len + 1))]
+  # batch 1 (the latency case speculation is for): each prompt on its own, totals over all of them.
+  groups = [[p] for p in prompts] if batch == 1 else [(prompts * batch)[:batch]]
+  print(f"\n== Part A: target {args.target}, draft {args.draft or '(the target itself)'}, batch {len(groups[0])}, "
+        f"{len(groups)} prompt group(s), {args.max_new} new tokens each (no EOS stop) ==")
+
+  def run_all(k):
+    n_tok, secs, calls, acc, prop = 0, 0.0, 0, 0.0, 0.0
+    for g in groups:
+      tps, st = end_to_end(tparams, tcfg, dparams, dcfg, g, args.max_new, k)
+      n = len(g) * args.max_new
+      n_tok, secs = n_tok + n, secs + n / tps
+      if st:
+        calls += st["target_calls"]
+        acc += st["accepted_per_step"] * st["target_calls"]
+        prop += st["acceptance_rate"] * st["target_calls"]
+    stats = {"target_calls": calls, "accepted_per_step": acc / calls, "acceptance_rate": prop / calls} if calls else {}
+    return n_tok / secs, stats
+
+  tps_plain, _ = run_all(None)
   print(f"MEASURED plain greedy: {tps_plain:.1f} tok/s")
   rows = []
   for k in args.ks:
-    tps, st = end_to_end(tparams, tcfg, dparams, dcfg, prompts, args.max_new, k)
-    rows.append(dict(st, tps=tps, speedup=tps / tps_plain))
+    tps, st = run_all(k)
+    rows.append(dict(st, k=k, tps=tps, speedup=tps / tps_plain))
     print(f"MEASURED k={k:>2}: {tps:8.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/step "
           f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls "
           f"{st['target_calls']}")
