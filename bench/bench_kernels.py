@@ -128,40 +128,46 @@ def single_step_loop(variant):
   return step
 
 
-VERIFY_CONFIGS = [(256, 8, 1), (512, 16, 2), (1024, 32, 4), (256, 8, 2)]  # (M1_TILE, M2_ROWS, NUM_WARPS)
+# (MIN_PROGRAMS, NUM_WARPS): the tiling rule of hybrid_jax.pallas.multistep; (0, 1) is the previous default for
+# Mamba-2 (8 rows, 1 warp), (0, None) for Mamba-1 (256 elements, 2 warps).
+VERIFY_CONFIGS = [(0, None), (0, 1), (512, None), (2048, None), (8192, None)]
+
+
+def set_config(cfg):
+  ms.MIN_PROGRAMS, ms.NUM_WARPS = cfg
 
 
 def sweep_verify(sweep_rows):
-  """Time the verify kernel's tile/warp configurations at K = 1, 8 and batch 1, 8; set the best per variant
+  """Time the verify kernel's tiling configurations at K = 1, 8 and batch 1, 8; set the best per variant
   (smallest summed time) in hybrid_jax.pallas.multistep for the table that follows."""
   best = {}
   for variant in ("mamba2", "mamba"):
     totals = {}
     for cfg in VERIFY_CONFIGS:
-      ms.M1_TILE, ms.M2_ROWS, ms.NUM_WARPS = cfg
-      total = 0.0
+      set_config(cfg)
+      total, parts = 0.0, []
       for b in (1, 8):
         for k in (1, 8):
           layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
           t = timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
           sweep_rows.append(dict(variant=variant, cfg=cfg, batch=b, K=k, us=t * 1e6))
           total += t
+          parts.append(f"b{b}K{k} {t * 1e6:.1f}")
       totals[cfg] = total
-      print(f"sweep {variant} tile/rows/warps {cfg}: sum {total * 1e6:.1f} us")
+      print(f"sweep {variant} (MIN_PROGRAMS, NUM_WARPS) {cfg}: sum {total * 1e6:.1f} us ({', '.join(parts)})")
     best[variant] = min(totals, key=totals.get)
   return best
 
 
-def bench_verify(ceiling: float, ks, batches, rows, best=None):
+def bench_verify(ceiling: float, ks, batches, rows, best=None, with_ref=True):
   for variant in ("mamba2", "mamba"):
     if best:
-      ms.M1_TILE, ms.M2_ROWS, ms.NUM_WARPS = best[variant]
-      print(f"verify {variant}: using (M1_TILE, M2_ROWS, NUM_WARPS) = {best[variant]}")
+      set_config(best[variant])
+    print(f"verify {variant}: (MIN_PROGRAMS, NUM_WARPS) = {(ms.MIN_PROGRAMS, ms.NUM_WARPS)}")
     for b in batches:
       base_layers = [verify_inputs(jax.random.PRNGKey(100 + i), variant, b, 1) for i in range(LAYERS)]
       t_single = timeit(device_loop(single_step_loop(variant)), base_layers, calls=3) / LAYERS / REPEAT
       t_single_k1 = timeit(device_loop(verify_step("pallas")), base_layers, calls=3) / LAYERS / REPEAT
-      t_k1 = None
       for k in ks:
         layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
         f = multistep_fn("pallas")
@@ -169,13 +175,13 @@ def bench_verify(ceiling: float, ks, batches, rows, best=None):
         ref = multistep_fn("reference")(layers)
         err = max(max(relerr(o[0], r[0]), relerr(o[1], r[1])) for o, r in zip(out, ref))
         t = timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
-        t_ref = timeit(device_loop(verify_step("reference")), layers, calls=3) / LAYERS / REPEAT
-        t_k1 = t_single_k1
-        byts = (nbytes({kk: v for kk, v in layers[0].items()}) + nbytes(out[0])) 
+        t_ref = (timeit(device_loop(verify_step("reference")), layers, calls=3) / LAYERS / REPEAT if with_ref
+                 else float("nan"))
+        byts = nbytes(layers[0]) + nbytes(out[0])
         rows.append(dict(variant=variant, batch=b, K=k, us_per_layer=t * 1e6, us_ref=t_ref * 1e6,
                          us_single_xla=t_single * 1e6, x_single_xla=t / t_single,
-                         x_k1_kernel=t / t_k1 if t_k1 else float("nan"), MB=byts / 1e6, GBps=byts / t / 1e9, pct_copy=100 * byts / t / ceiling,
-                         err=err))
+                         x_best_1step=t / min(t_single, t_single_k1), x_k1_kernel=t / t_single_k1, MB=byts / 1e6,
+                         GBps=byts / t / 1e9, pct_copy=100 * byts / t / ceiling, err=err))
         r = rows[-1]
         print(f"verify {variant:6s} b={b} K={k:2d}: {r['us_per_layer']:8.1f} us/layer (ref {r['us_ref']:8.1f}, "
               f"1-step XLA {r['us_single_xla']:6.1f}) x{r['x_single_xla']:.2f} vs 1-step, x{r['x_k1_kernel']:.2f} "
@@ -230,6 +236,8 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--out", default="")
   ap.add_argument("--skip", default="", help="comma list of: verify,sweep,scan")
+  ap.add_argument("--bw-batches", default="32", help="extra batches (K = 1, 4, 8; no reference timing) where the "
+                  "verify kernel's bytes are large enough for a bandwidth reading ('' to skip)")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
   ceiling = copy_ceiling()
@@ -238,16 +246,22 @@ def main():
   sweep = []
   if "verify" not in a.skip:
     best = sweep_verify(sweep) if "sweep" not in a.skip else None
+    t0 = time.perf_counter()
     bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), (1, 8), verify, best)
+    if a.bw_batches:
+      bench_verify(ceiling, (1, 4, 8), [int(v) for v in a.bw_batches.split(",")], verify, best, with_ref=False)
+    print(f"[verify table: {time.perf_counter() - t0:.0f} s]")
   if "scan" not in a.skip:
+    t0 = time.perf_counter()
     bench_scan(2, 2048 if not a.quick else 256, scans)
-  print("\n| variant | batch | K | us/layer kernel | us/layer ref | 1-step XLA us | x 1-step | x K=1 kernel "
-        "| MB | GB/s | % copy | err |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"[scan table: {time.perf_counter() - t0:.0f} s]")
+  print("\n| variant | batch | K | us/layer kernel | us/layer ref | 1-step XLA us | x 1-step XLA | x K=1 kernel "
+        "| x best 1-step | MB | GB/s | % copy | err |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in verify:
     print(f"| {r['variant']} | {r['batch']} | {r['K']} | {r['us_per_layer']:.1f} | {r['us_ref']:.1f} | "
-          f"{r['us_single_xla']:.1f} | {r['x_single_xla']:.2f} | {r['x_k1_kernel']:.2f} | {r['MB']:.2f} | "
-          f"{r['GBps']:.0f} | {r['pct_copy']:.0f} | {r['err']:.1e} |")
+          f"{r['us_single_xla']:.1f} | {r['x_single_xla']:.2f} | {r['x_k1_kernel']:.2f} | {r['x_best_1step']:.2f} | "
+          f"{r['MB']:.2f} | {r['GBps']:.0f} | {r['pct_copy']:.0f} | {r['err']:.1e} |")
   print("\n| variant | impl | batch | l | fwd ms | x | fwd+bwd ms | x | err | grad err |")
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in scans:

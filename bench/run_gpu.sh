@@ -44,26 +44,14 @@ for what in "$@"; do
       run sw-b8 $B --variants mamba2 --teacher-dtype bfloat16 --batch 8 --remat dots --json "$OUT/sw-b8.json"
       run sw-mamba $B --variants mamba --teacher-dtype bfloat16 --batch 2 --json "$OUT/sw-mamba.json"
       run sw-mamba-remat $B --variants mamba --teacher-dtype bfloat16 --batch 4 --remat full --json "$OUT/sw-mamba-remat.json" ;;
-    # Case (a) of the speculative benchmark: the distilled default hybrid and its distilled draft, trained here
-    # from the default teacher. The teacher's GGUF (98 MB) is over one call's carry limit, so it comes in parts
-    # (`split -b 48m` into .xfer/): `stash` keeps a call's parts under /tmp/xfer while the machine stays warm,
-    # `spec-default` joins them and checks the sha256 (TEACHER_SHA) before using them.
-    stash) mkdir -p /tmp/xfer && cp -v .xfer/part* /tmp/xfer/ ;;
-    spec-default)
-      G=/tmp/teacher.gguf; cp .xfer/part* /tmp/xfer/ 2>/dev/null; cat /tmp/xfer/part* > $G
-      echo "${TEACHER_SHA:?set TEACHER_SHA} $G" | sha256sum -c || exit 1
-      R=/tmp/runs; T=$R/teacher
-      run convert python3 convert_torch.py $G --output $T
-      run distill python3 train.py --stage=distill --config configs/distill_default.yaml --teacher $T \
-        train.output=$R/distill_default model.dtype=bfloat16
-      run draft python3 train.py --stage=distill --config configs/draft_default.yaml --teacher $T \
-        train.output=$R/draft_default model.dtype=bfloat16
-      python3 -m hybrid_jax.train.summary $R/distill_default | tee "$OUT/distill-summary.txt"
-      python3 -m hybrid_jax.train.summary $R/draft_default | tee "$OUT/draft-summary.txt"
-      run spec-default python3 bench/bench_speculative.py --target $R/distill_default/model \
-        --draft $R/draft_default/model --parts "" --sizes "" --ks 1,2,3,4,6,8 --json "$OUT/spec-default.json"
-      run spec-self python3 bench/bench_speculative.py --target $R/distill_default/model --draft $T \
-        --parts "" --sizes "" --ks 4 --json "$OUT/spec-self.json" ;;
+    # One call of this session: the verify-kernel sweep + tables and the training scans, then the Mamba-1 student's
+    # distill-step row (its MFU was not measured before). Each under its own timeout inside the 10-min call.
+    kernels-train1)
+      T0=$SECONDS
+      run kernels timeout 420 python3 bench/bench_kernels.py --out "$OUT/kernels.json"
+      left=$((560 - (SECONDS - T0)))
+      [ $left -gt 60 ] && run train-mamba timeout $left python3 bench/bench_train.py --models llama1b --variants mamba \
+        --teacher-dtype bfloat16 --batch 2 --seq-len 2048 --steps 5 --json "$OUT/train-mamba.json" ;;
     *) echo "unknown benchmark $what"; exit 2 ;;
   esac
 done

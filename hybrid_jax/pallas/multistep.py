@@ -65,11 +65,43 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
-# Tile sizes and warps (bench/bench_kernels.py sweeps them; the defaults are the H100 pick, docs/KERNELS.md).
-M1_TILE = 256  # Mamba-1 state elements per program (gb * cpg * N)
-M2_ROWS = 8  # Mamba-2 rows of P per program
-NUM_WARPS = None  # None: the per-variant pick below; an int overrides both (the bench sweep sets it)
-M1_WARPS, M2_WARPS = 2, 1
+# Tiling. At batch 1 a layer's state is small (Mamba-1 32K, Mamba-2 128K elements at the 1B shape), and each
+# new step is a short dependent chain (softplus, exp, FMA, a reduction over N): a program per SM runs it at
+# full latency. So the state is split into the smallest tiles that still give at least MIN_PROGRAMS programs
+# (many warps per SM hide the chain's latency); large batches keep the large tiles. bench/bench_kernels.py
+# sweeps MIN_PROGRAMS; the default is its H200 pick (docs/KERNELS.md).
+MIN_PROGRAMS = 2048
+M1_TILE_MAX, M1_TILE_MIN = 256, 32  # Mamba-1 state elements per program (gb groups x cb channels x N)
+M2_ROWS_MAX, M2_ROWS_MIN = 8, 1  # Mamba-2 rows of P per program (x N)
+NUM_WARPS = None  # None: one warp per 128 state elements of the tile (1..4); an int overrides (bench sweep)
+
+
+def _warps(tile_elems: int) -> int:
+  return NUM_WARPS or max(1, min(4, tile_elems // 128))
+
+
+def _m1_tiling(b: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int]:
+  """(gb groups, cb channels) per program: the largest tile <= M1_TILE_MAX that keeps >= MIN_PROGRAMS
+  programs, not below M1_TILE_MIN (or one channel)."""
+  def split(tile):
+    if tile >= cpg_p * n_p:
+      return max(1, min(common.next_pow2(g), tile // (cpg_p * n_p))), cpg_p
+    return 1, max(1, tile // n_p)
+  tile = M1_TILE_MAX
+  while tile > M1_TILE_MIN:
+    gb, cb = split(tile)
+    if b * pl.cdiv(g, gb) * (cpg_p // cb) >= MIN_PROGRAMS or cb == 1:
+      break
+    tile //= 2
+  return split(tile)
+
+
+def _m2_rows(b: int, nh: int, p: int) -> int:
+  """Rows of P per program: the most rows <= M2_ROWS_MAX that keep >= MIN_PROGRAMS programs."""
+  bp = min(M2_ROWS_MAX, common.next_pow2(p))
+  while bp > M2_ROWS_MIN and b * nh * pl.cdiv(p, bp) < MIN_PROGRAMS:
+    bp //= 2
+  return bp
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
@@ -101,8 +133,8 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
 
 
 def _m1_kernel(has_z, *refs):
-  """Mamba-1, one program = one sequence x gb groups of cpg channels; state [gb, cpg, N] in registers.
-  Per step: dt, x [gb, cpg]; B, C [gb, N]."""
+  """Mamba-1, one program = one sequence x gb groups x cb channels of a group; state [gb, cb, N] in
+  registers. Per step: dt, x [gb, cb]; B, C [gb, N]."""
   _verify_body(has_z, *refs[:12], refs[12:],
                decay=lambda dl, a: jnp.exp(dl[:, :, None] * a),
                inject=lambda dl, x, b: (dl * x)[:, :, None] * b[:, None, :],
@@ -124,7 +156,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   g = B.shape[-2]
   cpg = d // g
   cpg_p, n_p = common.next_pow2(cpg), common.next_pow2(n)
-  gb = max(1, min(common.next_pow2(g), M1_TILE // (cpg_p * n_p)))  # small tiles: many programs at batch 1
+  gb, cb = _m1_tiling(b, g, cpg_p, n_p)  # gb > 1 only with whole groups (cb == cpg_p)
   g_p = pl.cdiv(g, gb) * gb
 
   def chan(v):  # [..., d] -> [..., g_p, cpg_p]
@@ -139,22 +171,23 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
                                        cpg_p), -3, g_p)
   a = common.pad_axis(common.pad_axis(common.pad_axis(A.astype(f32).reshape(g, cpg, n), -1, n_p), -2, cpg_p),
                       -3, g_p)
-  steps = lambda kk: pl.BlockSpec((None, kk, gb, cpg_p), lambda i, j: (i, 0, j, 0))
-  gsteps = lambda kk: pl.BlockSpec((None, kk, gb, n_p), lambda i, j: (i, 0, j, 0))
-  chans = pl.BlockSpec((gb, cpg_p), lambda i, j: (j, 0))
-  st_spec = pl.BlockSpec((None, gb, cpg_p, n_p), lambda i, j: (i, j, 0, 0))
+  # grid (sequence, group block, channel block)
+  steps = lambda kk: pl.BlockSpec((None, kk, gb, cb), lambda i, j, c: (i, 0, j, c))
+  gsteps = lambda kk: pl.BlockSpec((None, kk, gb, n_p), lambda i, j, c: (i, 0, j, 0))
+  chans = pl.BlockSpec((gb, cb), lambda i, j, c: (j, c))
+  st_spec = pl.BlockSpec((None, gb, cb, n_p), lambda i, j, c: (i, j, c, 0))
   args = [n_accept.astype(jnp.int32), st, chan(cache_x), chan(cache_dt), grp(cache_B), chan(x), chan(dt), grp(B),
           grp(C), a, chan(D.astype(f32)), chan(dt_bias.astype(f32))]
-  specs = [pl.BlockSpec((1,), lambda i, j: (i,)), st_spec, steps(kc), steps(kc), gsteps(kc), steps(k), steps(k),
-           gsteps(k), gsteps(k), pl.BlockSpec((gb, cpg_p, n_p), lambda i, j: (j, 0, 0)), chans, chans]
+  specs = [pl.BlockSpec((1,), lambda i, j, c: (i,)), st_spec, steps(kc), steps(kc), gsteps(kc), steps(k),
+           steps(k), gsteps(k), gsteps(k), pl.BlockSpec((gb, cb, n_p), lambda i, j, c: (j, c, 0)), chans, chans]
   if z is not None:
     args.append(chan(z))
     specs.append(steps(k))
   y, ck = common.call(
       lambda *r: _m1_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
-      grid=(b, g_p // gb), in_specs=specs, out_specs=(steps(k), st_spec), num_warps=NUM_WARPS or M1_WARPS,
-      interpret=interpret,
+      grid=(b, g_p // gb, cpg_p // cb), in_specs=specs, out_specs=(steps(k), st_spec),
+      num_warps=_warps(gb * cb * n_p), interpret=interpret,
   )(*args)
   return y[:, :, :g, :cpg].reshape(b, k, d), ck[:, :g, :cpg, :n].reshape(b, d, n)
 
@@ -164,7 +197,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   kc, k = cache_x.shape[1], x.shape[1]
   hpg = nh // B.shape[-2]
   n_p = common.next_pow2(n)
-  bp = min(M2_ROWS, common.next_pow2(p))
+  bp = _m2_rows(b, nh, p)
   p_p = pl.cdiv(p, bp) * bp
   rows = lambda v: common.pad_axis(v, -1, p_p)[..., None]  # [b, k, H, P_p, 1]
   grp = lambda v: common.pad_axis(v, -1, n_p)[:, :, :, None, :]  # [b, k, G, 1, N_p]
@@ -186,7 +219,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
       lambda *r: _m2_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
-      num_warps=NUM_WARPS or M2_WARPS,
+      num_warps=_warps(bp * n_p),
       interpret=interpret,
   )(*args)
   return y[:, :, :, :p, 0], ck[:, :, :p, :n]
