@@ -128,43 +128,44 @@ def single_step_loop(variant):
   return step
 
 
-# (MIN_PROGRAMS, NUM_WARPS): the tiling rule of hybrid_jax.pallas.multistep; (0, 1) is the previous default for
-# Mamba-2 (8 rows, 1 warp), (0, None) for Mamba-1 (256 elements, 2 warps).
-VERIFY_CONFIGS = [(0, None), (0, 1), (512, None), (2048, None), (8192, None)]
-
-
-def set_config(cfg):
-  ms.MIN_PROGRAMS, ms.NUM_WARPS = cfg
+# (tile, warps) candidates of hybrid_jax.pallas.multistep (tile = Mamba-1 state elements / Mamba-2 rows of P).
+VERIFY_CONFIGS = {"mamba2": [(1, 1), (4, 4), (8, 4), (16, 4), (32, 4), (8, 1)],
+                  "mamba": [(32, 1), (64, 2), (128, 4), (256, 2), (256, 4), (512, 4)]}
 
 
 def sweep_verify(sweep_rows):
-  """Time the verify kernel's tiling configurations at K = 1, 8 and batch 1, 8; set the best per variant
-  (smallest summed time) in hybrid_jax.pallas.multistep for the table that follows."""
+  """Time the verify kernel's (tile, warps) candidates at K = 1, 8 for batch 1 and 8; returns the best per
+  (variant, batch) (smallest summed time over the two K)."""
   best = {}
-  for variant in ("mamba2", "mamba"):
-    totals = {}
-    for cfg in VERIFY_CONFIGS:
-      set_config(cfg)
-      total, parts = 0.0, []
-      for b in (1, 8):
+  for variant, cfgs in VERIFY_CONFIGS.items():
+    for b in (1, 8):
+      totals = {}
+      for cfg in cfgs:
+        ms.TILE_OVERRIDE = cfg
+        total, parts = 0.0, []
         for k in (1, 8):
           layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
           t = timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
-          sweep_rows.append(dict(variant=variant, cfg=cfg, batch=b, K=k, us=t * 1e6))
+          sweep_rows.append({"variant": variant, "cfg": cfg, "batch": b, "K": k, "us": t * 1e6})
           total += t
-          parts.append(f"b{b}K{k} {t * 1e6:.1f}")
-      totals[cfg] = total
-      print(f"sweep {variant} (MIN_PROGRAMS, NUM_WARPS) {cfg}: sum {total * 1e6:.1f} us ({', '.join(parts)})")
-    best[variant] = min(totals, key=totals.get)
+          parts.append(f"K{k} {t * 1e6:.1f}")
+        totals[cfg] = total
+        print(f"sweep {variant} b={b} (tile, warps) {cfg}: sum {total * 1e6:.1f} us ({', '.join(parts)})")
+      best[variant, b] = min(totals, key=totals.get)
+      print(f"sweep {variant} b={b}: best {best[variant, b]}")
+  ms.TILE_OVERRIDE = None
+  for variant in VERIFY_CONFIGS:
+    name = "M1_TILES" if variant == "mamba" else "M2_TILES"
+    print(f"pick: {name} = ((2, *{best[variant, 1]}), (1 << 30, *{best[variant, 8]}))")
   return best
 
 
 def bench_verify(ceiling: float, ks, batches, rows, best=None, with_ref=True):
   for variant in ("mamba2", "mamba"):
-    if best:
-      set_config(best[variant])
-    print(f"verify {variant}: (MIN_PROGRAMS, NUM_WARPS) = {(ms.MIN_PROGRAMS, ms.NUM_WARPS)}")
     for b in batches:
+      if best:
+        ms.TILE_OVERRIDE = best[variant, 1 if b <= 2 else 8]
+      print(f"verify {variant} b={b}: (tile, warps) = {ms.TILE_OVERRIDE or 'library default'}")
       base_layers = [verify_inputs(jax.random.PRNGKey(100 + i), variant, b, 1) for i in range(LAYERS)]
       t_single = timeit(device_loop(single_step_loop(variant)), base_layers, calls=3) / LAYERS / REPEAT
       t_single_k1 = timeit(device_loop(verify_step("pallas")), base_layers, calls=3) / LAYERS / REPEAT
@@ -236,6 +237,7 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--out", default="")
   ap.add_argument("--skip", default="", help="comma list of: verify,sweep,scan")
+  ap.add_argument("--ref", action="store_true", help="also time the lax.scan reference of each verify call")
   ap.add_argument("--bw-batches", default="32", help="extra batches (K = 1, 4, 8; no reference timing) where the "
                   "verify kernel's bytes are large enough for a bandwidth reading ('' to skip)")
   a = ap.parse_args()
@@ -247,7 +249,7 @@ def main():
   if "verify" not in a.skip:
     best = sweep_verify(sweep) if "sweep" not in a.skip else None
     t0 = time.perf_counter()
-    bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), (1, 8), verify, best)
+    bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), (1, 8), verify, best, with_ref=a.ref)
     if a.bw_batches:
       bench_verify(ceiling, (1, 4, 8), [int(v) for v in a.bw_batches.split(",")], verify, best, with_ref=False)
     print(f"[verify table: {time.perf_counter() - t0:.0f} s]")

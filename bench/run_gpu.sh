@@ -52,6 +52,8 @@ for what in "$@"; do
       left=$((560 - (SECONDS - T0)))
       [ $left -gt 60 ] && run train-mamba timeout $left python3 bench/bench_train.py --models llama1b --variants mamba \
         --teacher-dtype bfloat16 --batch 2 --seq-len 2048 --steps 5 --json "$OUT/train-mamba.json" ;;
+    # Second call: the verify kernel with y gathered in registers, (tile, warps) swept per batch; no scan table.
+    kernels2) run kernels2 timeout 500 python3 bench/bench_kernels.py --skip scan --out "$OUT/kernels2.json" ;;
     *) echo "unknown benchmark $what"; exit 2 ;;
   esac
 done

@@ -192,34 +192,41 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
     assert a is b_ or np.array_equal(np.asarray(a), np.asarray(b_))
 
 
-@pytest.mark.parametrize("min_programs", [0, 1 << 30])
-def test_multistep_tilings(monkeypatch, min_programs):
-  """Both ends of the tiling rule: the largest tiles (several Mamba-1 groups per program, padded groups;
-  8 rows of P) and the smallest (a group's channels split over programs; one row of P per program)."""
-  monkeypatch.setattr(multistep, "MIN_PROGRAMS", min_programs)
+@pytest.mark.parametrize("m1_tile,m2_tile", [((256, 4), (16, 4)), ((32, 1), (1, 1))])
+@pytest.mark.parametrize("acc_y", [True, False])
+def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y):
+  """Both ends of the tiling: large tiles (Mamba-1: several groups per program and padded groups; Mamba-2:
+  more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
+  or stored per step."""
+  monkeypatch.setattr(multistep, "ACC_Y", acc_y)
   ks = jax.random.split(jax.random.PRNGKey(21), 13)
   rn = lambda kk, s: jax.random.normal(kk, s, F32)
-  b, kc, k = 2, 2, 3
+  b, kc, k = 2, 2, 4
   n_acc = jnp.array([2, 1], jnp.int32)
+
+  def check(inp):
+    y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
+    y_ref, ck_ref, _ = multistep.multistep_scan_ref(**inp)
+    assert rel(y, y_ref) <= 1e-5 and rel(ck, ck_ref) <= 1e-5
+
   # Mamba-1: d 48 = 3 groups x 16 channels, N 5 (-> 8): a group is 128 state elements
   d, g, n = 48, 3, 5
   m1 = dict(state=rn(ks[0], (b, d, n)), cache_x=rn(ks[1], (b, kc, d)), cache_dt=rn(ks[2], (b, kc, d)),
             cache_B=rn(ks[3], (b, kc, g, n)), n_accept=n_acc, x=rn(ks[4], (b, k, d)), dt=rn(ks[5], (b, k, d)),
             B=rn(ks[6], (b, k, g, n)), C=rn(ks[7], (b, k, g, n)), A=-jnp.exp(rn(ks[8], (d, n))),
             D=rn(ks[9], (d,)), dt_bias=rn(ks[10], (d,)), z=rn(ks[11], (b, k, d)))
-  gb, cb = multistep._m1_tiling(b, g, 16, 8)
-  assert (gb, cb) == ((2, 16) if min_programs == 0 else (1, 4))
-  # Mamba-2: 2 heads, P 12 (-> 8-row tiles or single rows), N 6
+  monkeypatch.setattr(multistep, "TILE_OVERRIDE", m1_tile)
+  assert multistep._m1_tiling(b, g, 16, 8) == ((2, 16, 4) if m1_tile[0] == 256 else (1, 4, 1))
+  check(m1)
+  # Mamba-2: 2 heads, P 12, N 6: the row tile is capped at next_pow2(P) = 16
   h, p, g2, n2 = 2, 12, 1, 6
   m2 = dict(state=rn(ks[0], (b, h, p, n2)), cache_x=rn(ks[1], (b, kc, h, p)), cache_dt=rn(ks[2], (b, kc, h)),
             cache_B=rn(ks[3], (b, kc, g2, n2)), n_accept=n_acc, x=rn(ks[4], (b, k, h, p)),
             dt=rn(ks[5], (b, k, h)), B=rn(ks[6], (b, k, g2, n2)), C=rn(ks[7], (b, k, g2, n2)),
             A=-jnp.exp(rn(ks[8], (h,))), D=rn(ks[9], (h,)), dt_bias=rn(ks[10], (h,)), z=None)
-  assert multistep._m2_rows(b, h, p) == (8 if min_programs == 0 else 1)
-  for inp in (m1, m2):
-    y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
-    y_ref, ck_ref, _ = multistep.multistep_scan_ref(**inp)
-    assert rel(y, y_ref) <= 1e-5 and rel(ck, ck_ref) <= 1e-5
+  monkeypatch.setattr(multistep, "TILE_OVERRIDE", m2_tile)
+  assert multistep._m2_tiling(b, p) == m2_tile  # 16 rows > P = 12: a padded tile
+  check(m2)
 
 
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])

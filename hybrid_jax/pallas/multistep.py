@@ -65,47 +65,39 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
-# Tiling. At batch 1 a layer's state is small (Mamba-1 32K, Mamba-2 128K elements at the 1B shape), and each
-# new step is a short dependent chain (softplus, exp, FMA, a reduction over N): a program per SM runs it at
-# full latency. So the state is split into the smallest tiles that still give at least MIN_PROGRAMS programs
-# (many warps per SM hide the chain's latency); large batches keep the large tiles. bench/bench_kernels.py
-# sweeps MIN_PROGRAMS; the default is its H200 pick (docs/KERNELS.md).
-MIN_PROGRAMS = 2048
-M1_TILE_MAX, M1_TILE_MIN = 256, 32  # Mamba-1 state elements per program (gb groups x cb channels x N)
-M2_ROWS_MAX, M2_ROWS_MIN = 8, 1  # Mamba-2 rows of P per program (x N)
-NUM_WARPS = None  # None: one warp per 128 state elements of the tile (1..4); an int overrides (bench sweep)
+# Tiling: (tile, warps) per program, by batch size; tile = Mamba-1 state elements (gb groups x cb channels x N)
+# or Mamba-2 rows of P (x N). The first entry whose max_batch >= b applies. Picked on an H200 by the sweep in
+# bench/bench_kernels.py (docs/KERNELS.md): at small batch the chain of per-step work (softplus, exp, the
+# reduction over N) is computed by every thread, so fewer, fuller threads lose to latency and more threads
+# pay that overhead more often; the layouts Triton picks also decide whether a step's B/C need a shuffle.
+M1_TILES = ((2, 64, 2), (1 << 30, 256, 4))  # (max_batch, tile elements, warps)
+M2_TILES = ((2, 8, 4), (1 << 30, 16, 4))  # (max_batch, rows of P, warps)
+TILE_OVERRIDE = None  # (tile, warps) for both variants: the bench sweep sets it
+ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
 
 
-def _warps(tile_elems: int) -> int:
-  return NUM_WARPS or max(1, min(4, tile_elems // 128))
+def _pick(table, b: int) -> tuple[int, int]:
+  if TILE_OVERRIDE is not None:
+    return TILE_OVERRIDE
+  return next((t, w) for max_b, t, w in table if b <= max_b)
 
 
-def _m1_tiling(b: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int]:
-  """(gb groups, cb channels) per program: the largest tile <= M1_TILE_MAX that keeps >= MIN_PROGRAMS
-  programs, not below M1_TILE_MIN (or one channel)."""
-  def split(tile):
-    if tile >= cpg_p * n_p:
-      return max(1, min(common.next_pow2(g), tile // (cpg_p * n_p))), cpg_p
-    return 1, max(1, tile // n_p)
-  tile = M1_TILE_MAX
-  while tile > M1_TILE_MIN:
-    gb, cb = split(tile)
-    if b * pl.cdiv(g, gb) * (cpg_p // cb) >= MIN_PROGRAMS or cb == 1:
-      break
-    tile //= 2
-  return split(tile)
+def _m1_tiling(b: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int, int]:
+  """(gb groups, cb channels, warps) per program; gb > 1 only with whole groups (cb == cpg_p)."""
+  tile, warps = _pick(M1_TILES, b)
+  if tile >= cpg_p * n_p:
+    return max(1, min(common.next_pow2(g), tile // (cpg_p * n_p))), cpg_p, warps
+  return 1, max(1, tile // n_p), warps
 
 
-def _m2_rows(b: int, nh: int, p: int) -> int:
-  """Rows of P per program: the most rows <= M2_ROWS_MAX that keep >= MIN_PROGRAMS programs."""
-  bp = min(M2_ROWS_MAX, common.next_pow2(p))
-  while bp > M2_ROWS_MIN and b * nh * pl.cdiv(p, bp) < MIN_PROGRAMS:
-    bp //= 2
-  return bp
+def _m2_tiling(b: int, p: int) -> tuple[int, int]:
+  """(rows of P, warps) per program."""
+  rows, warps = _pick(M2_TILES, b)
+  return max(1, min(rows, common.next_pow2(p))), warps
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-                 bias_ref, rest, *, decay, inject, read_out):
+                 bias_ref, rest, *, decay, inject, read_out, finish):
   """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
   issued together (a store in between would keep the compiler from hoisting later loads: the refs may
   alias); the step terms that do not depend on h are computed off the dependent chain h = decay * h + u."""
@@ -117,19 +109,38 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   new = [(dt_ref[k], x_ref[k], b_ref[k], c_ref[k], z_ref[k] if has_z else None) for k in range(k_new)]
   h = st_ref[...]
   for k, (dtk, xk, bk) in enumerate(cached):  # (a) replay; steps k >= n_accept become identity steps
-    dl = common.softplus(dtk.astype(f32) + bias)
-    on = k < n_acc
-    h = jnp.where(on, decay(dl, a), 1.0) * h + jnp.where(on, inject(dl, xk.astype(f32), bk.astype(f32)), 0.0)
+    # delta = 0 there: exp(0) = 1 and a zero input, so h passes unchanged (exactly; no select over the state)
+    dl = jnp.where(k < n_acc, common.softplus(dtk.astype(f32) + bias), 0.0)
+    h = decay(dl, a) * h + inject(dl, xk.astype(f32), bk.astype(f32))
   out_ref[...] = h
+  acc = None
   for k, (dtk, xk, bk, ck, zk) in enumerate(new):  # (b) the new steps
     dl = common.softplus(dtk.astype(f32) + bias)
     xk = xk.astype(f32)
     h = decay(dl, a) * h + inject(dl, xk, bk.astype(f32))
-    y = read_out(h, ck.astype(f32)) + dd * xk
+    yk = read_out(h, ck.astype(f32))  # [..., 1]
+    if ACC_Y and k_new == common.next_pow2(k_new):
+      # keep C.h of every step in one register tile (column k), in the layout the reduction produced: one
+      # layout change and one store at the end instead of a shared-memory round trip per step
+      col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
+      acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
+      continue
+    y = yk.reshape(xk.shape) + dd * xk
     if has_z:
       zk = zk.astype(f32)
       y = y * zk * jax.nn.sigmoid(zk)
     y_ref[k] = y.astype(y_ref.dtype)
+  if acc is not None:
+    finish(acc, x_ref, z_ref, dd, y_ref)
+
+
+def _gate_store(y, x_ref, z_ref, dd, y_ref):
+  """y [K, ...] = (C h) + D x, times silu(z) when given, stored in one go."""
+  y = y + dd * x_ref[...].astype(f32)
+  if z_ref is not None:
+    zz = z_ref[...].astype(f32)
+    y = y * zz * jax.nn.sigmoid(zz)
+  y_ref[...] = y.astype(y_ref.dtype)
 
 
 def _m1_kernel(has_z, *refs):
@@ -138,7 +149,8 @@ def _m1_kernel(has_z, *refs):
   _verify_body(has_z, *refs[:12], refs[12:],
                decay=lambda dl, a: jnp.exp(dl[:, :, None] * a),
                inject=lambda dl, x, b: (dl * x)[:, :, None] * b[:, None, :],
-               read_out=lambda h, c: jnp.sum(h * c[:, None, :], axis=-1))
+               read_out=lambda h, c: jnp.sum(h * c[:, None, :], axis=-1, keepdims=True),
+               finish=lambda acc, *r: _gate_store(jnp.transpose(acc, (2, 0, 1)), *r))
 
 
 def _m2_kernel(has_z, *refs):
@@ -147,7 +159,8 @@ def _m2_kernel(has_z, *refs):
   _verify_body(has_z, *refs[:12], refs[12:],
                decay=lambda dl, a: jnp.exp(dl * a),
                inject=lambda dl, x, b: (dl * x) * b,
-               read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True))
+               read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True),
+               finish=lambda acc, *r: _gate_store(jnp.transpose(acc)[:, :, None], *r))
 
 
 def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
@@ -156,7 +169,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   g = B.shape[-2]
   cpg = d // g
   cpg_p, n_p = common.next_pow2(cpg), common.next_pow2(n)
-  gb, cb = _m1_tiling(b, g, cpg_p, n_p)  # gb > 1 only with whole groups (cb == cpg_p)
+  gb, cb, warps = _m1_tiling(b, g, cpg_p, n_p)
   g_p = pl.cdiv(g, gb) * gb
 
   def chan(v):  # [..., d] -> [..., g_p, cpg_p]
@@ -187,7 +200,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
       lambda *r: _m1_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, g_p // gb, cpg_p // cb), in_specs=specs, out_specs=(steps(k), st_spec),
-      num_warps=_warps(gb * cb * n_p), interpret=interpret,
+      num_warps=warps, interpret=interpret,
   )(*args)
   return y[:, :, :g, :cpg].reshape(b, k, d), ck[:, :g, :cpg, :n].reshape(b, d, n)
 
@@ -197,7 +210,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   kc, k = cache_x.shape[1], x.shape[1]
   hpg = nh // B.shape[-2]
   n_p = common.next_pow2(n)
-  bp = _m2_rows(b, nh, p)
+  bp, warps = _m2_tiling(b, p)
   p_p = pl.cdiv(p, bp) * bp
   rows = lambda v: common.pad_axis(v, -1, p_p)[..., None]  # [b, k, H, P_p, 1]
   grp = lambda v: common.pad_axis(v, -1, n_p)[:, :, :, None, :]  # [b, k, G, 1, N_p]
@@ -219,7 +232,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
       lambda *r: _m2_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
-      num_warps=_warps(bp * n_p),
+      num_warps=warps,
       interpret=interpret,
   )(*args)
   return y[:, :, :, :p, 0], ck[:, :, :p, :n]
