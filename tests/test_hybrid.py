@@ -144,6 +144,21 @@ def test_init_copies_attention_into_mixers():
                                     np.asarray(teacher["layers"][i]["self_attn"]["q_proj"]))
 
 
+def test_random_mixer_init_keeps_the_teachers_rest():
+  """mixer_init='random' (the ablation baseline): the mixer's own init (not the attention weights), the same
+  shapes as the attention init, and the teacher's norms/MLPs/embeddings; unknown names are errors."""
+  cfg, teacher, kqvo = make("mamba", (0, 2))
+  rand = init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(1), mixer_init="random")
+  assert jax.tree.structure(rand) == jax.tree.structure(kqvo)
+  m, a = rand["layers"][1]["mamba"], teacher["layers"][1]["self_attn"]
+  assert not np.array_equal(np.asarray(m["in_proj_x"]), np.asarray(a["v_proj"]))
+  np.testing.assert_array_equal(np.asarray(m["A_log"]), np.asarray(kqvo["layers"][1]["mamba"]["A_log"]))
+  np.testing.assert_array_equal(np.asarray(rand["layers"][1]["mlp"]["gate_proj"]),
+                                np.asarray(teacher["layers"][1]["mlp"]["gate_proj"]))
+  with pytest.raises(ConfigError, match="mixer init"):
+    init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(1), mixer_init="zeros")
+
+
 def test_attn_layers_for_fraction_matches_recipes():
   assert attn_layers_for_fraction(32, 0.5) == tuple(range(0, 32, 2))
   assert attn_layers_for_fraction(32, 0.25) == tuple(range(0, 32, 4))

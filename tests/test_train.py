@@ -179,6 +179,32 @@ def test_cli_errors_are_clear(tmp_path, capsys):
   assert not os.path.exists(tmp_path / "out" / "checkpoints")
 
 
+def test_student_from_teacher_options(tmp_path):
+  """model.num_layers makes a shallower student (a draft: the teacher's first layers, norm and head) while the
+  frozen teacher keeps all its layers; model.mixer_init=random leaves the mixers at their own init. Both
+  options name the problem when they cannot apply."""
+  from hybrid_jax.train import cli
+  tdir = _model_dir(tmp_path / "teacher", TEACHER)
+  tp = hybrid.init_params(TEACHER, jax.random.key(0))
+  draft = make_cfg("distill", model={"num_layers": 1, "attn_fraction": 1.0})
+  sp, sc, _, _, frozen = cli.build_models(draft, tdir, None, log=lambda *_: None)
+  assert sc.num_hidden_layers == 1 and len(sp["layers"]) == 1 and not sc.is_hybrid
+  np.testing.assert_array_equal(np.asarray(sp["layers"][0]["self_attn"]["q_proj"]),
+                                np.asarray(tp["layers"][0]["self_attn"]["q_proj"]))
+  assert frozen[1].num_hidden_layers == 2 and len(frozen[0]["layers"]) == 2
+  rand = make_cfg("distill", model={"attn_layers": [0], "mixer_init": "random"})
+  sp, sc, *_ = cli.build_models(rand, tdir, None, log=lambda *_: None)
+  assert sc.attn_layers == (0,)
+  assert not np.array_equal(np.asarray(sp["layers"][1]["mamba"]["B_proj"]),
+                            np.asarray(tp["layers"][1]["self_attn"]["k_proj"]))
+  with pytest.raises(ConfigError, match="num_layers 5"):
+    cli.build_models(make_cfg("distill", model={"num_layers": 5}), tdir, None, log=lambda *_: None)
+  with pytest.raises(ConfigError, match="num_layers"):
+    cli.build_models(make_cfg("distill", model={"num_layers": 1}), tdir, tdir, log=lambda *_: None)
+  with pytest.raises(ConfigError, match="mixer_init"):
+    make_cfg("distill", model={"mixer_init": "zeros"})
+
+
 def test_resume_exact_with_packed_chat_pipeline(teacher_dir, tmp_path):
   """The real data path (chat template, assistant masks, first-fit packing): resume gives the same losses."""
   import json

@@ -48,10 +48,17 @@ def attn_layers_for_fraction(n_layers: int, fraction: float) -> tuple[int, ...]:
   return tuple(sorted({int(i * n_layers / k) for i in range(k)}))
 
 
+MIXER_INITS = ("attention", "random")
+
+
 def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg: ModelConfig,
-                      key: Array) -> dict:
-  """Hybrid params: the teacher's everywhere, Mamba mixers initialised from the replaced attention."""
+                      key: Array, mixer_init: str = "attention") -> dict:
+  """Hybrid params: the teacher's everywhere, Mamba mixers initialised from the replaced attention
+  (mixer_init 'attention', SPEC 2.3) or left at the mixer's own random init ('random': the paper's ablation
+  baseline; norms, MLPs, embeddings and head are still the teacher's)."""
   from hybrid_jax.model import mamba, mamba2
+  if mixer_init not in MIXER_INITS:
+    raise ConfigError(f"mixer init must be one of {MIXER_INITS}, got {mixer_init!r}")
   if teacher_cfg.is_hybrid:
     raise ConfigError("the teacher must be a plain Llama (all attention layers)")
   same = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -71,6 +78,9 @@ def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg
       new["self_attn"] = lp["self_attn"]
     else:
       m = mod.init_mixer(k, hybrid_cfg)
+      if mixer_init == "random":
+        layers.append(dict(new, mamba=m))
+        continue
       a = lp["self_attn"]
       want = {"v_proj": (d_model, hybrid_cfg.d_xb), "k_proj": (d_model, hybrid_cfg.d_xb),
               "q_proj": (d_model, hybrid_cfg.d_inner), "o_proj": (hybrid_cfg.d_inner, d_model)}

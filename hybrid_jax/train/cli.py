@@ -100,6 +100,8 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
       raise ConfigError(f"--teacher {teacher_dir} is a hybrid; the teacher must be a plain Llama")
     teacher = (tp, tc, ttok)
   key = jax.random.key(cfg.train.seed)
+  if init_dir and cfg.model.num_layers is not None:
+    raise ConfigError("model.num_layers applies when the student is made from the teacher, not with --init")
   if init_dir:
     sp, sc, stok = _load(init_dir, "--init")
     if teacher is not None:
@@ -115,7 +117,7 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
         raise ConfigError("changing the attention layout in align needs --teacher")
       # progressive alignment: keep the existing mixers, initialise newly replaced layers from attention
       new_cfg = hybrid_config(teacher[1], want, cfg.model.variant)
-      new = init_from_teacher(teacher[0], teacher[1], new_cfg, key)
+      new = init_from_teacher(teacher[0], teacher[1], new_cfg, key, cfg.model.mixer_init)
       for i in range(new_cfg.num_hidden_layers):
         if "mamba" in sp["layers"][i] and "mamba" in new["layers"][i]:
           new["layers"][i]["mamba"] = sp["layers"][i]["mamba"]
@@ -124,11 +126,16 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
     tokenizer = stok if stok is not None else (teacher[2] if teacher else None)
   else:
     tp, tc, ttok = teacher
+    n = cfg.model.num_layers
+    if n is not None:  # a shallower student (a draft): the teacher's first n layers, its norm and head
+      if n > tc.num_hidden_layers:
+        raise ConfigError(f"model.num_layers {n} > the teacher's {tc.num_hidden_layers} layers")
+      tp, tc = dict(tp, layers=tp["layers"][:n]), tc.replace(num_hidden_layers=n)
     sc = hybrid_config(tc, _target_attn(cfg, tc.num_hidden_layers), cfg.model.variant)
-    sp = init_from_teacher(tp, tc, sc, key)
+    sp = init_from_teacher(tp, tc, sc, key, cfg.model.mixer_init)
     tokenizer = ttok
     log(f"student initialised from teacher {teacher_dir}: attention layers {list(sc.attn_layers)}, "
-        f"{sc.ssm.variant} elsewhere")
+        f"{sc.ssm.variant} elsewhere ({cfg.model.mixer_init} mixer init)")
   sc, sp = _with_dtypes(sc, cfg, sp)
   frozen = None
   if cfg.stage == "dpo":

@@ -4,7 +4,7 @@ Unknown keys are rejected by name and values are checked, so a typo in a recipe 
 
 YAML layout (every section optional; defaults below):
   stage: distill                     # align | distill | sft | dpo
-  model: {variant, attn_fraction | attn_layers, dtype, param_dtype, scan_impl}
+  model: {variant, attn_fraction | attn_layers, dtype, param_dtype, scan_impl, mixer_init, num_layers}
   data:  {paths, seq_len, batch_size, ...}  # hybrid_jax.data.DataConfig (validated there)
   train: {steps, grad_accum, seed, log_every, eval_every, eval_batches,
           save_every, keep_checkpoints, peak_tflops, output}
@@ -35,8 +35,14 @@ class ModelSection:
   dtype: str = "float32"              # compute dtype (bfloat16 on accelerators)
   param_dtype: str = "float32"
   scan_impl: str = "auto"
+  mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (SPEC 2.3) | 'random'
+  num_layers: int | None = None       # keep only the teacher's first N layers (a small draft model); None: all
 
   def __post_init__(self):
+    if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+      raise ConfigError(f"model.num_layers must be a positive integer or null, got {self.num_layers!r}")
+    if self.mixer_init not in ("attention", "random"):
+      raise ConfigError(f"model.mixer_init must be 'attention' or 'random', got {self.mixer_init!r}")
     if self.variant not in ("mamba", "mamba2"):
       raise ConfigError(f"model.variant must be 'mamba' or 'mamba2', got {self.variant!r}")
     if not 0.0 <= self.attn_fraction <= 1.0:
