@@ -192,8 +192,7 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
     assert a is b_ or np.array_equal(np.asarray(a), np.asarray(b_))
 
 
-@pytest.mark.parametrize("m1_tile,m2_tile", [((256, 4), (16, 4)), ((32, 1), (1, 1))])
-@pytest.mark.parametrize("acc_y", [True, False])
+@pytest.mark.parametrize("m1_tile,m2_tile,acc_y", [((256, 4), (16, 4), True), ((32, 1), (1, 1), False)])
 def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y):
   """Both ends of the tiling: large tiles (Mamba-1: several groups per program and padded groups; Mamba-2:
   more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
