@@ -156,7 +156,8 @@ def sweep_verify(sweep_rows):
   ms.TILE_OVERRIDE = None
   for variant in VERIFY_CONFIGS:
     name = "M1_TILES" if variant == "mamba" else "M2_TILES"
-    print(f"pick: {name} = ((2, *{best[variant, 1]}), (1 << 30, *{best[variant, 8]}))")
+    small = getattr(ms, name)[0][0]
+    print(f"pick: {name} = (({small}, *{best[variant, 1]}), (1 << 30, *{best[variant, 8]}))")
   return best
 
 
@@ -164,7 +165,8 @@ def bench_verify(ceiling: float, ks, batches, rows, best=None, with_ref=True):
   for variant in ("mamba2", "mamba"):
     for b in batches:
       if best:
-        ms.TILE_OVERRIDE = best[variant, 1 if b <= 2 else 8]
+        small = b <= (ms.M1_TILES if variant == "mamba" else ms.M2_TILES)[0][0]  # the table's first row
+        ms.TILE_OVERRIDE = best[variant, 1 if small else 8]
       print(f"verify {variant} b={b}: (tile, warps) = {ms.TILE_OVERRIDE or 'library default'}")
       base_layers = [verify_inputs(jax.random.PRNGKey(100 + i), variant, b, 1) for i in range(LAYERS)]
       t_single = timeit(device_loop(single_step_loop(variant)), base_layers, calls=3) / LAYERS / REPEAT

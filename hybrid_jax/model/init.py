@@ -67,8 +67,6 @@ def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg
   if bad:
     raise ConfigError(f"hybrid and teacher configs differ in {bad}")
   mod = mamba if hybrid_cfg.ssm is None or hybrid_cfg.ssm.variant == "mamba" else mamba2
-  dt = hybrid_cfg.params_dtype
-  d_model = hybrid_cfg.hidden_size
   out = {k: v for k, v in teacher_params.items() if k != "layers"}
   layers = []
   for i, (lp, k) in enumerate(zip(teacher_params["layers"],
@@ -78,27 +76,31 @@ def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg
       new["self_attn"] = lp["self_attn"]
     else:
       m = mod.init_mixer(k, hybrid_cfg)
-      if mixer_init == "random":
-        layers.append(dict(new, mamba=m))
-        continue
-      a = lp["self_attn"]
-      want = {"v_proj": (d_model, hybrid_cfg.d_xb), "k_proj": (d_model, hybrid_cfg.d_xb),
-              "q_proj": (d_model, hybrid_cfg.d_inner), "o_proj": (hybrid_cfg.d_inner, d_model)}
-      wrong = {n: tuple(a[n].shape) for n, s in want.items() if tuple(a[n].shape) != s}
-      if wrong:  # e.g. d_inner != H * hd: the attention weights cannot seed the mixer
-        raise ConfigError(f"layer {i}: attention shapes {wrong} do not fit the mixer ({want})")
-      if mod is mamba:
-        m.update(in_proj_x=a["v_proj"].astype(dt), B_proj=a["k_proj"].astype(dt),
-                 C_proj=a["q_proj"].astype(dt), out_proj=a["o_proj"].astype(dt))
-      else:
-        d = mamba2.dims(hybrid_cfg)
-        di, dxb = d["d_inner"], d["d_xb"]
-        w = m["in_proj"]  # [D, z | x | B | C | dt]
-        w = w.at[:, di:di + dxb].set(a["v_proj"].astype(dt))
-        w = w.at[:, di + dxb:di + 2 * dxb].set(a["k_proj"].astype(dt))
-        w = w.at[:, di + 2 * dxb:2 * di + 2 * dxb].set(a["q_proj"].astype(dt))
-        m.update(in_proj=w, out_proj=a["o_proj"].astype(dt))
+      if mixer_init == "attention":
+        _seed_from_attention(m, lp["self_attn"], mod, hybrid_cfg, i)
       new["mamba"] = m
     layers.append(new)
   out["layers"] = layers
   return jax.tree.map(jnp.asarray, out)
+
+
+def _seed_from_attention(m: dict, a: dict, mod, hybrid_cfg: ModelConfig, layer: int) -> None:
+  """In place: the mixer's x / B / C / out projections <- the attention's V / K / Q / O (SPEC 2.3)."""
+  from hybrid_jax.model import mamba, mamba2
+  dt, d_model = hybrid_cfg.params_dtype, hybrid_cfg.hidden_size
+  want = {"v_proj": (d_model, hybrid_cfg.d_xb), "k_proj": (d_model, hybrid_cfg.d_xb),
+          "q_proj": (d_model, hybrid_cfg.d_inner), "o_proj": (hybrid_cfg.d_inner, d_model)}
+  wrong = {n: tuple(a[n].shape) for n, s in want.items() if tuple(a[n].shape) != s}
+  if wrong:  # e.g. d_inner != H * hd: the attention weights cannot seed the mixer
+    raise ConfigError(f"layer {layer}: attention shapes {wrong} do not fit the mixer ({want})")
+  if mod is mamba:
+    m.update(in_proj_x=a["v_proj"].astype(dt), B_proj=a["k_proj"].astype(dt),
+             C_proj=a["q_proj"].astype(dt), out_proj=a["o_proj"].astype(dt))
+  else:
+    d = mamba2.dims(hybrid_cfg)
+    di, dxb = d["d_inner"], d["d_xb"]
+    w = m["in_proj"]  # [D, z | x | B | C | dt]
+    w = w.at[:, di:di + dxb].set(a["v_proj"].astype(dt))
+    w = w.at[:, di + dxb:di + 2 * dxb].set(a["k_proj"].astype(dt))
+    w = w.at[:, di + 2 * dxb:2 * di + 2 * dxb].set(a["q_proj"].astype(dt))
+    m.update(in_proj=w, out_proj=a["o_proj"].astype(dt))

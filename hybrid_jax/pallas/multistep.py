@@ -113,34 +113,32 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     dl = jnp.where(k < n_acc, common.softplus(dtk.astype(f32) + bias), 0.0)
     h = decay(dl, a) * h + inject(dl, xk.astype(f32), bk.astype(f32))
   out_ref[...] = h
+  # power-of-2 K: keep C.h of every step in one register tile (column k), in the layout the reduction
+  # produced: one layout change and one store at the end instead of a shared-memory round trip per step
+  gather = ACC_Y and k_new == common.next_pow2(k_new)
   acc = None
   for k, (dtk, xk, bk, ck, zk) in enumerate(new):  # (b) the new steps
     dl = common.softplus(dtk.astype(f32) + bias)
     xk = xk.astype(f32)
     h = decay(dl, a) * h + inject(dl, xk, bk.astype(f32))
     yk = read_out(h, ck.astype(f32))  # [..., 1]
-    if ACC_Y and k_new == common.next_pow2(k_new):
-      # keep C.h of every step in one register tile (column k), in the layout the reduction produced: one
-      # layout change and one store at the end instead of a shared-memory round trip per step
+    if gather:
       col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
       acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
-      continue
-    y = yk.reshape(xk.shape) + dd * xk
-    if has_z:
-      zk = zk.astype(f32)
-      y = y * zk * jax.nn.sigmoid(zk)
-    y_ref[k] = y.astype(y_ref.dtype)
-  if acc is not None:
-    finish(acc, x_ref, z_ref, dd, y_ref)
+    else:
+      y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
+  if gather:
+    z_all = z_ref[...] if has_z else None
+    y_ref[...] = _gate(finish(acc), x_ref[...].astype(f32), z_all, dd).astype(y_ref.dtype)
 
 
-def _gate_store(y, x_ref, z_ref, dd, y_ref):
-  """y [K, ...] = (C h) + D x, times silu(z) when given, stored in one go."""
-  y = y + dd * x_ref[...].astype(f32)
-  if z_ref is not None:
-    zz = z_ref[...].astype(f32)
-    y = y * zz * jax.nn.sigmoid(zz)
-  y_ref[...] = y.astype(y_ref.dtype)
+def _gate(y, x, z, dd):
+  """(C h) + D x, times silu(z) when given (x f32; z in its input dtype or None)."""
+  y = y + dd * x
+  if z is not None:
+    z = z.astype(f32)
+    y = y * z * jax.nn.sigmoid(z)
+  return y
 
 
 def _m1_kernel(has_z, *refs):
@@ -150,7 +148,7 @@ def _m1_kernel(has_z, *refs):
                decay=lambda dl, a: jnp.exp(dl[:, :, None] * a),
                inject=lambda dl, x, b: (dl * x)[:, :, None] * b[:, None, :],
                read_out=lambda h, c: jnp.sum(h * c[:, None, :], axis=-1, keepdims=True),
-               finish=lambda acc, *r: _gate_store(jnp.transpose(acc, (2, 0, 1)), *r))
+               finish=lambda acc: jnp.transpose(acc, (2, 0, 1)))  # [gb, cb, K] -> [K, gb, cb]
 
 
 def _m2_kernel(has_z, *refs):
@@ -160,7 +158,7 @@ def _m2_kernel(has_z, *refs):
                decay=lambda dl, a: jnp.exp(dl * a),
                inject=lambda dl, x, b: (dl * x) * b,
                read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True),
-               finish=lambda acc, *r: _gate_store(jnp.transpose(acc)[:, :, None], *r))
+               finish=lambda acc: jnp.transpose(acc)[:, :, None])  # [bp, K] -> [K, bp, 1]
 
 
 def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
@@ -192,7 +190,8 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   args = [n_accept.astype(jnp.int32), st, chan(cache_x), chan(cache_dt), grp(cache_B), chan(x), chan(dt), grp(B),
           grp(C), a, chan(D.astype(f32)), chan(dt_bias.astype(f32))]
   specs = [pl.BlockSpec((1,), lambda i, j, c: (i,)), st_spec, steps(kc), steps(kc), gsteps(kc), steps(k),
-           steps(k), gsteps(k), gsteps(k), pl.BlockSpec((gb, cb, n_p), lambda i, j, c: (j, c, 0)), chans, chans]
+           steps(k), gsteps(k), gsteps(k), pl.BlockSpec((gb, cb, n_p), lambda i, j, c: (j, c, 0)), chans,
+           chans]
   if z is not None:
     args.append(chan(z))
     specs.append(steps(k))

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from hybrid_jax.config import ConfigError
+from hybrid_jax.model.init import MIXER_INITS
 
 STAGES = ("align", "distill", "sft", "dpo")
 
@@ -36,13 +37,13 @@ class ModelSection:
   param_dtype: str = "float32"
   scan_impl: str = "auto"
   mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (SPEC 2.3) | 'random'
-  num_layers: int | None = None       # keep only the teacher's first N layers (a small draft model); None: all
+  num_layers: int | None = None       # keep the teacher's first N layers only (a small draft); None: all
 
   def __post_init__(self):
     if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
       raise ConfigError(f"model.num_layers must be a positive integer or null, got {self.num_layers!r}")
-    if self.mixer_init not in ("attention", "random"):
-      raise ConfigError(f"model.mixer_init must be 'attention' or 'random', got {self.mixer_init!r}")
+    if self.mixer_init not in MIXER_INITS:
+      raise ConfigError(f"model.mixer_init must be one of {MIXER_INITS}, got {self.mixer_init!r}")
     if self.variant not in ("mamba", "mamba2"):
       raise ConfigError(f"model.variant must be 'mamba' or 'mamba2', got {self.variant!r}")
     if not 0.0 <= self.attn_fraction <= 1.0:
