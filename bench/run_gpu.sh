@@ -54,6 +54,11 @@ for what in "$@"; do
         --teacher-dtype bfloat16 --batch 2 --seq-len 2048 --steps 5 --json "$OUT/train-mamba.json" ;;
     # Second call: the verify kernel with y gathered in registers, (tile, warps) swept per batch; no scan table.
     kernels2) run kernels2 timeout 500 python3 bench/bench_kernels.py --skip scan --out "$OUT/kernels2.json" ;;
+    # Speculative case (a): the teacher GGUF travels in parts over back-to-back calls on the warm machine:
+    # `stash` keeps this call's .xfer parts in /tmp/stash, `case-a` joins them (sha256-checked) and runs
+    # bench/case_a.sh (distil target + draft, time decoding; ABLATION=1 adds the random-init target).
+    stash) mkdir -p /tmp/stash && cp .xfer/teacher.gguf.part* /tmp/stash/ && ls -la /tmp/stash ;;
+    case-a) run case-a bash bench/case_a.sh ;;
     *) echo "unknown benchmark $what"; exit 2 ;;
   esac
 done
