@@ -59,6 +59,10 @@ for what in "$@"; do
     # bench/case_a.sh (distil target + draft, time decoding; ABLATION=1 adds the random-init target).
     stash) mkdir -p /tmp/stash && cp .xfer/teacher.gguf.part* /tmp/stash/ && ls -la /tmp/stash ;;
     case-a) run case-a bash bench/case_a.sh ;;
+    # The chunked Mamba-2 verify kernel: its (rows, warps) and from-which-K sweep against the per-step kernel,
+    # then the Mamba-2 verify table with the picks (the per-step tiles keep their library tables).
+    kernels3) run kernels3 timeout 480 python3 bench/bench_kernels.py --skip sweep,scan --variants mamba2 \
+                --out "$OUT/kernels3.json" ;;
     *) echo "unknown benchmark $what"; exit 2 ;;
   esac
 done
