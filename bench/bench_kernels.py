@@ -191,7 +191,7 @@ def sweep_chunk(sweep_rows):
         line.append(f"{cfg} {t_chunk[cfg, k] * 1e6:.1f}")
       print(f"sweep-chunk mamba2 b={b} K={k} (us): " + ", ".join(line))
     best = min(CHUNK_CONFIGS, key=lambda c: sum(t_chunk[c, k] for k in CHUNK_KS))
-    min_k = 1 << 30
+    min_k = None  # never, unless it wins from some K on
     for k in sorted(CHUNK_KS, reverse=True):
       if t_chunk[best, k] >= t_seq[k]:
         break

@@ -246,9 +246,10 @@ def test_multistep_chunked_form(monkeypatch, tiling, kc, k, n_accept, z):
 
 def test_multistep_chunk_dispatch(monkeypatch):
   """The batch table picks the chunked form from its min_k on, the per-step kernel below (Mamba-2 only)."""
-  monkeypatch.setattr(multistep, "M2_CHUNK", ((2, 8, 16, 1), (1 << 30, 2, 64, 4)))
+  monkeypatch.setattr(multistep, "M2_CHUNK", ((2, 8, 16, 1), (16, 2, 64, 4), (1 << 30, None, 32, 2)))
   assert multistep._chunk_tiling(1, 4) is None and multistep._chunk_tiling(2, 8) == (16, 1)
-  assert multistep._chunk_tiling(3, 2) == (64, 4) and multistep._chunk_tiling(64, 1) is None
+  assert multistep._chunk_tiling(3, 2) == (64, 4) and multistep._chunk_tiling(16, 1) is None
+  assert multistep._chunk_tiling(64, 16) is None  # min_k None: never
   monkeypatch.setattr(multistep, "CHUNK_OVERRIDE", False)
   assert multistep._chunk_tiling(3, 8) is None
 

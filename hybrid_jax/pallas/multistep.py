@@ -169,8 +169,10 @@ def _m2_kernel(has_z, *refs):
 # i.e. one [P, Kc] x [Kc, N] and three small products per program instead of 3 FMAs per state element and
 # step plus a reduction over N per step. Needs power-of-2 step counts (the wrapper pads).
 # (max_batch, min_k, rows of P, warps): the first row whose max_batch >= b applies; the chunked form is used
-# from min_k new steps on (the per-step kernel below that).
-M2_CHUNK = ((2, 4, 16, 1), (1 << 30, 4, 64, 4))
+# from min_k new steps on (the per-step kernel below that; None: never). On the H200 the per-step kernel was
+# faster at every batch and K swept (docs/KERNELS.md, `bench/run_gpu.sh kernels3`): the chunked form's
+# products stage their operands through shared memory, which costs more than the chain it removes at K <= 16.
+M2_CHUNK = ((2, None, 16, 2), (1 << 30, None, 16, 1))
 CHUNK_OVERRIDE = None  # (rows, warps) to force the chunked form, False to never use it (bench sweep)
 CHUNK_PRECISION = jax.lax.Precision.HIGHEST  # fp32 products (the reference's arithmetic, no TF32)
 
@@ -180,7 +182,7 @@ def _chunk_tiling(b: int, k: int) -> tuple[int, int] | None:
   if CHUNK_OVERRIDE is not None:
     return CHUNK_OVERRIDE or None
   _, min_k, rows, warps = next(row for row in M2_CHUNK if b <= row[0])
-  return (rows, warps) if k >= min_k else None
+  return (rows, warps) if min_k is not None and k >= min_k else None
 
 
 def _m2_chunk_kernel(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
