@@ -128,24 +128,26 @@ def single_step_loop(variant):
   return step
 
 
-# (tile, warps) candidates of hybrid_jax.pallas.multistep (tile = Mamba-1 state elements / Mamba-2 rows of P).
+# (tile, warps) candidates of hybrid_jax.pallas.multistep (tile = Mamba-1 state elements / Mamba-2 rows of P);
+# batches >= 16 (bytes enough for a bandwidth reading) also try larger tiles with more warps.
 VERIFY_CONFIGS = {"mamba2": [(1, 1), (4, 4), (8, 4), (16, 4), (32, 4), (8, 1)],
                   "mamba": [(32, 1), (64, 2), (128, 4), (256, 2), (256, 4), (512, 4)]}
+VERIFY_CONFIGS_LARGE = {"mamba2": [(8, 1), (16, 2), (16, 4), (32, 4), (32, 8), (64, 8)],
+                        "mamba": [(256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8), (512, 2)]}
 
 
-def sweep_verify(sweep_rows):
-  """Time the verify kernel's (tile, warps) candidates at K = 1, 8 for batch 1 and 8; returns the best per
+def sweep_verify(sweep_rows, batches=(1, 8)):
+  """Time the verify kernel's (tile, warps) candidates at K = 1, 8 for each batch; returns the best per
   (variant, batch) (smallest summed time over the two K)."""
   best = {}
-  for variant, cfgs in VERIFY_CONFIGS.items():
-    for b in (1, 8):
+  for variant in VERIFY_CONFIGS:
+    for b in batches:
       totals = {}
-      for cfg in cfgs:
+      for cfg in (VERIFY_CONFIGS_LARGE if b >= 16 else VERIFY_CONFIGS)[variant]:
         ms.TILE_OVERRIDE = cfg
         total, parts = 0.0, []
         for k in (1, 8):
-          layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
-          t = timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
+          t = _verify_time(variant, b, k)
           sweep_rows.append({"variant": variant, "cfg": cfg, "batch": b, "K": k, "us": t * 1e6})
           total += t
           parts.append(f"K{k} {t * 1e6:.1f}")
@@ -156,9 +158,15 @@ def sweep_verify(sweep_rows):
   ms.TILE_OVERRIDE = None
   for variant in VERIFY_CONFIGS:
     name = "M1_TILES" if variant == "mamba" else "M2_TILES"
-    small = getattr(ms, name)[0][0]
-    print(f"pick: {name} = (({small}, *{best[variant, 1]}), (1 << 30, *{best[variant, 8]}))")
+    print(f"pick: {name} for batches {list(batches)}: {[best[variant, b] for b in batches]}")
   return best
+
+
+def _swept_pick(best, variant, b):
+  """The sweep's pick for batch b: that batch's, else the largest swept batch below it (else the smallest)."""
+  swept = sorted(sb for v, sb in best if v == variant)
+  below = [sb for sb in swept if sb <= b]
+  return best[variant, below[-1] if below else swept[0]]
 
 
 # (rows of P, warps) candidates of the chunked Mamba-2 verify kernel (multistep.M2_CHUNK).
@@ -207,8 +215,7 @@ def bench_verify(ceiling: float, ks, batches, rows, best=None, with_ref=True, va
   for variant in variants:
     for b in batches:
       if best:
-        small = b <= (ms.M1_TILES if variant == "mamba" else ms.M2_TILES)[0][0]  # the table's first row
-        ms.TILE_OVERRIDE = best[variant, 1 if small else 8]
+        ms.TILE_OVERRIDE = _swept_pick(best, variant, b)
       print(f"verify {variant} b={b}: (tile, warps) = {ms.TILE_OVERRIDE or 'library default'}")
       base_layers = [verify_inputs(jax.random.PRNGKey(100 + i), variant, b, 1) for i in range(LAYERS)]
       t_single = timeit(device_loop(single_step_loop(variant)), base_layers, calls=3) / LAYERS / REPEAT
@@ -283,6 +290,8 @@ def main():
   ap.add_argument("--out", default="")
   ap.add_argument("--skip", default="", help="comma list of: verify,sweep,sweep-chunk,scan")
   ap.add_argument("--variants", default="mamba2,mamba", help="verify table variants")
+  ap.add_argument("--batches", default="1,8", help="verify table batches (K = 1..16; '' to skip)")
+  ap.add_argument("--sweep-batches", default="1,8", help="batches of the (tile, warps) sweep")
   ap.add_argument("--ref", action="store_true", help="also time the lax.scan reference of each verify call")
   ap.add_argument("--bw-batches", default="32", help="extra batches (K = 1, 4, 8; no reference timing) where the "
                   "verify kernel's bytes are large enough for a bandwidth reading ('' to skip)")
@@ -294,13 +303,15 @@ def main():
   sweep = []
   if "verify" not in a.skip:
     skip = a.skip.split(",")
-    best = sweep_verify(sweep) if "sweep" not in skip else None
+    best = sweep_verify(sweep, [int(v) for v in a.sweep_batches.split(",")]) if "sweep" not in skip else None
     if "sweep-chunk" not in skip:
       sweep_chunk(sweep)
     t0 = time.perf_counter()
     variants = tuple(v for v in a.variants.split(",") if v)
-    bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), (1, 8), verify, best, with_ref=a.ref,
-                 variants=variants)
+    batches = [int(v) for v in a.batches.split(",") if v]
+    if batches:
+      bench_verify(ceiling, (1, 2, 4, 8, 16) if not a.quick else (1, 4), batches, verify, best, with_ref=a.ref,
+                   variants=variants)
     if a.bw_batches:
       bench_verify(ceiling, (1, 4, 8), [int(v) for v in a.bw_batches.split(",")], verify, best, with_ref=False,
                    variants=variants)

@@ -59,6 +59,10 @@ for what in "$@"; do
     # bench/case_a.sh (distil target + draft, time decoding; ABLATION=1 adds the random-init target).
     stash) mkdir -p /tmp/stash && cp .xfer/teacher.gguf.part* /tmp/stash/ && ls -la /tmp/stash ;;
     case-a) run case-a bash bench/case_a.sh ;;
+    # Batch 32 (34 / 10 MB per Mamba-2 / Mamba-1 call: a bandwidth reading): (tile, warps) swept with larger
+    # tiles, then K = 1, 4, 8 at the picks.
+    kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip sweep-chunk,scan --sweep-batches 32 \
+                --batches "" --bw-batches 32 --out "$OUT/kernels4.json" ;;
     # The chunked Mamba-2 verify kernel: its (rows, warps) and from-which-K sweep against the per-step kernel,
     # then the Mamba-2 verify table with the picks (the per-step tiles keep their library tables).
     kernels3) run kernels3 timeout 480 python3 bench/bench_kernels.py --skip sweep,scan --variants mamba2 \
