@@ -59,6 +59,8 @@ for what in "$@"; do
     # bench/case_a.sh (distil target + draft, time decoding; ABLATION=1 adds the random-init target).
     stash) mkdir -p /tmp/stash && cp .xfer/teacher.gguf.part* /tmp/stash/ && ls -la /tmp/stash ;;
     case-a) run case-a bash bench/case_a.sh ;;
+    # Kernel-only GPU time vs wall time per verify call (launch/dependency gaps), from a trace.
+    kernels-prof) run kernels-prof timeout 300 python3 bench/profile_verify.py ;;
     # Batch 32 (34 / 10 MB per Mamba-2 / Mamba-1 call: a bandwidth reading): (tile, warps) swept with larger
     # tiles, then K = 1, 4, 8 at the picks.
     kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip sweep-chunk,scan --sweep-batches 32 \

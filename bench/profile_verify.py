@@ -1,0 +1,78 @@
+"""GPU time of the verify kernel itself vs the wall time per call (bench_kernels' device loop), from a trace.
+
+  python bench/profile_verify.py [--out DIR]
+For each (variant, batch, K) it times the device loop as bench_kernels does, then traces one run of it and
+sums the GPU time of every kernel on the device timeline: `busy` = kernel time per layer and call, `wall` =
+the loop's time per layer and call; wall - busy is launch and dependency latency between kernels, which no
+change inside the kernel can remove. The single-step XLA update (K = 1 reference) is traced the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+
+import jax
+
+sys.path.insert(0, os.path.dirname(__file__))
+import bench_kernels as bk  # noqa: E402
+import profile_summary  # noqa: E402
+
+
+def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
+  """Total GPU kernel time (us) on the busiest device line of the trace, and its per-kernel split."""
+  path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
+  events = profile_summary.load_events(path)
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu = {p for p, n in names.items() if "GPU" in n.upper() and "host" not in n.lower()}
+  threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  lines: dict = collections.defaultdict(collections.Counter)
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu:
+      line = threads.get((e["pid"], e.get("tid")), "")
+      if "XLA" in line:  # the op/module summary lines repeat the stream's kernels
+        continue
+      lines[line][re.sub(r"[._]\d+", "", e.get("name", "?"))[:60]] += e.get("dur", 0)
+  if not lines:  # no device timeline (a CPU run): nothing to split
+    return 0.0, {}
+  busiest = max(lines.values(), key=lambda c: sum(c.values()))
+  return float(sum(busiest.values())), dict(busiest.most_common(4))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="/tmp/prof_verify")
+  a = ap.parse_args()
+  print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
+  rows = []
+  for variant in ("mamba2", "mamba"):
+    for b in (1, 8):
+      cases = [("1-step XLA", 1, bk.single_step_loop(variant))] + [
+          (f"kernel K={k}", k, bk.verify_step("pallas")) for k in (1, 8)]
+      for name, k, step in cases:
+        layers = [bk.verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(bk.LAYERS)]
+        fn = bk.device_loop(step)
+        calls = bk.LAYERS * bk.REPEAT
+        wall = bk.timeit(fn, layers, calls=3) / calls * 1e6
+        d = os.path.join(a.out, f"{variant}_b{b}_{name.replace(' ', '_').replace('=', '')}")
+        jax.block_until_ready(fn(layers))
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+          jax.block_until_ready(fn(layers))
+        busy, split = gpu_time_us(d)
+        busy /= calls
+        rows.append((variant, b, name, wall, busy))
+        top = ", ".join(f"{kname} {us / calls:.2f}" for kname, us in split.items())
+        print(f"{variant:6s} b={b} {name:12s}: wall {wall:6.2f} us/call, GPU busy {busy:6.2f} us/call ({top})")
+  print("\n| variant | batch | what | wall us / layer-call | GPU kernel us / layer-call | gap us |")
+  print("|---|---|---|---|---|---|")
+  for v, b, name, wall, busy in rows:
+    print(f"| {v} | {b} | {name} | {wall:.2f} | {busy:.2f} | {wall - busy:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
