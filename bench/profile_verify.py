@@ -53,7 +53,7 @@ def main() -> None:
   for variant in ("mamba2", "mamba"):
     for b in (1, 8):
       cases = [("1-step XLA", 1, bk.single_step_loop(variant))] + [
-          (f"kernel K={k}", k, bk.verify_step("pallas")) for k in (1, 8)]
+          (f"kernel K={k}", k, bk.verify_step("pallas")) for k in (1, 2, 4, 8)]
       for name, k, step in cases:
         layers = [bk.verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(bk.LAYERS)]
         fn = bk.device_loop(step)
@@ -68,10 +68,11 @@ def main() -> None:
         rows.append((variant, b, name, wall, busy))
         top = ", ".join(f"{kname} {us / calls:.2f}" for kname, us in split.items())
         print(f"{variant:6s} b={b} {name:12s}: wall {wall:6.2f} us/call, GPU busy {busy:6.2f} us/call ({top})")
-  print("\n| variant | batch | what | wall us / layer-call | GPU kernel us / layer-call | gap us |")
-  print("|---|---|---|---|---|---|")
+  print("\n| variant | batch | what | wall us / layer-call | GPU kernel us / layer-call | gap us | wall / 1-step |")
+  print("|---|---|---|---|---|---|---|")
+  one = {(v, b): wall for v, b, name, wall, _ in rows if name == "1-step XLA"}
   for v, b, name, wall, busy in rows:
-    print(f"| {v} | {b} | {name} | {wall:.2f} | {busy:.2f} | {wall - busy:.2f} |")
+    print(f"| {v} | {b} | {name} | {wall:.2f} | {busy:.2f} | {wall - busy:.2f} | {wall / one[v, b]:.2f} |")
 
 
 if __name__ == "__main__":

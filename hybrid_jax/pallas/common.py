@@ -25,12 +25,15 @@ def compiler_params(num_warps: int = 4, num_stages: int = 1):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int = 4, interpret: bool | None = None):
-  """pallas_call with the Triton params on GPU and interpret mode on CPU."""
+def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int = 4, interpret: bool | None = None,
+         input_output_aliases: dict[int, int] | None = None):
+  """pallas_call with the Triton params on GPU and interpret mode on CPU. input_output_aliases {input index:
+  output index}: the output is written over that input's buffer (XLA copies the input first only when the
+  caller still needs it)."""
   interpret = interpret_mode() if interpret is None else interpret
   kw = {} if interpret else {"compiler_params": compiler_params(num_warps)}
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                        interpret=interpret, **kw)
+                        interpret=interpret, input_output_aliases=input_output_aliases or {}, **kw)
 
 
 def next_pow2(n: int) -> int:

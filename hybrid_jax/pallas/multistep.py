@@ -76,6 +76,13 @@ TILE_OVERRIDE = None  # (tile, warps) for both variants: the bench sweep sets it
 ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
 
 
+# The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
+# state tile before it writes the same tile, and in a decode loop the old state is dead after the call, so
+# XLA needs no copy of the state into the loop's buffer (a profile showed one per call: 1.3 us at batch 1,
+# 2.5 us at batch 8 for the Mamba-2 shape, docs/KERNELS.md).
+_STATE_IN_PLACE = {1: 1}
+
+
 def _pick(table, b: int) -> tuple[int, int]:
   if TILE_OVERRIDE is not None:
     return TILE_OVERRIDE
@@ -253,7 +260,7 @@ def _call_m2_chunk(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, 
       lambda *r: _m2_chunk_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k_p, nh, p_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k_p), st_spec),
-      num_warps=warps, interpret=interpret,
+      num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
   )(*args)
   return y[:, :k, :, :p], ck[:, :, :p, :n]
 
@@ -296,7 +303,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
       lambda *r: _m1_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, g_p // gb, cpg_p // cb), in_specs=specs, out_specs=(steps(k), st_spec),
-      num_warps=warps, interpret=interpret,
+      num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
   )(*args)
   return y[:, :, :g, :cpg].reshape(b, k, d), ck[:, :g, :cpg, :n].reshape(b, d, n)
 
@@ -328,8 +335,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
       lambda *r: _m2_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
-      num_warps=warps,
-      interpret=interpret,
+      num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
   )(*args)
   return y[:, :, :, :p, 0], ck[:, :, :p, :n]
 
