@@ -175,6 +175,7 @@ def _m2_kernel(has_z, *refs):
 #   new step k  y_k = exp(s_k) C_k h'^T + sum_{j<=k} exp(s_k - s_j) delta_j (C_k . B_j) x_j + D x_k
 # i.e. one [P, Kc] x [Kc, N] and three small products per program instead of 3 FMAs per state element and
 # step plus a reduction over N per step. Needs power-of-2 step counts (the wrapper pads).
+
 # (max_batch, min_k, rows of P, warps): the first row whose max_batch >= b applies; the chunked form is used
 # from min_k new steps on (the per-step kernel below that; None: never). On the H200 the per-step kernel was
 # faster at every batch and K swept (docs/KERNELS.md, `bench/run_gpu.sh kernels3`): the chunked form's
@@ -194,8 +195,8 @@ def _chunk_tiling(b: int, k: int) -> tuple[int, int] | None:
 
 def _m2_chunk_kernel(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
                      bias_ref, *rest):
-  """One program = one sequence x one head x bp rows of P. Tiles: h [bp, N]; cache x [Kc, bp], dt [Kc],
-  B [Kc, N]; new x, z [K, bp], dt [K], B, C [K, N]; A, D, dt_bias [1, 1]."""
+  """One program = one sequence x one head x bp rows of P. Tiles: h [bp, N]; cache x [Kc, bp], dt [Kc, 1],
+  B [Kc, N]; new x, z [K, bp], dt [K, 1], B, C [K, N]; A, D, dt_bias [1, 1]."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
   a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
   dot = lambda u, v, dims: jax.lax.dot_general(u, v, (dims, ((), ())), precision=CHUNK_PRECISION,
