@@ -169,46 +169,9 @@ def _swept_pick(best, variant, b):
   return best[variant, below[-1] if below else swept[0]]
 
 
-# (rows of P, warps) candidates of the chunked Mamba-2 verify kernel (multistep.M2_CHUNK).
-CHUNK_CONFIGS = [(64, 4), (32, 2), (16, 1), (16, 2), (32, 4), (64, 8)]
-CHUNK_KS = (2, 4, 8)
-
-
 def _verify_time(variant, b, k):
   layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
   return timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
-
-
-def sweep_chunk(sweep_rows):
-  """Mamba-2: the chunked kernel's candidates against the per-step kernel (at its library tiles) for K in
-  CHUNK_KS at batch 1 and 8. Picks per batch the candidate with the smallest summed time and the smallest K
-  from which it beats the per-step kernel at every larger K too; sets multistep.M2_CHUNK to the picks."""
-  picks = []
-  for b in (1, 8):
-    t_seq, t_chunk = {}, {}
-    for k in CHUNK_KS:
-      ms.CHUNK_OVERRIDE = False
-      t_seq[k] = _verify_time("mamba2", b, k)
-      sweep_rows.append({"variant": "mamba2", "kernel": "per-step", "batch": b, "K": k, "us": t_seq[k] * 1e6})
-      line = [f"per-step {t_seq[k] * 1e6:.1f}"]
-      for cfg in CHUNK_CONFIGS:
-        ms.CHUNK_OVERRIDE = cfg
-        t_chunk[cfg, k] = _verify_time("mamba2", b, k)
-        sweep_rows.append({"variant": "mamba2", "kernel": "chunked", "cfg": cfg, "batch": b, "K": k,
-                           "us": t_chunk[cfg, k] * 1e6})
-        line.append(f"{cfg} {t_chunk[cfg, k] * 1e6:.1f}")
-      print(f"sweep-chunk mamba2 b={b} K={k} (us): " + ", ".join(line))
-    best = min(CHUNK_CONFIGS, key=lambda c: sum(t_chunk[c, k] for k in CHUNK_KS))
-    min_k = None  # never, unless it wins from some K on
-    for k in sorted(CHUNK_KS, reverse=True):
-      if t_chunk[best, k] >= t_seq[k]:
-        break
-      min_k = k
-    picks.append((b, min_k, *best))
-    print(f"sweep-chunk mamba2 b={b}: best {best}, chunked from K = {min_k}")
-  ms.CHUNK_OVERRIDE = None
-  ms.M2_CHUNK = ((2, *picks[0][1:]), (1 << 30, *picks[1][1:]))
-  print(f"pick: M2_CHUNK = {ms.M2_CHUNK}")
 
 
 def bench_verify(ceiling: float, ks, batches, rows, best=None, with_ref=True, variants=("mamba2", "mamba")):
@@ -230,13 +193,12 @@ def bench_verify(ceiling: float, ks, batches, rows, best=None, with_ref=True, va
         t_ref = (timeit(device_loop(verify_step("reference")), layers, calls=3) / LAYERS / REPEAT if with_ref
                  else float("nan"))
         byts = nbytes(layers[0]) + nbytes(out[0])
-        kernel = "per-step" if variant == "mamba" or not ms._chunk_tiling(b, k) else f"chunked {ms._chunk_tiling(b, k)}"
-        rows.append(dict(variant=variant, batch=b, K=k, kernel=kernel, us_per_layer=t * 1e6, us_ref=t_ref * 1e6,
+        rows.append(dict(variant=variant, batch=b, K=k, us_per_layer=t * 1e6, us_ref=t_ref * 1e6,
                          us_single_xla=t_single * 1e6, x_single_xla=t / t_single,
                          x_best_1step=t / min(t_single, t_single_k1), x_k1_kernel=t / t_single_k1, MB=byts / 1e6,
                          GBps=byts / t / 1e9, pct_copy=100 * byts / t / ceiling, err=err))
         r = rows[-1]
-        print(f"verify {variant:6s} b={b} K={k:2d} [{kernel}]: {r['us_per_layer']:8.1f} us/layer (ref {r['us_ref']:8.1f}, "
+        print(f"verify {variant:6s} b={b} K={k:2d}: {r['us_per_layer']:8.1f} us/layer (ref {r['us_ref']:8.1f}, "
               f"1-step XLA {r['us_single_xla']:6.1f}) x{r['x_single_xla']:.2f} vs 1-step, x{r['x_k1_kernel']:.2f} "
               f"vs K=1 kernel, {r['MB']:.2f} MB {r['GBps']:.0f} GB/s = {r['pct_copy']:.0f}% copy, err {err:.1e}")
 
@@ -288,7 +250,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--out", default="")
-  ap.add_argument("--skip", default="", help="comma list of: verify,sweep,sweep-chunk,scan")
+  ap.add_argument("--skip", default="", help="comma list of: verify,sweep,scan")
   ap.add_argument("--variants", default="mamba2,mamba", help="verify table variants")
   ap.add_argument("--batches", default="1,8", help="verify table batches (K = 1..16; '' to skip)")
   ap.add_argument("--sweep-batches", default="1,8", help="batches of the (tile, warps) sweep")
@@ -301,11 +263,9 @@ def main():
   print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s (read + write)")
   verify, scans = [], []
   sweep = []
-  if "verify" not in a.skip:
-    skip = a.skip.split(",")
+  skip = a.skip.split(",")
+  if "verify" not in skip:
     best = sweep_verify(sweep, [int(v) for v in a.sweep_batches.split(",")]) if "sweep" not in skip else None
-    if "sweep-chunk" not in skip:
-      sweep_chunk(sweep)
     t0 = time.perf_counter()
     variants = tuple(v for v in a.variants.split(",") if v)
     batches = [int(v) for v in a.batches.split(",") if v]
@@ -316,15 +276,15 @@ def main():
       bench_verify(ceiling, (1, 4, 8), [int(v) for v in a.bw_batches.split(",")], verify, best, with_ref=False,
                    variants=variants)
     print(f"[verify table: {time.perf_counter() - t0:.0f} s]")
-  if "scan" not in a.skip:
+  if "scan" not in skip:
     t0 = time.perf_counter()
     bench_scan(2, 2048 if not a.quick else 256, scans)
     print(f"[scan table: {time.perf_counter() - t0:.0f} s]")
-  print("\n| variant | batch | K | kernel | us/layer | us/layer ref | 1-step XLA us | x 1-step XLA | x K=1 kernel "
+  print("\n| variant | batch | K | us/layer kernel | us/layer ref | 1-step XLA us | x 1-step XLA | x K=1 kernel "
         "| x best 1-step | MB | GB/s | % copy | err |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in verify:
-    print(f"| {r['variant']} | {r['batch']} | {r['K']} | {r['kernel']} | {r['us_per_layer']:.1f} | {r['us_ref']:.1f} | "
+    print(f"| {r['variant']} | {r['batch']} | {r['K']} | {r['us_per_layer']:.1f} | {r['us_ref']:.1f} | "
           f"{r['us_single_xla']:.1f} | {r['x_single_xla']:.2f} | {r['x_k1_kernel']:.2f} | {r['x_best_1step']:.2f} | "
           f"{r['MB']:.2f} | {r['GBps']:.0f} | {r['pct_copy']:.0f} | {r['err']:.1e} |")
   print("\n| variant | impl | batch | l | fwd ms | x | fwd+bwd ms | x | err | grad err |")

@@ -63,12 +63,8 @@ for what in "$@"; do
     kernels-prof) run kernels-prof timeout 300 python3 bench/profile_verify.py ;;
     # Batch 32 (34 / 10 MB per Mamba-2 / Mamba-1 call: a bandwidth reading): (tile, warps) swept with larger
     # tiles, then K = 1, 4, 8 at the picks.
-    kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip sweep-chunk,scan --sweep-batches 32 \
+    kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip scan --sweep-batches 32 \
                 --batches "" --bw-batches 32 --out "$OUT/kernels4.json" ;;
-    # The chunked Mamba-2 verify kernel: its (rows, warps) and from-which-K sweep against the per-step kernel,
-    # then the Mamba-2 verify table with the picks (the per-step tiles keep their library tables).
-    kernels3) run kernels3 timeout 480 python3 bench/bench_kernels.py --skip sweep,scan --variants mamba2 \
-                --out "$OUT/kernels3.json" ;;
     *) echo "unknown benchmark $what"; exit 2 ;;
   esac
 done

@@ -198,7 +198,6 @@ def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y):
   more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
   or stored per step."""
   monkeypatch.setattr(multistep, "ACC_Y", acc_y)
-  monkeypatch.setattr(multistep, "CHUNK_OVERRIDE", False)  # the per-step Mamba-2 kernel (K = 4 would chunk)
   ks = jax.random.split(jax.random.PRNGKey(21), 13)
   rn = lambda kk, s: jax.random.normal(kk, s, F32)
   b, kc, k = 2, 2, 4
@@ -229,42 +228,7 @@ def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y):
   check(m2)
 
 
-@pytest.mark.parametrize("tiling", [(16, 1), (2, 2)])
-@pytest.mark.parametrize("kc,k,n_accept,z", [(3, 4, (0, 2, 3), True), (1, 3, (1, 1, 0), False),
-                                             (8, 8, (8, 3, 0), True), (4, 1, (4, 0, 1), False)])
-def test_multistep_chunked_form(monkeypatch, tiling, kc, k, n_accept, z):
-  """The chunked (matmul) Mamba-2 kernel at any step counts (non-powers of 2 are padded), with a row tile
-  larger than P (16 > 3) or splitting it (2 of 3 rows: a padded last tile), with and without z."""
-  monkeypatch.setattr(multistep, "CHUNK_OVERRIDE", tiling)
-  inp = ms_inputs(jax.random.PRNGKey(kc * 7 + k), "mamba2", 3, kc, k, z=z)
-  inp["n_accept"] = jnp.array(n_accept, jnp.int32)
-  y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
-  y_seq, ck_seq = sequential(inp, "mamba2")
-  assert y.shape == inp["x"].shape and ck.shape == inp["state"].shape
-  assert rel(y, y_seq) <= 1e-5 and rel(ck, ck_seq) <= 1e-5
-
-
-def test_multistep_chunk_dispatch(monkeypatch):
-  """The batch table picks the chunked form from its min_k on, the per-step kernel below (Mamba-2 only)."""
-  monkeypatch.setattr(multistep, "M2_CHUNK", ((2, 8, 16, 1), (16, 2, 64, 4), (1 << 30, None, 32, 2)))
-  assert multistep._chunk_tiling(1, 4) is None and multistep._chunk_tiling(2, 8) == (16, 1)
-  assert multistep._chunk_tiling(3, 2) == (64, 4) and multistep._chunk_tiling(16, 1) is None
-  assert multistep._chunk_tiling(64, 16) is None  # min_k None: never
-  monkeypatch.setattr(multistep, "CHUNK_OVERRIDE", False)
-  assert multistep._chunk_tiling(3, 8) is None
-
-
-@pytest.mark.parametrize("chunk", [False, (16, 1)])
-def test_multistep_bf16_no_z_mamba2(monkeypatch, chunk):
-  monkeypatch.setattr(multistep, "CHUNK_OVERRIDE", chunk)
-  inp = ms_inputs(jax.random.PRNGKey(11), "mamba2", 2, 3, 4, dtype=BF16, z=False)
-  inp["n_accept"] = jnp.array([1, 3], jnp.int32)
-  y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
-  y_ref, ck_ref, _ = multistep.multistep_scan_ref(**inp)
-  assert y.dtype == BF16 and rel(y, y_ref) <= 1e-2 and rel(ck, ck_ref) <= 1e-2
-
-
-@pytest.mark.parametrize("variant", ["mamba"])
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
 def test_multistep_bf16_no_z(variant):
   inp = ms_inputs(jax.random.PRNGKey(11), variant, 2, 3, 4, dtype=BF16, z=False)
   inp["n_accept"] = jnp.array([1, 3], jnp.int32)

@@ -168,104 +168,6 @@ def _m2_kernel(has_z, *refs):
                finish=lambda acc: jnp.transpose(acc)[:, :, None])  # [bp, K] -> [K, bp, 1]
 
 
-# ------------------------------------------------------------------------------------------------
-# Mamba-2, chunked (matmul) form. With a scalar decay per head and step, the K steps of a call need no
-# sequential chain (SSD, SPEC section 2.2): with l_k = delta_k A, s_k = l_1 + ... + l_k,
-#   checkpoint  h' = exp(s_n) h + sum_{j<n} exp(s_n - s_j) delta_j x_j B_j^T     (replay of n = n_accept steps)
-#   new step k  y_k = exp(s_k) C_k h'^T + sum_{j<=k} exp(s_k - s_j) delta_j (C_k . B_j) x_j + D x_k
-# i.e. one [P, Kc] x [Kc, N] and three small products per program instead of 3 FMAs per state element and
-# step plus a reduction over N per step. Needs power-of-2 step counts (the wrapper pads).
-
-# (max_batch, min_k, rows of P, warps): the first row whose max_batch >= b applies; the chunked form is used
-# from min_k new steps on (the per-step kernel below that; None: never). On the H200 the per-step kernel was
-# faster at every batch and K swept (docs/KERNELS.md, `bench/run_gpu.sh kernels3`): the chunked form's
-# products stage their operands through shared memory, which costs more than the chain it removes at K <= 16.
-M2_CHUNK = ((2, None, 16, 2), (1 << 30, None, 16, 1))
-CHUNK_OVERRIDE = None  # (rows, warps) to force the chunked form, False to never use it (bench sweep)
-CHUNK_PRECISION = jax.lax.Precision.HIGHEST  # fp32 products (the reference's arithmetic, no TF32)
-
-
-def _chunk_tiling(b: int, k: int) -> tuple[int, int] | None:
-  """(rows, warps) of the chunked Mamba-2 kernel for batch b and k new steps, or None: the per-step kernel."""
-  if CHUNK_OVERRIDE is not None:
-    return CHUNK_OVERRIDE or None
-  _, min_k, rows, warps = next(row for row in M2_CHUNK if b <= row[0])
-  return (rows, warps) if min_k is not None and k >= min_k else None
-
-
-def _m2_chunk_kernel(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-                     bias_ref, *rest):
-  """One program = one sequence x one head x bp rows of P. Tiles: h [bp, N]; cache x [Kc, bp], dt [Kc, 1],
-  B [Kc, N]; new x, z [K, bp], dt [K, 1], B, C [K, N]; A, D, dt_bias [1, 1]."""
-  z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
-  a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
-  dot = lambda u, v, dims: jax.lax.dot_general(u, v, (dims, ((), ())), precision=CHUNK_PRECISION,
-                                               preferred_element_type=f32)
-  # (a) replay: delta = 0 on steps >= n_accept makes them identity steps, so all Kc steps are summed
-  kc = cx_ref.shape[0]
-  step_c = jax.lax.broadcasted_iota(jnp.int32, (kc, 1), 0)
-  dl_c = jnp.where(step_c < n_ref[0], common.softplus(cdt_ref[...].astype(f32) + bias), 0.0)  # [Kc, 1]
-  l_c = dl_c * a
-  # exp(s_n - s_j) = exp(sum of l_i over i > j): [Kc, Kc] masked sum over i, no cumsum needed
-  later = jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 0) > jax.lax.broadcasted_iota(jnp.int32, (kc, kc), 1)
-  rest_c = jnp.sum(jnp.where(later, l_c, 0.0), axis=0, keepdims=True)  # [1, Kc]: sum_{i > j} l_i
-  w = jnp.transpose(jnp.exp(rest_c)) * dl_c  # [Kc, 1]
-  u = cx_ref[...].astype(f32) * w  # [Kc, bp]
-  total = jnp.sum(l_c, axis=0, keepdims=True)  # [1, 1]
-  h = jnp.exp(total) * st_ref[...] + dot(u, cb_ref[...].astype(f32), ((0,), (0,)))  # [bp, N]
-  out_ref[...] = h
-  # (b) the K new steps from the new checkpoint
-  k = x_ref.shape[0]
-  dl = common.softplus(dt_ref[...].astype(f32) + bias)  # [K, 1]
-  l = dl * a
-  row = jax.lax.broadcasted_iota(jnp.int32, (k, k), 0)
-  col = jax.lax.broadcasted_iota(jnp.int32, (k, k), 1)
-  upto = col <= row  # [k, j]: j <= k
-  s = jnp.sum(jnp.where(upto, jnp.transpose(l), 0.0), axis=1, keepdims=True)  # [K, 1] inclusive cumsum
-  decay = jnp.where(upto, jnp.exp(jnp.where(upto, s - jnp.transpose(s), 0.0)), 0.0) * jnp.transpose(dl)
-  cm = c_ref[...].astype(f32)
-  x = x_ref[...].astype(f32)
-  mix = dot(cm, b_ref[...].astype(f32), ((1,), (1,))) * decay  # [K, K]: (C_k . B_j) exp(s_k - s_j) delta_j
-  y = jnp.exp(s) * dot(cm, h, ((1,), (1,))) + dot(mix, x, ((1,), (0,)))  # [K, bp]
-  y_ref[...] = _gate(y, x, z_ref[...] if has_z else None, dd).astype(y_ref.dtype)
-
-
-def _call_m2_chunk(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
-  b, nh, p, n = state.shape
-  kc, k = cache_x.shape[1], x.shape[1]
-  kc_p, k_p, n_p = common.next_pow2(kc), common.next_pow2(k), common.next_pow2(n)
-  hpg = nh // B.shape[-2]
-  rows, warps = _chunk_tiling(b, k)
-  bp = max(1, min(rows, common.next_pow2(p)))
-  p_p = pl.cdiv(p, bp) * bp
-  # padded steps: cached ones lie past n_accept (identity); new ones only feed their own (dropped) y
-  steps = lambda v, kk: common.pad_axis(v, 1, kk)
-  st = common.pad_axis(common.pad_axis(state.astype(f32), -1, n_p), -2, p_p)
-  rows_of = lambda v, kk: common.pad_axis(steps(v, kk), -1, p_p)  # [b, kk, H, P_p]
-  grp = lambda v, kk: common.pad_axis(steps(v, kk), -1, n_p)  # [b, kk, G, N_p]
-  row_spec = lambda kk: pl.BlockSpec((None, kk, None, bp), lambda i, hh, j: (i, 0, hh, j))
-  dt_spec = lambda kk: pl.BlockSpec((None, kk, None, 1), lambda i, hh, j: (i, 0, hh, 0))
-  grp_spec = lambda kk: pl.BlockSpec((None, kk, None, n_p), lambda i, hh, j: (i, 0, hh // hpg, 0))
-  head = pl.BlockSpec((None, 1, 1), lambda i, hh, j: (hh, 0, 0))
-  st_spec = pl.BlockSpec((None, None, bp, n_p), lambda i, hh, j: (i, hh, j, 0))
-  per_head = lambda v: v.astype(f32).reshape(nh, 1, 1)
-  args = [n_accept.astype(jnp.int32), st, rows_of(cache_x, kc_p), steps(cache_dt, kc_p)[..., None],
-          grp(cache_B, kc_p), rows_of(x, k_p), steps(dt, k_p)[..., None], grp(B, k_p), grp(C, k_p), per_head(A),
-          per_head(D), per_head(dt_bias)]
-  specs = [pl.BlockSpec((1,), lambda i, hh, j: (i,)), st_spec, row_spec(kc_p), dt_spec(kc_p), grp_spec(kc_p),
-           row_spec(k_p), dt_spec(k_p), grp_spec(k_p), grp_spec(k_p), head, head, head]
-  if z is not None:
-    args.append(rows_of(z, k_p))
-    specs.append(row_spec(k_p))
-  y, ck = common.call(
-      lambda *r: _m2_chunk_kernel(z is not None, *r),
-      out_shape=(jax.ShapeDtypeStruct((b, k_p, nh, p_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
-      grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k_p), st_spec),
-      num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
-  )(*args)
-  return y[:, :k, :, :p], ck[:, :, :p, :n]
-
-
 def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
   b, d, n = state.shape
   kc, k = cache_x.shape[1], x.shape[1]
@@ -349,9 +251,6 @@ def multistep_scan(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, 
     return multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z)
   if impl not in ("auto", "pallas"):
     raise ValueError(f"multistep_scan impl must be auto|reference|pallas, got {impl!r}")
-  if state.ndim == 3:
-    call = _call_m1
-  else:
-    call = _call_m2_chunk if _chunk_tiling(state.shape[0], x.shape[1]) else _call_m2
+  call = _call_m1 if state.ndim == 3 else _call_m2
   y, ckpt = call(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret)
   return y, ckpt, (x, dt, B)
