@@ -21,6 +21,26 @@ def load_events(path: str) -> list[dict]:
   return data["traceEvents"] if isinstance(data, dict) else data
 
 
+def device_lines(events: list[dict]) -> tuple[dict, dict]:
+  """Per GPU timeline line (a stream's kernels, or the "XLA Ops" / "XLA Modules" lines that repeat them by
+  HLO name): {line: Counter(kernel kind -> total us)} and {line: Counter(kernel kind -> count)}."""
+  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu_pids = {p for p, n in names.items() if "/device:GPU" in n or "GPU" in n.upper() and "host" not in n}
+  threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  per_line: dict = collections.defaultdict(collections.Counter)
+  per_line_n: dict = collections.defaultdict(collections.Counter)
+  for e in events:
+    if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+      continue
+    line = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
+    key = re.sub(r"[._]\d+", "", e.get("name", "?"))
+    per_line[line][key] += e.get("dur", 0)
+    per_line_n[line][key] += 1
+  return per_line, per_line_n
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("dir")
@@ -30,24 +50,7 @@ def main(argv=None) -> int:
   if not files:
     raise SystemExit(f"no perfetto_trace.json.gz under {a.dir}")
   for path in files:
-    events = load_events(path)
-    # GPU activity lives on the device's "process"; find pids whose name mentions the GPU.
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu_pids = {p for p, n in names.items() if "/device:GPU" in n or "GPU" in n.upper() and "host" not in n}
-    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    # Device timelines: one line per stream (kernel names) plus "XLA Ops" / "XLA Modules" lines (HLO names);
-    # summarise each line separately so nothing is counted twice.
-    per_line: dict = collections.defaultdict(collections.Counter)
-    per_line_n: dict = collections.defaultdict(collections.Counter)
-    for e in events:
-      if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
-        continue
-      line = threads.get((e["pid"], e.get("tid")), str(e.get("tid")))
-      key = re.sub(r"[._]\d+", "", e.get("name", "?"))
-      per_line[line][key] += e.get("dur", 0)
-      per_line_n[line][key] += 1
+    per_line, per_line_n = device_lines(load_events(path))
     print(f"\n{path}")
     for line, total in sorted(per_line.items(), key=lambda kv: -sum(kv[1].values())):
       all_us = sum(total.values())

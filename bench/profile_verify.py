@@ -9,38 +9,25 @@ change inside the kernel can remove. The single-step XLA update (K = 1 reference
 from __future__ import annotations
 
 import argparse
-import collections
 import glob
 import os
-import re
 import sys
 
 import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import bench_kernels as bk  # noqa: E402
-import profile_summary  # noqa: E402
+import bench_kernels as bk
+import profile_summary
 
 
 def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
-  """Total GPU kernel time (us) on the busiest device line of the trace, and its per-kernel split."""
+  """Total GPU kernel time (us) on the busiest stream line of the trace, and its four largest kernel kinds."""
   path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
-  events = profile_summary.load_events(path)
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  gpu = {p for p, n in names.items() if "GPU" in n.upper() and "host" not in n.lower()}
-  threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-  lines: dict = collections.defaultdict(collections.Counter)
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in gpu:
-      line = threads.get((e["pid"], e.get("tid")), "")
-      if "XLA" in line:  # the op/module summary lines repeat the stream's kernels
-        continue
-      lines[line][re.sub(r"[._]\d+", "", e.get("name", "?"))[:60]] += e.get("dur", 0)
-  if not lines:  # no device timeline (a CPU run): nothing to split
+  per_line, _ = profile_summary.device_lines(profile_summary.load_events(path))
+  streams = [c for line, c in per_line.items() if "XLA" not in line]  # the XLA lines repeat the kernels
+  if not streams:  # no device timeline (a CPU run): nothing to split
     return 0.0, {}
-  busiest = max(lines.values(), key=lambda c: sum(c.values()))
+  busiest = max(streams, key=lambda c: sum(c.values()))
   return float(sum(busiest.values())), dict(busiest.most_common(4))
 
 
