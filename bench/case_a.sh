@@ -3,7 +3,7 @@
 # draft (configs/distill_draft_gpu.yaml) from the default teacher, then time greedy decoding with and without
 # the draft (bench_speculative.py part A). STAGES (comma list, default target,draft,spec) picks the parts; stage
 # `random` is the target recipe with random Mamba init (issue 3's initialisation ablation after the same
-# distillation; ABLATION=1 adds it after the others). Called by `bench/run_gpu.sh case-a`.
+# distillation). Called by `bench/run_gpu.sh case-a`.
 #
 # The teacher GGUF (98 MB) is larger than one device call may carry, so it travels in parts
 # (.xfer/teacher.gguf.partNN + .sha256, `split -b 50m -d`) over back-to-back calls; `bench/run_gpu.sh stash`
@@ -44,7 +44,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 fi
 RUNS=${RUNS:-runs}
 T=(python3 train.py --stage=distill --teacher "$TEACHER" --no-progress --overwrite)
-STAGES=",${STAGES:-target,draft,spec}$([ "${ABLATION:-0}" = 1 ] && echo ,random),"
+STAGES=",${STAGES:-target,draft,spec},"
 if [[ $STAGES == *,target,* ]]; then
   step distill-target $(( $(left) - 200 )) "${T[@]}" --config configs/distill_gpu.yaml --output "$RUNS/distill_gpu" \
     "${OV[@]}" || exit 1

@@ -56,7 +56,7 @@ for what in "$@"; do
     kernels2) run kernels2 timeout 500 python3 bench/bench_kernels.py --skip scan --out "$OUT/kernels2.json" ;;
     # Speculative case (a): the teacher GGUF travels in parts over back-to-back calls on the warm machine:
     # `stash` keeps this call's .xfer parts in /tmp/stash, `case-a` joins them (sha256-checked) and runs
-    # bench/case_a.sh (distil target + draft, time decoding; ABLATION=1 adds the random-init target).
+    # bench/case_a.sh (distil target + draft, time decoding; STAGES=random: the random-init target).
     stash) mkdir -p /tmp/stash && cp .xfer/teacher.gguf.part* /tmp/stash/ && ls -la /tmp/stash ;;
     case-a) run case-a bash bench/case_a.sh ;;
     # Kernel-only GPU time vs wall time per verify call (launch/dependency gaps), from a trace.
