@@ -61,6 +61,8 @@ for what in "$@"; do
     case-a) run case-a bash bench/case_a.sh ;;
     # Kernel-only GPU time vs wall time per verify call (launch/dependency gaps), from a trace.
     kernels-prof) run kernels-prof timeout 300 python3 bench/profile_verify.py ;;
+    # The verify tables (K = 1..16, batch 1, 8, 32) at the library's tiles, no sweep, no training scans.
+    kernels-tables) run kernels-tables timeout 400 python3 bench/bench_kernels.py --skip sweep,scan --out "$OUT/kernels-tables.json" ;;
     # Batch 32 (34 / 10 MB per Mamba-2 / Mamba-1 call: a bandwidth reading): (tile, warps) swept with larger
     # tiles, then K = 1, 4, 8 at the picks.
     kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip scan --sweep-batches 32 \
