@@ -17,6 +17,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
+from hybrid_jax.pallas import multistep as ms
 import profile_summary
 
 
@@ -31,22 +32,40 @@ def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
   return float(sum(busiest.values())), dict(busiest.most_common(4))
 
 
+def delta_inside(step):
+  """`step` traced with the softplus/exp of delta inside the kernel (the flag is read at trace time)."""
+  def f(layers):
+    old, ms.DELTA_OUTSIDE = ms.DELTA_OUTSIDE, False
+    try:
+      return step(layers)
+    finally:
+      ms.DELTA_OUTSIDE = old
+  return f
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="/tmp/prof_verify")
+  ap.add_argument("--ks", default="1,2,4,8")
+  ap.add_argument("--ab", action="store_true", help="also the kernel with delta computed inside it "
+                  "(multistep.DELTA_OUTSIDE = False), next to the default")
   a = ap.parse_args()
+  ks = [int(k) for k in a.ks.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
   rows = []
   for variant in ("mamba2", "mamba"):
     for b in (1, 8):
-      cases = [("1-step XLA", 1, bk.single_step_loop(variant))] + [
-          (f"kernel K={k}", k, bk.verify_step("pallas")) for k in (1, 2, 4, 8)]
+      cases = [("1-step XLA", 1, bk.single_step_loop(variant))]
+      for k in ks:
+        cases.append((f"kernel K={k}", k, bk.verify_step("pallas")))
+        if a.ab:
+          cases.append((f"in-kernel delta K={k}", k, delta_inside(bk.verify_step("pallas"))))
       for name, k, step in cases:
         layers = [bk.verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(bk.LAYERS)]
         fn = bk.device_loop(step)
         calls = bk.LAYERS * bk.REPEAT
         wall = bk.timeit(fn, layers, calls=3) / calls * 1e6
-        d = os.path.join(a.out, f"{variant}_b{b}_{name.replace(' ', '_').replace('=', '')}")
+        d = os.path.join(a.out, f"{variant}_b{b}_{name.replace(' ', '_').replace('=', '').replace('-', '_')}")
         jax.block_until_ready(fn(layers))
         with jax.profiler.trace(d, create_perfetto_trace=True):
           jax.block_until_ready(fn(layers))
