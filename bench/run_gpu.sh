@@ -63,10 +63,11 @@ for what in "$@"; do
     kernels-prof) run kernels-prof timeout 300 python3 bench/profile_verify.py ;;
     # The verify tables (K = 1..16, batch 1, 8, 32) at the library's tiles, no sweep, no training scans.
     kernels-tables) run kernels-tables timeout 400 python3 bench/bench_kernels.py --skip sweep,scan --out "$OUT/kernels-tables.json" ;;
-    # delta (softplus, exp2) computed before the verify kernel vs inside it (a trace of both, K = 1, 4, 8), then
-    # the (tile, warps) sweep and the verify tables at the swept picks.
-    kernels6) run kernels6-prof timeout 150 python3 bench/profile_verify.py --ab --ks 1,4,8
-              run kernels6 timeout 420 python3 bench/bench_kernels.py --skip scan --out "$OUT/kernels6.json" ;;
+    # The per-step scalars with fast math vs libdevice (a trace of both, K = 1, 2, 4, 8), then the (tile, warps)
+    # sweep and the verify tables at the swept picks. (kernels6, the same with delta computed in XLA before the
+    # kernel, was this entry's first form: docs/device_logs/kernels6/.)
+    kernels-fast) run kernels-fast-prof timeout 150 python3 bench/profile_verify.py --ab
+                  run kernels-fast timeout 420 python3 bench/bench_kernels.py --skip scan --out "$OUT/kernels-fast.json" ;;
     # Batch 32 (34 / 10 MB per Mamba-2 / Mamba-1 call: a bandwidth reading): (tile, warps) swept with larger
     # tiles, then K = 1, 4, 8 at the picks.
     kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip scan --sweep-batches 32 \

@@ -192,14 +192,14 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
     assert a is b_ or np.array_equal(np.asarray(a), np.asarray(b_))
 
 
-@pytest.mark.parametrize("m1_tile,m2_tile,acc_y,delta_outside", [((256, 4), (16, 4), True, True),
-                                                                 ((32, 1), (1, 1), False, False)])
-def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, delta_outside):
+@pytest.mark.parametrize("m1_tile,m2_tile,acc_y,fast_math", [((256, 4), (16, 4), True, True),
+                                                             ((32, 1), (1, 1), False, False)])
+def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
   """Both ends of the tiling: large tiles (Mamba-1: several groups per program and padded groups; Mamba-2:
   more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
-  or stored per step; delta computed before the kernel or inside it."""
+  or stored per step; the per-step scalars with the fast or the libdevice math."""
   monkeypatch.setattr(multistep, "ACC_Y", acc_y)
-  monkeypatch.setattr(multistep, "DELTA_OUTSIDE", delta_outside)
+  monkeypatch.setattr(multistep, "FAST_MATH", fast_math)
   ks = jax.random.split(jax.random.PRNGKey(21), 13)
   rn = lambda kk, s: jax.random.normal(kk, s, F32)
   b, kc, k = 2, 2, 4
