@@ -68,6 +68,9 @@ for what in "$@"; do
     # kernel, was this entry's first form: docs/device_logs/kernels6/.)
     kernels-fast) run kernels-fast-prof timeout 150 python3 bench/profile_verify.py --ab
                   run kernels-fast timeout 420 python3 bench/bench_kernels.py --skip scan --out "$OUT/kernels-fast.json" ;;
+    # The K-step / 1-step ratio over several input seeds, cases interleaved (the 1-step time differs by up to 25%
+    # between bench_kernels and profile_verify runs of the same call).
+    verify-ratio) run verify-ratio timeout 300 python3 bench/verify_ratio.py --seeds 5 ;;
     # Batch 32 (34 / 10 MB per Mamba-2 / Mamba-1 call: a bandwidth reading): (tile, warps) swept with larger
     # tiles, then K = 1, 4, 8 at the picks.
     kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip scan --sweep-batches 32 \

@@ -70,8 +70,8 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 # bench/bench_kernels.py (docs/KERNELS.md): at small batch the chain of per-step work (softplus, exp, the
 # reduction over N) is computed by every thread, so fewer, fuller threads lose to latency and more threads
 # pay that overhead more often; the layouts Triton picks also decide whether a step's B/C need a shuffle.
-M1_TILES = ((2, 32, 1), (1 << 30, 256, 2))  # (max_batch, tile elements, warps)
-M2_TILES = ((2, 8, 4), (1 << 30, 8, 1))  # (max_batch, rows of P, warps)
+M1_TILES = ((2, 256, 4), (1 << 30, 512, 4))  # (max_batch, tile elements, warps)
+M2_TILES = ((2, 8, 4), (1 << 30, 32, 4))  # (max_batch, rows of P, warps)
 TILE_OVERRIDE = None  # (tile, warps) for both variants: the bench sweep sets it
 ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
 # The per-step scalars with MUFU ex2 and a short series (`_softplus_fast`, exp2 of delta * A log2 e) instead
