@@ -17,8 +17,9 @@ import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
-from hybrid_jax.pallas import multistep as ms
 import profile_summary
+
+from hybrid_jax.pallas import multistep as ms
 
 
 def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
