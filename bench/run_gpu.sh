@@ -71,6 +71,9 @@ for what in "$@"; do
     # The K-step / 1-step ratio over several input seeds, cases interleaved (the 1-step time differs by up to 25%
     # between bench_kernels and profile_verify runs of the same call).
     verify-ratio) run verify-ratio timeout 300 python3 bench/verify_ratio.py --seeds 5 ;;
+    # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
+    verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
+                    --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;
     # Batch 32 (34 / 10 MB per Mamba-2 / Mamba-1 call: a bandwidth reading): (tile, warps) swept with larger
     # tiles, then K = 1, 4, 8 at the picks.
     kernels4) run kernels4 timeout 480 python3 bench/bench_kernels.py --skip scan --sweep-batches 32 \

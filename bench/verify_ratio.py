@@ -17,20 +17,40 @@ import jax
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
 
+from hybrid_jax.pallas import multistep as ms
+
+
+def with_tile(tile, step):
+  """`step` traced with multistep.TILE_OVERRIDE = tile (read at trace time)."""
+  def f(layers):
+    old, ms.TILE_OVERRIDE = ms.TILE_OVERRIDE, tile
+    try:
+      return step(layers)
+    finally:
+      ms.TILE_OVERRIDE = old
+  return f
+
 
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--seeds", type=int, default=4)
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--ks", default="1,2,4,8")
+  ap.add_argument("--variants", default="mamba2,mamba")
+  ap.add_argument("--tiles-mamba2", default="", help="extra (rows x warps) to time, e.g. 64x4,64x8")
+  ap.add_argument("--tiles-mamba", default="", help="extra (elements x warps) to time, e.g. 1024x4")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
   ks = [int(k) for k in a.ks.split(",")]
   print("| variant | batch | what | median us | min-max us | x 1-step (medians) |\n|---|---|---|---|---|---|")
-  for variant in ("mamba2", "mamba"):
+  for variant in a.variants.split(","):
+    extra = getattr(a, f"tiles_{variant}")
+    tiles = [tuple(int(v) for v in t.split("x")) for t in extra.split(",")] if extra else []
     for b in [int(v) for v in a.batches.split(",")]:
       cases = [("1-step XLA", 1, bk.device_loop(bk.single_step_loop(variant)))]
       cases += [(f"kernel K={k}", k, bk.device_loop(bk.verify_step("pallas"))) for k in ks]
+      cases += [(f"tile {t[0]}x{t[1]} K={k}", k, bk.device_loop(with_tile(t, bk.verify_step("pallas"))))
+                for t in tiles for k in ks]
       times = {name: [] for name, _, _ in cases}
       for seed in range(a.seeds):
         for name, k, fn in cases:
