@@ -113,6 +113,18 @@ def verify_step(impl):
   return lambda layers: [ms.multistep_scan(**a, impl=impl)[:2] for a in layers]
 
 
+def with_setting(name: str, value, step):
+  """`step` traced with the module setting multistep.<name> = value (settings are read at trace time)."""
+  def f(layers):
+    old = getattr(ms, name)
+    setattr(ms, name, value)
+    try:
+      return step(layers)
+    finally:
+      setattr(ms, name, old)
+  return f
+
+
 def single_step_loop(variant):
   def step(layers):
     outs = []

@@ -19,8 +19,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
 import profile_summary
 
-from hybrid_jax.pallas import multistep as ms
-
 
 def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
   """Total GPU kernel time (us) on the busiest stream line of the trace, and its four largest kernel kinds."""
@@ -31,17 +29,6 @@ def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
     return 0.0, {}
   busiest = max(streams, key=lambda c: sum(c.values()))
   return float(sum(busiest.values())), dict(busiest.most_common(4))
-
-
-def libdevice_math(step):
-  """`step` traced with multistep.FAST_MATH = False (the flag is read at trace time)."""
-  def f(layers):
-    old, ms.FAST_MATH = ms.FAST_MATH, False
-    try:
-      return step(layers)
-    finally:
-      ms.FAST_MATH = old
-  return f
 
 
 def main() -> None:
@@ -60,7 +47,8 @@ def main() -> None:
       for k in ks:
         cases.append((f"kernel K={k}", k, bk.verify_step("pallas")))
         if a.ab:
-          cases.append((f"libdevice K={k}", k, libdevice_math(bk.verify_step("pallas"))))
+          libdevice = bk.with_setting("FAST_MATH", False, bk.verify_step("pallas"))
+          cases.append((f"libdevice K={k}", k, libdevice))
       for name, k, step in cases:
         layers = [bk.verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(bk.LAYERS)]
         fn = bk.device_loop(step)

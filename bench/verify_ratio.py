@@ -17,19 +17,6 @@ import jax
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
 
-from hybrid_jax.pallas import multistep as ms
-
-
-def with_tile(tile, step):
-  """`step` traced with multistep.TILE_OVERRIDE = tile (read at trace time)."""
-  def f(layers):
-    old, ms.TILE_OVERRIDE = ms.TILE_OVERRIDE, tile
-    try:
-      return step(layers)
-    finally:
-      ms.TILE_OVERRIDE = old
-  return f
-
 
 def main() -> None:
   ap = argparse.ArgumentParser()
@@ -49,8 +36,8 @@ def main() -> None:
     for b in [int(v) for v in a.batches.split(",")]:
       cases = [("1-step XLA", 1, bk.device_loop(bk.single_step_loop(variant)))]
       cases += [(f"kernel K={k}", k, bk.device_loop(bk.verify_step("pallas"))) for k in ks]
-      cases += [(f"tile {t[0]}x{t[1]} K={k}", k, bk.device_loop(with_tile(t, bk.verify_step("pallas"))))
-                for t in tiles for k in ks]
+      tiled = lambda t: bk.device_loop(bk.with_setting("TILE_OVERRIDE", t, bk.verify_step("pallas")))
+      cases += [(f"tile {t[0]}x{t[1]} K={k}", k, tiled(t)) for t in tiles for k in ks]
       times = {name: [] for name, _, _ in cases}
       for seed in range(a.seeds):
         for name, k, fn in cases:
