@@ -50,6 +50,23 @@ def pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
   return jnp.pad(x, widths, constant_values=value)
 
 
+LOG2E = 1.4426950408889634
+
+
 def softplus(v: Array) -> Array:
   """softplus written with ops every Pallas lowering has (log1p(exp) for v <= 20, v above, as torch)."""
   return jnp.where(v > 20.0, v, jnp.log1p(jnp.exp(jnp.minimum(v, 20.0))))
+
+
+def softplus_fast(v: Array) -> Array:
+  """softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = 2 atanh(e / (2 + e)) as
+  its odd series to t^15 (t <= 1/3): one MUFU ex2, a division and 8 FMAs instead of libdevice exp + log1p
+  (what `softplus` lowers to in Triton).
+  Max relative error 2e-6 against float64 on [-30, 30] (the rounding of v log2 e inside exp2)."""
+  e = jnp.exp2(-jnp.abs(v) * LOG2E)
+  t = e / (2.0 + e)
+  t2 = t * t
+  p = 1.0 / 15
+  for c in (1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5, 1.0 / 3, 1.0):
+    p = p * t2 + c
+  return jnp.maximum(v, 0.0) + 2.0 * t * p

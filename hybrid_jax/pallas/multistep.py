@@ -74,11 +74,10 @@ M1_TILES = ((2, 256, 4), (1 << 30, 512, 4))  # (max_batch, tile elements, warps)
 M2_TILES = ((2, 8, 4), (1 << 30, 32, 4))  # (max_batch, rows of P, warps)
 TILE_OVERRIDE = None  # (tile, warps) for both variants: the bench sweep sets it
 ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
-# The per-step scalars with MUFU ex2 and a short series (`_softplus_fast`, exp2 of delta * A log2 e) instead
-# of libdevice exp/log1p: every thread of a program computes them, so they were 17% of the Mamba-2 and 42%
-# of the Mamba-1 kernel's instructions at batch 8, K = 8 (docs/KERNELS.md). False: libdevice, as before.
+# The per-step scalars with MUFU ex2 and a short series (`common.softplus_fast`, exp2 of delta * A log2 e)
+# instead of libdevice exp/log1p: every thread of a program computes them, so they were 17% of the Mamba-2
+# and 42% of the Mamba-1 kernel's instructions at batch 8, K = 8 (docs/KERNELS.md). False: libdevice.
 FAST_MATH = True
-_LOG2E = 1.4426950408889634
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -109,16 +108,16 @@ def _m2_tiling(b: int, p: int) -> tuple[int, int]:
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-                 bias_ref, rest, *, decay, inject, read_out, finish):
+                 bias_ref, rest, *, log_decay, inject, read_out, finish):
   """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
   issued together (a store in between would keep the compiler from hoisting later loads: the refs may
   alias); the step terms that do not depend on h are computed off the dependent chain h = decay * h + u."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
   a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
-  softplus, exp_a = common.softplus, lambda dl: decay(dl, a, jnp.exp)
+  softplus, exp_a = common.softplus, lambda dl: jnp.exp(log_decay(dl, a))
   if FAST_MATH:  # exp(dl a) = exp2(dl (a log2 e)): the scaling once per program, not per step
-    a2 = a * _LOG2E
-    softplus, exp_a = _softplus_fast, lambda dl: decay(dl, a2, jnp.exp2)
+    a2 = a * common.LOG2E
+    softplus, exp_a = common.softplus_fast, lambda dl: jnp.exp2(log_decay(dl, a2))
   n_acc = n_ref[0]
   kc, k_new = cx_ref.shape[0], x_ref.shape[0]
   cached = [(cdt_ref[k], cx_ref[k], cb_ref[k]) for k in range(kc)]
@@ -148,19 +147,6 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     y_ref[...] = _gate(finish(acc), x_ref[...].astype(f32), z_all, dd).astype(y_ref.dtype)
 
 
-def _softplus_fast(v):
-  """softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = 2 atanh(e / (2 + e)) as
-  its odd series to t^15 (t <= 1/3): one MUFU ex2, a division and 8 FMAs instead of libdevice exp + log1p.
-  Max relative error 2e-6 against float64 on [-30, 30] (the rounding of v log2 e inside exp2)."""
-  e = jnp.exp2(-jnp.abs(v) * _LOG2E)
-  t = e / (2.0 + e)
-  t2 = t * t
-  p = 1.0 / 15
-  for c in (1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5, 1.0 / 3, 1.0):
-    p = p * t2 + c
-  return jnp.maximum(v, 0.0) + 2.0 * t * p
-
-
 def _gate(y, x, z, dd):
   """(C h) + D x, times silu(z) when given (x f32; z in its input dtype or None)."""
   y = y + dd * x
@@ -174,7 +160,7 @@ def _m1_kernel(has_z, *refs):
   """Mamba-1, one program = one sequence x gb groups x cb channels of a group; state [gb, cb, N] in
   registers. Per step: dt, x [gb, cb]; B, C [gb, N]."""
   _verify_body(has_z, *refs[:12], refs[12:],
-               decay=lambda dl, a, exp: exp(dl[:, :, None] * a),
+               log_decay=lambda dl, a: dl[:, :, None] * a,
                inject=lambda dl, x, b: (dl * x)[:, :, None] * b[:, None, :],
                read_out=lambda h, c: jnp.sum(h * c[:, None, :], axis=-1, keepdims=True),
                finish=lambda acc: jnp.transpose(acc, (2, 0, 1)))  # [gb, cb, K] -> [K, gb, cb]
@@ -184,7 +170,7 @@ def _m2_kernel(has_z, *refs):
   """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers.
   Per step: dt [1, 1]; x [bp, 1]; B, C [1, N]; A [1, 1]."""
   _verify_body(has_z, *refs[:12], refs[12:],
-               decay=lambda dl, a, exp: exp(dl * a),
+               log_decay=lambda dl, a: dl * a,
                inject=lambda dl, x, b: (dl * x) * b,
                read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True),
                finish=lambda acc: jnp.transpose(acc)[:, :, None])  # [bp, K] -> [K, bp, 1]
