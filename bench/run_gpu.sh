@@ -65,7 +65,7 @@ for what in "$@"; do
     kernels-tables) run kernels-tables timeout 400 python3 bench/bench_kernels.py --skip sweep,scan --out "$OUT/kernels-tables.json" ;;
     # The per-step scalars with fast math vs libdevice (a trace of both, K = 1, 2, 4, 8), then the (tile, warps)
     # sweep and the verify tables at the swept picks. (kernels6, the same with delta computed in XLA before the
-    # kernel, was this entry's first form: docs/device_logs/kernels6/.)
+    # kernel, was this entry's first form: code at commit 2df37f4, logs in docs/device_logs/kernels6/.)
     kernels-fast) run kernels-fast-prof timeout 150 python3 bench/profile_verify.py --ab
                   run kernels-fast timeout 420 python3 bench/bench_kernels.py --skip scan --out "$OUT/kernels-fast.json" ;;
     # The K-step / 1-step ratio over several input seeds, cases interleaved (the 1-step time differs by up to 25%
