@@ -1,0 +1,89 @@
+"""Instruction counts of the verify kernel for sm_90, on a CPU host (no GPU): the numbers docs/KERNELS.md quotes.
+
+  python bench/inspect_verify.py VARIANT BATCH K TILE WARPS --triton-python /path/to/venv/bin/python [--out DIR]
+Step 1 (this interpreter, the project's jax): lower the kernel for CUDA and keep the Triton IR that Pallas
+emits. Step 2 (`--triton-python`: an interpreter with the PyPI `triton` wheel of the GPU image's version,
+3.6; the project's venv does not carry it): compile that IR for GPUTarget("cuda", 90, 32) with num_stages = 1,
+as Pallas does, and print registers and the SASS counts (instructions, shuffles, barriers, MUFU, loads).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+
+def dump_ttir(variant: str, b: int, k: int, tile: int, warps: int, path: str) -> None:
+  sys.path.insert(0, os.path.dirname(__file__))
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+  import bench_kernels as bk
+  import jax
+  from jax._src.pallas.triton import lowering
+
+  from hybrid_jax.pallas import multistep as ms
+
+  lower = lowering.lower_jaxpr_to_triton_module
+
+  def keep_ir(*args, **kw):  # the module Pallas hands to the Triton custom call, as text
+    result = lower(*args, **kw)
+    with open(path, "w") as f:
+      f.write(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  lowering.lower_jaxpr_to_triton_module = keep_ir
+  ms.TILE_OVERRIDE = (tile, warps)
+  inputs = bk.verify_inputs(jax.random.PRNGKey(0), variant, b, k)
+  f = jax.jit(lambda a: ms.multistep_scan(**a, impl="pallas", interpret=False)[:2])
+  f.trace(inputs).lower(lowering_platforms=("cuda",))
+
+
+def compile_and_count(ttir: str, warps: int, out: str) -> None:
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  kernel = triton.compile(ttir, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+  cubin = out + ".cubin"
+  with open(cubin, "wb") as f:
+    f.write(kernel.asm["cubin"])
+  cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+  usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+  sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+  with open(out + ".sass", "w") as f:
+    f.write(sass)
+  # every instruction line starts with its address comment; a predicate (@P0, @!UPT) may precede the opcode
+  ops = collections.Counter(m.split(".")[0] for m in
+                            re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
+  print(" ".join(line.strip() for line in usage.splitlines() if "REG" in line))
+  print("instructions", sum(ops.values()), " ".join(f"{op} {ops[op]}" for op in
+                                                     ("SHFL", "BAR", "MUFU", "LDG", "STG", "STS", "LDS")))
+  print("most common:", ", ".join(f"{op} {n}" for op, n in ops.most_common(8)))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser()
+  ap.add_argument("variant", choices=("mamba", "mamba2"))
+  ap.add_argument("batch", type=int)
+  ap.add_argument("k", type=int)
+  ap.add_argument("tile", type=int, help="Mamba-1 state elements / Mamba-2 rows of P per program")
+  ap.add_argument("warps", type=int)
+  ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
+  ap.add_argument("--out", default="/tmp/inspect_verify")
+  ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python
+  a = ap.parse_args()
+  out = os.path.join(a.out, f"{a.variant}_b{a.batch}_k{a.k}_{a.tile}x{a.warps}")
+  if a.compile:
+    compile_and_count(a.compile, a.warps, out)
+    return
+  if not a.triton_python:
+    ap.error("--triton-python is needed for the compile step")
+  os.makedirs(a.out, exist_ok=True)
+  dump_ttir(a.variant, a.batch, a.k, a.tile, a.warps, out + ".ttir")
+  argv = [a.variant, str(a.batch), str(a.k), str(a.tile), str(a.warps), "--out", a.out]
+  subprocess.run([a.triton_python, __file__, *argv, "--compile", out + ".ttir"], check=True)
+
+
+if __name__ == "__main__":
+  main()
