@@ -71,6 +71,13 @@ for what in "$@"; do
     # The K-step / 1-step ratio over several input seeds, cases interleaved (the 1-step time differs by up to 25%
     # between bench_kernels and profile_verify runs of the same call).
     verify-ratio) run verify-ratio timeout 300 python3 bench/verify_ratio.py --seeds 5 ;;
+    # Tiles cut into parts (part s + 1 loads while part s computes), at batch 8 and 1, then the library's tables.
+    verify-parts)
+      run verify-parts8 timeout 240 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,8 \
+        --tiles-mamba2 32x4x2,64x4x2,64x8x2,32x8x2 --tiles-mamba 1024x4x2,1024x8x2,512x4x2,512x8x2
+      run verify-parts1 timeout 120 python3 bench/verify_ratio.py --seeds 3 --batches 1 --ks 1,8 \
+        --tiles-mamba2 16x4x2,8x4x2 --tiles-mamba 512x4x2,256x4x2
+      run verify-ratio timeout 180 python3 bench/verify_ratio.py --seeds 5 ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;

@@ -3,7 +3,8 @@
   python bench/verify_ratio.py [--seeds 4] [--batches 1,8]
 Each case (1-step XLA, kernel K = 1, 2, 4, 8) is compiled once (bench_kernels' device loop over 8 layers x 50
 calls) and timed on several input seeds, the cases interleaved seed by seed so that clock drift hits all of
-them alike; prints the median and range over seeds of us per layer and call, and the ratio of medians.
+them alike; prints the median and range over seeds of us per layer and call, the ratio of medians, and the
+kernel's relative error against the lax.scan reference (seed 0).
 """
 from __future__ import annotations
 
@@ -24,32 +25,39 @@ def main() -> None:
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--ks", default="1,2,4,8")
   ap.add_argument("--variants", default="mamba2,mamba")
-  ap.add_argument("--tiles-mamba2", default="", help="extra (rows x warps) to time, e.g. 64x4,64x8")
-  ap.add_argument("--tiles-mamba", default="", help="extra (elements x warps) to time, e.g. 1024x4")
+  ap.add_argument("--tiles-mamba2", default="", help="extra rows x warps [x parts] to time, e.g. 64x4,64x4x2")
+  ap.add_argument("--tiles-mamba", default="", help="extra elements x warps [x parts], e.g. 1024x4x2")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
   ks = [int(k) for k in a.ks.split(",")]
-  print("| variant | batch | what | median us | min-max us | x 1-step (medians) |\n|---|---|---|---|---|---|")
+  print("| variant | batch | what | median us | min-max us | x 1-step (medians) | rel. err |\n"
+        "|---|---|---|---|---|---|---|")
+  step = bk.verify_step("pallas")
+  tiled = lambda t: bk.with_setting("TILE_OVERRIDE", t, step)
   for variant in a.variants.split(","):
     extra = getattr(a, f"tiles_{variant}")
     tiles = [tuple(int(v) for v in t.split("x")) for t in extra.split(",")] if extra else []
     for b in [int(v) for v in a.batches.split(",")]:
-      cases = [("1-step XLA", 1, bk.device_loop(bk.single_step_loop(variant)))]
-      cases += [(f"kernel K={k}", k, bk.device_loop(bk.verify_step("pallas"))) for k in ks]
-      tiled = lambda t: bk.device_loop(bk.with_setting("TILE_OVERRIDE", t, bk.verify_step("pallas")))
-      cases += [(f"tile {t[0]}x{t[1]} K={k}", k, tiled(t)) for t in tiles for k in ks]
+      cases = [("1-step XLA", 1, bk.single_step_loop(variant))]
+      cases += [(f"kernel K={k}", k, step) for k in ks]
+      cases += [(f"tile {'x'.join(map(str, t))} K={k}", k, tiled(t)) for t in tiles for k in ks]
+      loops = {name: bk.device_loop(fn) for name, _, fn in cases}
       times = {name: [] for name, _, _ in cases}
+      errs = {}
       for seed in range(a.seeds):
         for name, k, fn in cases:
           layers = [bk.verify_inputs(jax.random.PRNGKey(1000 * seed + 10 * k + i), variant, b, k)
                     for i in range(bk.LAYERS)]
-          times[name].append(bk.timeit(fn, layers, calls=3) / (bk.LAYERS * bk.REPEAT) * 1e6)
+          if seed == 0 and name != "1-step XLA":  # the kernel's y and checkpoint against the lax.scan reference
+            out, ref = jax.jit(fn)(layers), jax.jit(bk.verify_step("reference"))(layers)
+            errs[name] = max(max(bk.relerr(o[0], r[0]), bk.relerr(o[1], r[1])) for o, r in zip(out, ref))
+          times[name].append(bk.timeit(loops[name], layers, calls=3) / (bk.LAYERS * bk.REPEAT) * 1e6)
       one = statistics.median(times["1-step XLA"])
       for name, _, _ in cases:
         t = times[name]
+        err = f"{errs[name]:.1e}" if name in errs else "-"
         print(f"| {variant} | {b} | {name} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} | "
-              f"{statistics.median(t) / one:.2f} |", flush=True)
-
+              f"{statistics.median(t) / one:.2f} | {err} |", flush=True)
 
 if __name__ == "__main__":
   main()

@@ -59,14 +59,20 @@ def softplus(v: Array) -> Array:
 
 
 def softplus_fast(v: Array) -> Array:
-  """softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = 2 atanh(e / (2 + e)) as
-  its odd series to t^15 (t <= 1/3): one MUFU ex2, a division and 8 FMAs instead of libdevice exp + log1p
-  (what `softplus` lowers to in Triton).
+  """softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = 2 atanh(t), t = e / (2 + e)
+  <= 1/3: one MUFU ex2, an approximate division and 4 FMAs instead of libdevice exp + log1p (what `softplus`
+  lowers to in Triton). atanh(t) / t is a cubic in t^2 on [0, 1/9], fitted for minimal relative error
+  (1.6e-7, below the float32 rounding of the rest; the Taylor series needs t^15 for the same).
   Max relative error 2e-6 against float64 on [-30, 30] (the rounding of v log2 e inside exp2)."""
   e = jnp.exp2(-jnp.abs(v) * LOG2E)
   t = e / (2.0 + e)
   t2 = t * t
-  p = 1.0 / 15
-  for c in (1.0 / 13, 1.0 / 11, 1.0 / 9, 1.0 / 7, 1.0 / 5, 1.0 / 3, 1.0):
+  p = _ATANH_OVER_T[0]
+  for c in _ATANH_OVER_T[1:]:
     p = p * t2 + c
   return jnp.maximum(v, 0.0) + 2.0 * t * p
+
+
+# atanh(t) / t ~ sum_i c_i (t^2)^(3 - i) on t^2 in [0, 1/9]: weighted least squares on Chebyshev nodes,
+# reweighted towards the largest relative error (max 1.6e-7 in float64)
+_ATANH_OVER_T = (0.17113005261027958, 0.19794733976026668, 0.33338001301264475, 0.9999998354403593)
