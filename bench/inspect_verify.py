@@ -1,7 +1,7 @@
 """Instruction counts of the verify kernel for sm_90, on a CPU host (no GPU): the numbers docs/KERNELS.md quotes.
 
-  python bench/inspect_verify.py VARIANT BATCH K TILE WARPS --triton-python /path/to/venv/bin/python [--parts S]
-      [--out DIR]
+  python bench/inspect_verify.py VARIANT BATCH K TILE WARPS --triton-python /path/to/venv/bin/python [--out DIR]
+      [--set M2_CHUNKED=0 ...]
 Step 1 (this interpreter, the project's jax): lower the kernel for CUDA and keep the Triton IR that Pallas
 emits. Step 2 (`--triton-python`: an interpreter with the PyPI `triton` wheel of the GPU image's version,
 3.6; the project's venv does not carry it): compile that IR for GPUTarget("cuda", 90, 32) with num_stages = 1,
@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 
-def dump_ttir(variant: str, b: int, k: int, tile: int, warps: int, parts: int, path: str) -> None:
+def dump_ttir(variant: str, b: int, k: int, tile: int, warps: int, settings: dict, path: str) -> None:
   sys.path.insert(0, os.path.dirname(__file__))
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import bench_kernels as bk
@@ -35,7 +35,9 @@ def dump_ttir(variant: str, b: int, k: int, tile: int, warps: int, parts: int, p
     return result
 
   lowering.lower_jaxpr_to_triton_module = keep_ir
-  ms.TILE_OVERRIDE = (tile, warps, parts)
+  ms.TILE_OVERRIDE = (tile, warps)
+  for name, value in settings.items():
+    setattr(ms, name, value)
   inputs = bk.verify_inputs(jax.random.PRNGKey(0), variant, b, k)
   f = jax.jit(lambda a: ms.multistep_scan(**a, impl="pallas", interpret=False)[:2])
   f.trace(inputs).lower(lowering_platforms=("cuda",))
@@ -70,21 +72,24 @@ def main() -> None:
   ap.add_argument("k", type=int)
   ap.add_argument("tile", type=int, help="Mamba-1 state elements / Mamba-2 rows of P per program")
   ap.add_argument("warps", type=int)
-  ap.add_argument("--parts", type=int, default=1, help="parts of a program's tile (multistep tile tables)")
+  ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
+                  help="a multistep switch (ACC_Y, FAST_MATH, M2_CHUNKED) for this compile")
   ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
   ap.add_argument("--out", default="/tmp/inspect_verify")
   ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python
   a = ap.parse_args()
-  out = os.path.join(a.out, f"{a.variant}_b{a.batch}_k{a.k}_{a.tile}x{a.warps}x{a.parts}")
+  settings = {kv.split("=")[0]: bool(int(kv.split("=")[1])) for kv in a.set}
+  tag = "".join(f"_{n}{int(v)}" for n, v in sorted(settings.items()))
+  out = os.path.join(a.out, f"{a.variant}_b{a.batch}_k{a.k}_{a.tile}x{a.warps}{tag}")
   if a.compile:
     compile_and_count(a.compile, a.warps, out)
     return
   if not a.triton_python:
     ap.error("--triton-python is needed for the compile step")
   os.makedirs(a.out, exist_ok=True)
-  dump_ttir(a.variant, a.batch, a.k, a.tile, a.warps, a.parts, out + ".ttir")
-  argv = [a.variant, str(a.batch), str(a.k), str(a.tile), str(a.warps), "--parts", str(a.parts), "--out",
-          a.out]
+  dump_ttir(a.variant, a.batch, a.k, a.tile, a.warps, settings, out + ".ttir")
+  argv = [a.variant, str(a.batch), str(a.k), str(a.tile), str(a.warps), "--out", a.out,
+          *(f"--set={kv}" for kv in a.set)]
   subprocess.run([a.triton_python, __file__, *argv, "--compile", out + ".ttir"], check=True)
 
 

@@ -71,7 +71,16 @@ for what in "$@"; do
     # The K-step / 1-step ratio over several input seeds, cases interleaved (the 1-step time differs by up to 25%
     # between bench_kernels and profile_verify runs of the same call).
     verify-ratio) run verify-ratio timeout 300 python3 bench/verify_ratio.py --seeds 5 ;;
-    # Tiles cut into parts (part s + 1 loads while part s computes), at batch 8 and 1, then the library's tables.
+    # Mamba-2's new steps in the chunked form (three small IEEE dots) against the sequential updates, with a tile
+    # re-sweep at batch 8 and 1, then the acceptance table at the library's tiles.
+    verify-chunked)
+      run verify-chunked8 timeout 220 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 --variants mamba2 \
+        --set M2_CHUNKED=0 --tiles-mamba2 64x4,64x8,16x4,16x2,32x8
+      run verify-chunked1 timeout 170 python3 bench/verify_ratio.py --seeds 3 --batches 1 --ks 1,4,8 --variants mamba2 \
+        --set M2_CHUNKED=0 --tiles-mamba2 4x4,16x4,8x2,4x1
+      run verify-ratio timeout 150 python3 bench/verify_ratio.py --seeds 5 ;;
+    # (2026-12-02, commit 8400072) Tiles cut into parts (part s + 1 loads while part s computes), at batch 8 and
+    # 1, then the library's tables. The parts are gone from the kernel (slower everywhere).
     verify-parts)
       run verify-parts8 timeout 240 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,8 \
         --tiles-mamba2 32x4x2,64x4x2,64x8x2,32x8x2 --tiles-mamba 1024x4x2,1024x8x2,512x4x2,512x8x2

@@ -26,6 +26,8 @@ def main() -> None:
   ap.add_argument("--ks", default="1,2,4,8")
   ap.add_argument("--variants", default="mamba2,mamba")
   ap.add_argument("--tiles-mamba2", default="", help="extra rows x warps [x parts] to time, e.g. 64x4,64x4x2")
+  ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
+                  help="also time the library tiles with a multistep switch flipped (ACC_Y, FAST_MATH, M2_CHUNKED)")
   ap.add_argument("--tiles-mamba", default="", help="extra elements x warps [x parts], e.g. 1024x4x2")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
@@ -41,6 +43,9 @@ def main() -> None:
       cases = [("1-step XLA", 1, bk.single_step_loop(variant))]
       cases += [(f"kernel K={k}", k, step) for k in ks]
       cases += [(f"tile {'x'.join(map(str, t))} K={k}", k, tiled(t)) for t in tiles for k in ks]
+      for kv in a.set:
+        name, value = kv.split("=")
+        cases += [(f"{kv} K={k}", k, bk.with_setting(name, bool(int(value)), step)) for k in ks]
       loops = {name: bk.device_loop(fn) for name, _, fn in cases}
       times = {name: [] for name, _, _ in cases}
       errs = {}

@@ -192,17 +192,18 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
     assert a is b_ or np.array_equal(np.asarray(a), np.asarray(b_))
 
 
-@pytest.mark.parametrize("m1_tile,m2_tile,acc_y,fast_math", [((256, 4), (16, 4), True, True),
-                                                             ((32, 1), (1, 1), False, False),
-                                                             ((256, 4, 2), (16, 4, 2), True, True),
-                                                             ((32, 1, 4), (4, 1, 2), False, True)])
-def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
+@pytest.mark.parametrize("m1_tile,m2_tile,acc_y,fast_math,m2_chunked", [((256, 4), (16, 4), True, True, True),
+                                                                        ((32, 1), (1, 1), False, False, False),
+                                                                        ((256, 4), (4, 1), True, False, True),
+                                                                        ((32, 1), (16, 4), True, True, False)])
+def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math, m2_chunked):
   """Both ends of the tiling: large tiles (Mamba-1: several groups per program and padded groups; Mamba-2:
   more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
-  or stored per step; the per-step scalars with the fast or the libdevice math; a program's tile in one
-  part or cut into parts (Mamba-1 along channels, Mamba-2 along rows)."""
+  or stored per step; the per-step scalars with the fast or the libdevice math; Mamba-2's new steps in the
+  chunked form or as sequential updates."""
   monkeypatch.setattr(multistep, "ACC_Y", acc_y)
   monkeypatch.setattr(multistep, "FAST_MATH", fast_math)
+  monkeypatch.setattr(multistep, "M2_CHUNKED", m2_chunked)
   ks = jax.random.split(jax.random.PRNGKey(21), 13)
   rn = lambda kk, s: jax.random.normal(kk, s, F32)
   b, kc, k = 2, 2, 4
@@ -220,8 +221,7 @@ def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
             B=rn(ks[6], (b, k, g, n)), C=rn(ks[7], (b, k, g, n)), A=-jnp.exp(rn(ks[8], (d, n))),
             D=rn(ks[9], (d,)), dt_bias=rn(ks[10], (d,)), z=rn(ks[11], (b, k, d)))
   monkeypatch.setattr(multistep, "TILE_OVERRIDE", m1_tile)
-  parts = m1_tile[2] if len(m1_tile) > 2 else 1
-  assert multistep._m1_tiling(b, g, 16, 8) == ((2, 16, 4, parts) if m1_tile[0] == 256 else (1, 4, 1, parts))
+  assert multistep._m1_tiling(b, g, 16, 8) == ((2, 16, 4) if m1_tile[0] == 256 else (1, 4, 1))
   check(m1)
   # Mamba-2: 2 heads, P 12, N 6: the row tile is capped at next_pow2(P) = 16
   h, p, g2, n2 = 2, 12, 1, 6
@@ -230,7 +230,7 @@ def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
             dt=rn(ks[5], (b, k, h)), B=rn(ks[6], (b, k, g2, n2)), C=rn(ks[7], (b, k, g2, n2)),
             A=-jnp.exp(rn(ks[8], (h,))), D=rn(ks[9], (h,)), dt_bias=rn(ks[10], (h,)), z=None)
   monkeypatch.setattr(multistep, "TILE_OVERRIDE", m2_tile)
-  assert multistep._m2_tiling(b, p) == (*m2_tile, 1)[:3]  # 16 rows > P = 12: a padded tile
+  assert multistep._m2_tiling(b, p) == m2_tile  # 16 rows > P = 12: a padded tile
   check(m2)
 
 

@@ -65,22 +65,23 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
-# Tiling: (tile, warps, parts) per program, by batch size; tile = Mamba-1 state elements (gb groups x cb
-# channels x N) or Mamba-2 rows of P (x N); the program works through its tile in `parts` parts, loading part
-# s + 1 while part s computes its new steps (at batch <= 8 one wave of programs fills the GPU, so with a
-# single part every program loads, then computes, then stores, and HBM idles while the SMs compute). The
-# first entry whose max_batch >= b applies. Picked on an H200 by the sweeps in bench/ (docs/KERNELS.md): at
-# small batch the chain of per-step work (softplus, exp, the reduction over N) is computed by every thread, so
-# fewer, fuller threads lose to latency and more threads pay that overhead more often; the layouts Triton
-# picks also decide whether a step's B/C need a shuffle.
-M1_TILES = ((2, 256, 4, 1), (1 << 30, 512, 4, 1))  # (max_batch, tile elements, warps, parts)
-M2_TILES = ((2, 8, 4, 1), (1 << 30, 32, 4, 1))  # (max_batch, rows of P, warps, parts)
-TILE_OVERRIDE = None  # (tile, warps) or (tile, warps, parts) for both variants: the bench sweeps set it
+# Tiling: (tile, warps) per program, by batch size (tile = Mamba-1 state elements, gb groups x cb channels x N,
+# or Mamba-2 rows of P, x N); the first entry whose max_batch >= b applies. Picked on an H200 by the sweeps in
+# bench/ (docs/KERNELS.md): at small batch the chain of per-step work (softplus, exp, the reduction over N) is
+# computed by every thread, so fewer, fuller threads lose to latency and more threads pay that overhead more
+# often; the layouts Triton picks also decide whether a step's B/C need a shuffle. (Cutting a program's tile
+# into parts, the next part's loads in flight while a part computes, was slower at every tile tried.)
+M1_TILES = ((2, 256, 4), (1 << 30, 512, 4))  # (max_batch, tile elements, warps)
+M2_TILES = ((2, 8, 4), (1 << 30, 32, 4))  # (max_batch, rows of P, warps)
+TILE_OVERRIDE = None  # (tile, warps) for both variants: the bench sweeps set it
 ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
 # The per-step scalars with MUFU ex2 and a short series (`common.softplus_fast`, exp2 of delta * A log2 e)
 # instead of libdevice exp/log1p: every thread of a program computes them, so they were 17% of the Mamba-2
 # and 42% of the Mamba-1 kernel's instructions at batch 8, K = 8 (docs/KERNELS.md). False: libdevice.
 FAST_MATH = True
+# Mamba-2, power-of-2 K: the new steps in the chunked (SSD) form, y = exp(S) (C h0) + (L o C B^T) x with the
+# states of the new steps never formed (they are not kept), instead of K sequential state updates.
+M2_CHUNKED = True
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -90,125 +91,91 @@ FAST_MATH = True
 _STATE_IN_PLACE = {1: 1}
 
 
-def _pick(table, b: int) -> tuple[int, int, int]:
+def _pick(table, b: int) -> tuple[int, int]:
   if TILE_OVERRIDE is not None:
-    return (*TILE_OVERRIDE, 1)[:3]
-  return next((t, w, s) for max_b, t, w, s in table if b <= max_b)
+    return TILE_OVERRIDE
+  return next((t, w) for max_b, t, w in table if b <= max_b)
 
 
-def _m1_tiling(b: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int, int, int]:
-  """(gb groups, cb channels, warps, parts) per program; gb > 1 only with whole groups (cb == cpg_p); the
-  parts split the channels."""
-  tile, warps, parts = _pick(M1_TILES, b)
+def _m1_tiling(b: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int, int]:
+  """(gb groups, cb channels, warps) per program; gb > 1 only with whole groups (cb == cpg_p)."""
+  tile, warps = _pick(M1_TILES, b)
   if tile >= cpg_p * n_p:
-    gb, cb = max(1, min(common.next_pow2(g), tile // (cpg_p * n_p))), cpg_p
-  else:
-    gb, cb = 1, max(1, tile // n_p)
-  return gb, cb, warps, min(parts, cb)
+    return max(1, min(common.next_pow2(g), tile // (cpg_p * n_p))), cpg_p, warps
+  return 1, max(1, tile // n_p), warps
 
 
-def _m2_tiling(b: int, p: int) -> tuple[int, int, int]:
-  """(rows of P, warps, parts) per program; the parts split the rows."""
-  rows, warps, parts = _pick(M2_TILES, b)
-  rows = max(1, min(rows, common.next_pow2(p)))
-  return rows, warps, min(parts, rows)
+def _m2_tiling(b: int, p: int) -> tuple[int, int]:
+  """(rows of P, warps) per program."""
+  rows, warps = _pick(M2_TILES, b)
+  return max(1, min(rows, common.next_pow2(p))), warps
+
+
+def _decay_fns(a):
+  """(softplus, exp, A in exp's base): exp(dl A) = exp2(dl (A log2 e)), the scaling once per program."""
+  if FAST_MATH:
+    return common.softplus_fast, jnp.exp2, a * common.LOG2E
+  return common.softplus, jnp.exp, a
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-                 bias_ref, rest, *, parts, split, log_decay, inject, read_out, finish, scalar_decay=False):
-  """Shared body of both variants. `split` names, per ref, the axis along which the program's tile is cut
-  into `parts` parts (refs not named are shared by the parts: loaded and used once).
-
-  Order: the shared step inputs and part 0's own (state, x, ...) are loaded before the first store, so they
-  are issued together; a store keeps the compiler from hoisting later loads above it (the refs may alias),
-  so part s + 1's loads are issued right after part s's checkpoint store and arrive while part s computes
-  its new steps. The step terms that do not depend on h are computed off the chain h = decay * h + u."""
+                 bias_ref, rest, *, log_decay, inject, read_out, finish, scalar_decay=False, chunked_new=None):
+  """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
+  issued together (a store in between would keep the compiler from hoisting later loads: the refs may
+  alias); the step terms that do not depend on h are computed off the dependent chain h = decay * h + u.
+  scalar_decay (Mamba-2: one decay per head): the replay as one rank update per step. chunked_new(dd, z_ref,
+  y_ref) (power-of-2 K only): loads the new steps' inputs and does the work that needs no state, before the
+  replay; returns store_y(h0), which computes and stores y of the new steps from the checkpoint h0."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
-  refs = {"st": st_ref, "cx": cx_ref, "cdt": cdt_ref, "cb": cb_ref, "x": x_ref, "dt": dt_ref, "b": b_ref,
-          "c": c_ref, "a": a_ref, "d": d_ref, "bias": bias_ref, "z": z_ref, "y": y_ref, "out": out_ref}
-  kc, k_new = cx_ref.shape[0], x_ref.shape[0]
+  a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
+  softplus, exp, a_e = _decay_fns(a)
+  exp_a = lambda dl: exp(log_decay(dl, a_e))
   n_acc = n_ref[0]
-
-  def index(name, s, step=None):
-    idx = [slice(None)] * refs[name].ndim
-    if step is not None:
-      idx[0] = step
-    axis = split.get(name)
-    if axis is not None and parts > 1:
-      size = refs[name].shape[axis] // parts
-      idx[axis] = pl.ds(s * size, size)
-    return tuple(idx)
-
-  memo = {}
-
-  def get(name, s, step=None):  # a load, or a computed per-part value, once per part (once if shared)
-    key = (name, s if split.get(name) is not None else 0, step)
-    if key not in memo:
-      memo[key] = refs[name][index(name, s, step)]
-    return memo[key]
-
-  def own_inputs(s):  # issue the loads of part s (and of everything shared, for s = 0)
-    get("st", s), get("a", s), get("bias", s), get("d", s)
-    for name, steps in (("cdt", kc), ("cx", kc), ("cb", kc), ("dt", k_new), ("x", k_new), ("b", k_new),
-                        ("c", k_new)) + ((("z", k_new),) if has_z else ()):
-      for k in range(steps):
-        get(name, s, k)
-
-  own_inputs(0)
+  kc, k_new = cx_ref.shape[0], x_ref.shape[0]
   gather = ACC_Y and k_new == common.next_pow2(k_new)
-  for s in range(parts):
-    a, bias, dd = get("a", s), get("bias", s), get("d", s)
-    softplus, exp_a = common.softplus, lambda dl, a=a: jnp.exp(log_decay(dl, a))
-    if FAST_MATH:  # exp(dl a) = exp2(dl (a log2 e)): the scaling once per program, not per step
-      a2 = a * common.LOG2E
-      softplus, exp_a = common.softplus_fast, lambda dl, a2=a2: jnp.exp2(log_decay(dl, a2))
-    shared_dt = split.get("dt") is None
-    dkey = ("deltas", 0 if shared_dt else s)
-    if dkey not in memo:  # (replay deltas, new deltas); steps k >= n_accept of the replay get delta = 0
-      memo[dkey] = ([jnp.where(k < n_acc, softplus(get("cdt", s, k).astype(f32) + bias), 0.0)
-                     for k in range(kc)],
-                    [softplus(get("dt", s, k).astype(f32) + bias) for k in range(k_new)])
-    dls, dls_new = memo[dkey]
-    h = get("st", s)
-    # (a) replay: delta = 0 makes a step exactly the identity (exp(0) = 1, zero input; no select over h)
-    if scalar_decay:
-      # Mamba-2 (one decay per head): h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k,
-      # the sequential update unrolled; one FMA per state element and step instead of a multiply and an FMA
-      ckey = ("replay", 0 if shared_dt else s)
-      if ckey not in memo:
-        later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: sum of the later steps' delta
-        for k in reversed(range(kc)):
-          coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
-          later = later + dls[k]
-        memo[ckey] = exp_a(later), coefs
-      total, coefs = memo[ckey]
-      h = total * h
-      for k, coef in enumerate(coefs):
-        h = h + inject(coef, get("cx", s, k).astype(f32), get("cb", s, k).astype(f32))
-    else:
-      for k, dl in enumerate(dls):
-        h = exp_a(dl) * h + inject(dl, get("cx", s, k).astype(f32), get("cb", s, k).astype(f32))
-    out_ref[index("out", s)] = h
-    if s + 1 < parts:
-      own_inputs(s + 1)
-    # (b) the new steps. Power-of-2 K: C.h of every step goes into one register tile (column k), in the
-    # layout the reduction produced: one layout change and one store at the end instead of a shared-memory
-    # round trip per step
-    acc = None
-    for k, dl in enumerate(dls_new):
-      xk = get("x", s, k).astype(f32)
-      h = exp_a(dl) * h + inject(dl, xk, get("b", s, k).astype(f32))
-      yk = read_out(h, get("c", s, k).astype(f32))  # [..., 1]
-      if gather:
-        col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
-        acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
-      else:
-        zk = get("z", s, k) if has_z else None
-        y_ref[index("y", s, k)] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
+  chunked = chunked_new is not None and gather
+  cached = [(cdt_ref[k], cx_ref[k], cb_ref[k]) for k in range(kc)]
+  new = [] if chunked else [(dt_ref[k], x_ref[k], b_ref[k], c_ref[k], z_ref[k] if has_z else None)
+                            for k in range(k_new)]
+  store_y = chunked_new(dd, z_ref, y_ref) if chunked else None
+  h = st_ref[...]
+  # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
+  # zero input; no select over the state)
+  dls = [jnp.where(k < n_acc, softplus(dtk.astype(f32) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
+  if scalar_decay:
+    # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
+    # one FMA per state element and step instead of a multiply and an FMA
+    later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: the summed deltas of the later steps
+    for k in reversed(range(kc)):
+      coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
+      later = later + dls[k]
+    h = exp_a(later) * h
+    for coef, (_, xk, bk) in zip(coefs, cached):
+      h = h + inject(coef, xk.astype(f32), bk.astype(f32))
+  else:
+    for dl, (_, xk, bk) in zip(dls, cached):
+      h = exp_a(dl) * h + inject(dl, xk.astype(f32), bk.astype(f32))
+  out_ref[...] = h
+  if chunked:
+    store_y(h)
+    return
+  # (b) the new steps. Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout
+  # the reduction produced: one layout change and one store at the end instead of a shared-memory round trip
+  # per step
+  acc = None
+  for k, (dtk, xk, bk, ck, zk) in enumerate(new):
+    dl = softplus(dtk.astype(f32) + bias)
+    xk = xk.astype(f32)
+    h = exp_a(dl) * h + inject(dl, xk, bk.astype(f32))
+    yk = read_out(h, ck.astype(f32))  # [..., 1]
     if gather:
-      z_all = z_ref[index("z", s)] if has_z else None
-      y = _gate(finish(acc), x_ref[index("x", s)].astype(f32), z_all, dd)
-      y_ref[index("y", s)] = y.astype(y_ref.dtype)
+      col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
+      acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
+    else:
+      y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
+  if gather:
+    z_all = z_ref[...] if has_z else None
+    y_ref[...] = _gate(finish(acc), x_ref[...].astype(f32), z_all, dd).astype(y_ref.dtype)
 
 
 def _gate(y, x, z, dd):
@@ -220,28 +187,60 @@ def _gate(y, x, z, dd):
   return y
 
 
-def _m1_kernel(has_z, parts, *refs):
+def _m1_kernel(has_z, *refs):
   """Mamba-1, one program = one sequence x gb groups x cb channels of a group; state [gb, cb, N] in
   registers. Per step: dt, x [gb, cb]; B, C [gb, N]."""
-  _verify_body(has_z, *refs[:12], refs[12:], parts=parts,
-               split={"st": 1, "out": 1, "a": 1, "d": 1, "bias": 1, "cx": 2, "cdt": 2, "x": 2, "dt": 2, "z": 2,
-                      "y": 2},  # channels
+  _verify_body(has_z, *refs[:12], refs[12:],
                log_decay=lambda dl, a: dl[:, :, None] * a,
                inject=lambda dl, x, b: (dl * x)[:, :, None] * b[:, None, :],
                read_out=lambda h, c: jnp.sum(h * c[:, None, :], axis=-1, keepdims=True),
                finish=lambda acc: jnp.transpose(acc, (2, 0, 1)))  # [gb, cb, K] -> [K, gb, cb]
 
 
-def _m2_kernel(has_z, parts, *refs):
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+def _dot_t(a, b):
+  """a b^T in float32 (HIGHEST: Triton's IEEE dot; the default precision would round the inputs to TF32)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_EXACT, preferred_element_type=f32)
+
+
+def _m2_kernel(has_z, *refs):
   """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers.
   Per step: dt [1, 1]; x [bp, 1]; B, C [1, N]; A [1, 1]."""
-  _verify_body(has_z, *refs[:12], refs[12:], parts=parts,
-               split={"st": 0, "out": 0, "cx": 1, "x": 1, "z": 1, "y": 1},  # rows of P
+  dt_ref, b_ref, c_ref, a_ref, bias_ref, x_ref = refs[6], refs[7], refs[8], refs[9], refs[11], refs[5]
+
+  def chunked_new(dd, z_ref, y_ref):
+    # With S_k = sum_{i<=k} dl_i A: h_k = exp(S_k) h0 + sum_{j<=k} exp(S_k - S_j) dl_j x_j B_j, so
+    # y_k = C_k.h_k = exp(S_k) (C_k.h0) + sum_j L[k, j] (C_k.B_j) x_j, L the causal decay-weighted deltas.
+    # The K reductions C_k.h0 are independent (no chain through the state) and C B^T is one [K, K] tile.
+    k_new, bp = x_ref.shape[0], x_ref.shape[1]
+    softplus, exp, a_e = _decay_fns(a_ref[...])
+    dl = softplus(dt_ref[...].reshape(1, k_new).astype(f32) + bias_ref[...])  # [1, K]
+    s_row = jnp.cumsum(dl * a_e, axis=1)  # [1, K], in exp's base
+    s_col = s_row.reshape(k_new, 1)
+    row = jax.lax.broadcasted_iota(jnp.int32, (k_new, k_new), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (k_new, k_new), 1)
+    # min(., 0): the masked j > k entries would overflow (S decreases); they are zeroed anyway
+    decay = jnp.where(col <= row, exp(jnp.minimum(s_col - s_row, 0.0)) * dl, 0.0)  # [K, K]
+    bm, cm = b_ref[:, 0, :].astype(f32), c_ref[:, 0, :].astype(f32)  # [K, N]
+    cb = _dot_t(cm, bm)  # [K, K]: C_k . B_j
+    x = x_ref[...].reshape(k_new, bp).astype(f32)
+    intra = jnp.dot(decay * cb, x, precision=_EXACT)  # [K, bp]
+    z = z_ref[...].reshape(k_new, bp) if z_ref is not None else None
+
+    def store_y(h0):
+      ch0 = _dot_t(cm, h0)  # [K, bp]: C_k . h0
+      y = _gate(exp(s_col) * ch0 + intra, x, z, dd)
+      y_ref[...] = y.reshape(k_new, bp, 1).astype(y_ref.dtype)
+    return store_y
+
+  _verify_body(has_z, *refs[:12], refs[12:],
                log_decay=lambda dl, a: dl * a,
                inject=lambda dl, x, b: (dl * x) * b,
                read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True),
                finish=lambda acc: jnp.transpose(acc)[:, :, None],  # [bp, K] -> [K, bp, 1]
-               scalar_decay=True)
+               scalar_decay=True, chunked_new=chunked_new if M2_CHUNKED else None)
 
 
 def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
@@ -250,7 +249,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   g = B.shape[-2]
   cpg = d // g
   cpg_p, n_p = common.next_pow2(cpg), common.next_pow2(n)
-  gb, cb, warps, parts = _m1_tiling(b, g, cpg_p, n_p)
+  gb, cb, warps = _m1_tiling(b, g, cpg_p, n_p)
   g_p = pl.cdiv(g, gb) * gb
 
   def chan(v):  # [..., d] -> [..., g_p, cpg_p]
@@ -279,7 +278,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
     args.append(chan(z))
     specs.append(steps(k))
   y, ck = common.call(
-      lambda *r: _m1_kernel(z is not None, parts, *r),
+      lambda *r: _m1_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, g_p // gb, cpg_p // cb), in_specs=specs, out_specs=(steps(k), st_spec),
       num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
@@ -292,7 +291,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   kc, k = cache_x.shape[1], x.shape[1]
   hpg = nh // B.shape[-2]
   n_p = common.next_pow2(n)
-  bp, warps, parts = _m2_tiling(b, p)
+  bp, warps = _m2_tiling(b, p)
   p_p = pl.cdiv(p, bp) * bp
   rows = lambda v: common.pad_axis(v, -1, p_p)[..., None]  # [b, k, H, P_p, 1]
   grp = lambda v: common.pad_axis(v, -1, n_p)[:, :, :, None, :]  # [b, k, G, 1, N_p]
@@ -311,7 +310,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
     args.append(rows(z))
     specs.append(row_spec(k))
   y, ck = common.call(
-      lambda *r: _m2_kernel(z is not None, parts, *r),
+      lambda *r: _m2_kernel(z is not None, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
       num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
