@@ -1,7 +1,7 @@
 """Instruction counts of the verify kernel for sm_90, on a CPU host (no GPU): the numbers docs/KERNELS.md quotes.
 
   python bench/inspect_verify.py VARIANT BATCH K TILE WARPS --triton-python /path/to/venv/bin/python [--out DIR]
-      [--set M2_CHUNKED=0 ...]
+      [--set FAST_MATH=0 ...]
 Step 1 (this interpreter, the project's jax): lower the kernel for CUDA and keep the Triton IR that Pallas
 emits. Step 2 (`--triton-python`: an interpreter with the PyPI `triton` wheel of the GPU image's version,
 3.6; the project's venv does not carry it): compile that IR for GPUTarget("cuda", 90, 32) with num_stages = 1,
@@ -73,7 +73,7 @@ def main() -> None:
   ap.add_argument("tile", type=int, help="Mamba-1 state elements / Mamba-2 rows of P per program")
   ap.add_argument("warps", type=int)
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
-                  help="a multistep switch (ACC_Y, FAST_MATH, M2_CHUNKED) for this compile")
+                  help="a multistep switch (ACC_Y, FAST_MATH) for this compile")
   ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
   ap.add_argument("--out", default="/tmp/inspect_verify")
   ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python

@@ -71,8 +71,15 @@ for what in "$@"; do
     # The K-step / 1-step ratio over several input seeds, cases interleaved (the 1-step time differs by up to 25%
     # between bench_kernels and profile_verify runs of the same call).
     verify-ratio) run verify-ratio timeout 300 python3 bench/verify_ratio.py --seeds 5 ;;
-    # Mamba-2's new steps in the chunked form (three small IEEE dots) against the sequential updates, with a tile
-    # re-sweep at batch 8 and 1, then the acceptance table at the library's tiles.
+    # The trace split (kernel vs the XLA single step's fusions) at the library's tiles, then Mamba-1 batch-8 tiles
+    # with the shorter softplus.
+    verify-final)
+      run kernels-prof timeout 300 python3 bench/profile_verify.py
+      run verify-m1tiles timeout 150 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 --variants mamba \
+        --tiles-mamba 1024x8,1024x4,256x4 ;;
+    # (2026-12-02, commit 1f92af5) Mamba-2's new steps in the chunked form (three small IEEE dots; M2_CHUNKED)
+    # against the sequential updates, a tile re-sweep at batch 8 and 1, then the acceptance table. The chunked
+    # form is gone from the kernel (slower everywhere: docs/device_logs/verify-chunked).
     verify-chunked)
       run verify-chunked8 timeout 220 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 --variants mamba2 \
         --set M2_CHUNKED=0 --tiles-mamba2 64x4,64x8,16x4,16x2,32x8

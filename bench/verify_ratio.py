@@ -27,7 +27,7 @@ def main() -> None:
   ap.add_argument("--variants", default="mamba2,mamba")
   ap.add_argument("--tiles-mamba2", default="", help="extra rows x warps [x parts] to time, e.g. 64x4,64x4x2")
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
-                  help="also time the library tiles with a multistep switch flipped (ACC_Y, FAST_MATH, M2_CHUNKED)")
+                  help="also time the library tiles with a multistep switch flipped (ACC_Y, FAST_MATH)")
   ap.add_argument("--tiles-mamba", default="", help="extra elements x warps [x parts], e.g. 1024x4x2")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)

@@ -192,18 +192,14 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
     assert a is b_ or np.array_equal(np.asarray(a), np.asarray(b_))
 
 
-@pytest.mark.parametrize("m1_tile,m2_tile,acc_y,fast_math,m2_chunked", [((256, 4), (16, 4), True, True, True),
-                                                                        ((32, 1), (1, 1), False, False, False),
-                                                                        ((256, 4), (4, 1), True, False, True),
-                                                                        ((32, 1), (16, 4), True, True, False)])
-def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math, m2_chunked):
+@pytest.mark.parametrize("m1_tile,m2_tile,acc_y,fast_math", [((256, 4), (16, 4), True, True),
+                                                             ((32, 1), (1, 1), False, False)])
+def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
   """Both ends of the tiling: large tiles (Mamba-1: several groups per program and padded groups; Mamba-2:
   more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
-  or stored per step; the per-step scalars with the fast or the libdevice math; Mamba-2's new steps in the
-  chunked form or as sequential updates."""
+  or stored per step; the per-step scalars with the fast or the libdevice math."""
   monkeypatch.setattr(multistep, "ACC_Y", acc_y)
   monkeypatch.setattr(multistep, "FAST_MATH", fast_math)
-  monkeypatch.setattr(multistep, "M2_CHUNKED", m2_chunked)
   ks = jax.random.split(jax.random.PRNGKey(21), 13)
   rn = lambda kk, s: jax.random.normal(kk, s, F32)
   b, kc, k = 2, 2, 4

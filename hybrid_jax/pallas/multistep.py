@@ -79,9 +79,6 @@ ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a 
 # instead of libdevice exp/log1p: every thread of a program computes them, so they were 17% of the Mamba-2
 # and 42% of the Mamba-1 kernel's instructions at batch 8, K = 8 (docs/KERNELS.md). False: libdevice.
 FAST_MATH = True
-# Mamba-2, power-of-2 K: the new steps in the chunked (SSD) form, y = exp(S) (C h0) + (L o C B^T) x with the
-# states of the new steps never formed (they are not kept), instead of K sequential state updates.
-M2_CHUNKED = True
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -119,13 +116,11 @@ def _decay_fns(a):
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-                 bias_ref, rest, *, log_decay, inject, read_out, finish, scalar_decay=False, chunked_new=None):
+                 bias_ref, rest, *, log_decay, inject, read_out, finish, scalar_decay=False):
   """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
   issued together (a store in between would keep the compiler from hoisting later loads: the refs may
   alias); the step terms that do not depend on h are computed off the dependent chain h = decay * h + u.
-  scalar_decay (Mamba-2: one decay per head): the replay as one rank update per step. chunked_new(dd, z_ref,
-  y_ref) (power-of-2 K only): loads the new steps' inputs and does the work that needs no state, before the
-  replay; returns store_y(h0), which computes and stores y of the new steps from the checkpoint h0."""
+  scalar_decay (Mamba-2: one decay per head): the replay as one rank update per step."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
   a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
   softplus, exp, a_e = _decay_fns(a)
@@ -133,11 +128,8 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   n_acc = n_ref[0]
   kc, k_new = cx_ref.shape[0], x_ref.shape[0]
   gather = ACC_Y and k_new == common.next_pow2(k_new)
-  chunked = chunked_new is not None and gather
   cached = [(cdt_ref[k], cx_ref[k], cb_ref[k]) for k in range(kc)]
-  new = [] if chunked else [(dt_ref[k], x_ref[k], b_ref[k], c_ref[k], z_ref[k] if has_z else None)
-                            for k in range(k_new)]
-  store_y = chunked_new(dd, z_ref, y_ref) if chunked else None
+  new = [(dt_ref[k], x_ref[k], b_ref[k], c_ref[k], z_ref[k] if has_z else None) for k in range(k_new)]
   h = st_ref[...]
   # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
   # zero input; no select over the state)
@@ -156,9 +148,6 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     for dl, (_, xk, bk) in zip(dls, cached):
       h = exp_a(dl) * h + inject(dl, xk.astype(f32), bk.astype(f32))
   out_ref[...] = h
-  if chunked:
-    store_y(h)
-    return
   # (b) the new steps. Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout
   # the reduction produced: one layout change and one store at the end instead of a shared-memory round trip
   # per step
@@ -197,50 +186,15 @@ def _m1_kernel(has_z, *refs):
                finish=lambda acc: jnp.transpose(acc, (2, 0, 1)))  # [gb, cb, K] -> [K, gb, cb]
 
 
-_EXACT = jax.lax.Precision.HIGHEST
-
-
-def _dot_t(a, b):
-  """a b^T in float32 (HIGHEST: Triton's IEEE dot; the default precision would round the inputs to TF32)."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_EXACT, preferred_element_type=f32)
-
-
 def _m2_kernel(has_z, *refs):
   """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers.
   Per step: dt [1, 1]; x [bp, 1]; B, C [1, N]; A [1, 1]."""
-  dt_ref, b_ref, c_ref, a_ref, bias_ref, x_ref = refs[6], refs[7], refs[8], refs[9], refs[11], refs[5]
-
-  def chunked_new(dd, z_ref, y_ref):
-    # With S_k = sum_{i<=k} dl_i A: h_k = exp(S_k) h0 + sum_{j<=k} exp(S_k - S_j) dl_j x_j B_j, so
-    # y_k = C_k.h_k = exp(S_k) (C_k.h0) + sum_j L[k, j] (C_k.B_j) x_j, L the causal decay-weighted deltas.
-    # The K reductions C_k.h0 are independent (no chain through the state) and C B^T is one [K, K] tile.
-    k_new, bp = x_ref.shape[0], x_ref.shape[1]
-    softplus, exp, a_e = _decay_fns(a_ref[...])
-    dl = softplus(dt_ref[...].reshape(1, k_new).astype(f32) + bias_ref[...])  # [1, K]
-    s_row = jnp.cumsum(dl * a_e, axis=1)  # [1, K], in exp's base
-    s_col = s_row.reshape(k_new, 1)
-    row = jax.lax.broadcasted_iota(jnp.int32, (k_new, k_new), 0)
-    col = jax.lax.broadcasted_iota(jnp.int32, (k_new, k_new), 1)
-    # min(., 0): the masked j > k entries would overflow (S decreases); they are zeroed anyway
-    decay = jnp.where(col <= row, exp(jnp.minimum(s_col - s_row, 0.0)) * dl, 0.0)  # [K, K]
-    bm, cm = b_ref[:, 0, :].astype(f32), c_ref[:, 0, :].astype(f32)  # [K, N]
-    cb = _dot_t(cm, bm)  # [K, K]: C_k . B_j
-    x = x_ref[...].reshape(k_new, bp).astype(f32)
-    intra = jnp.dot(decay * cb, x, precision=_EXACT)  # [K, bp]
-    z = z_ref[...].reshape(k_new, bp) if z_ref is not None else None
-
-    def store_y(h0):
-      ch0 = _dot_t(cm, h0)  # [K, bp]: C_k . h0
-      y = _gate(exp(s_col) * ch0 + intra, x, z, dd)
-      y_ref[...] = y.reshape(k_new, bp, 1).astype(y_ref.dtype)
-    return store_y
-
   _verify_body(has_z, *refs[:12], refs[12:],
                log_decay=lambda dl, a: dl * a,
                inject=lambda dl, x, b: (dl * x) * b,
                read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True),
                finish=lambda acc: jnp.transpose(acc)[:, :, None],  # [bp, K] -> [K, bp, 1]
-               scalar_decay=True, chunked_new=chunked_new if M2_CHUNKED else None)
+               scalar_decay=True)
 
 
 def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
