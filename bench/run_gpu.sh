@@ -71,6 +71,9 @@ for what in "$@"; do
     # The K-step / 1-step ratio over several input seeds, cases interleaved (the 1-step time differs by up to 25%
     # between bench_kernels and profile_verify runs of the same call).
     verify-ratio) run verify-ratio timeout 300 python3 bench/verify_ratio.py --seeds 5 ;;
+    # The acceptance table at the library's tiles (Mamba-1 batch 3-8 now (1024, 8)), with two Mamba-2 tiles of
+    # 2 warps (fewer threads: less of the per-step scalar work repeated) beside.
+    verify-last) run verify-last timeout 300 python3 bench/verify_ratio.py --seeds 5 --tiles-mamba2 32x2,16x2 ;;
     # The trace split (kernel vs the XLA single step's fusions) at the library's tiles, then Mamba-1 batch-8 tiles
     # with the shorter softplus.
     verify-final)

@@ -71,7 +71,7 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 # computed by every thread, so fewer, fuller threads lose to latency and more threads pay that overhead more
 # often; the layouts Triton picks also decide whether a step's B/C need a shuffle. (Cutting a program's tile
 # into parts, the next part's loads in flight while a part computes, was slower at every tile tried.)
-M1_TILES = ((2, 256, 4), (1 << 30, 512, 4))  # (max_batch, tile elements, warps)
+M1_TILES = ((2, 256, 4), (8, 1024, 8), (1 << 30, 512, 4))  # (max_batch, tile elements, warps)
 M2_TILES = ((2, 8, 4), (1 << 30, 32, 4))  # (max_batch, rows of P, warps)
 TILE_OVERRIDE = None  # (tile, warps) for both variants: the bench sweeps set it
 ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
