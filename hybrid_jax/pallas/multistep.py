@@ -108,13 +108,6 @@ def _m2_tiling(b: int, p: int) -> tuple[int, int]:
   return max(1, min(rows, common.next_pow2(p))), warps
 
 
-def _decay_fns(a):
-  """(softplus, exp, A in exp's base): exp(dl A) = exp2(dl (A log2 e)), the scaling once per program."""
-  if FAST_MATH:
-    return common.softplus_fast, jnp.exp2, a * common.LOG2E
-  return common.softplus, jnp.exp, a
-
-
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
                  bias_ref, rest, *, log_decay, inject, read_out, finish, scalar_decay=False):
   """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
@@ -123,11 +116,12 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   scalar_decay (Mamba-2: one decay per head): the replay as one rank update per step."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
   a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
-  softplus, exp, a_e = _decay_fns(a)
+  softplus, exp, a_e = common.softplus, jnp.exp, a
+  if FAST_MATH:  # exp(dl a) = exp2(dl (a log2 e)): the scaling once per program, not per step
+    softplus, exp, a_e = common.softplus_fast, jnp.exp2, a * common.LOG2E
   exp_a = lambda dl: exp(log_decay(dl, a_e))
   n_acc = n_ref[0]
   kc, k_new = cx_ref.shape[0], x_ref.shape[0]
-  gather = ACC_Y and k_new == common.next_pow2(k_new)
   cached = [(cdt_ref[k], cx_ref[k], cb_ref[k]) for k in range(kc)]
   new = [(dt_ref[k], x_ref[k], b_ref[k], c_ref[k], z_ref[k] if has_z else None) for k in range(k_new)]
   h = st_ref[...]
@@ -151,6 +145,7 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   # (b) the new steps. Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout
   # the reduction produced: one layout change and one store at the end instead of a shared-memory round trip
   # per step
+  gather = ACC_Y and k_new == common.next_pow2(k_new)
   acc = None
   for k, (dtk, xk, bk, ck, zk) in enumerate(new):
     dl = softplus(dtk.astype(f32) + bias)
