@@ -17,7 +17,7 @@ import subprocess
 import sys
 
 
-def dump_ttir(variant: str, b: int, k: int, tile: int, warps: int, settings: dict, path: str) -> None:
+def dump_ttir(variant: str, b: int, k: int, tile: tuple, warps: int, settings: dict, path: str) -> None:
   sys.path.insert(0, os.path.dirname(__file__))
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
   import bench_kernels as bk
@@ -35,7 +35,7 @@ def dump_ttir(variant: str, b: int, k: int, tile: int, warps: int, settings: dic
     return result
 
   lowering.lower_jaxpr_to_triton_module = keep_ir
-  ms.TILE_OVERRIDE = (tile, warps)
+  ms.TILE_OVERRIDE = (tile[0], warps, *tile[1:])
   for name, value in settings.items():
     setattr(ms, name, value)
   inputs = bk.verify_inputs(jax.random.PRNGKey(0), variant, b, k)
@@ -72,14 +72,18 @@ def main() -> None:
   ap.add_argument("k", type=int)
   ap.add_argument("tile", type=int, help="Mamba-1 state elements / Mamba-2 rows of P per program")
   ap.add_argument("warps", type=int)
+  ap.add_argument("--cols", type=int, default=0, help="Mamba-2: columns of N per chunk (default: all of N)")
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
                   help="a multistep switch (ACC_Y, FAST_MATH) for this compile")
   ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
   ap.add_argument("--out", default="/tmp/inspect_verify")
   ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python
   a = ap.parse_args()
-  settings = {kv.split("=")[0]: bool(int(kv.split("=")[1])) for kv in a.set}
-  tag = "".join(f"_{n}{int(v)}" for n, v in sorted(settings.items()))
+  settings = {kv.split("=")[0]: float(kv.split("=")[1]) if "SPAN" in kv else bool(int(kv.split("=")[1]))
+              for kv in a.set}
+  tag = "".join(f"_{n}{v:g}" for n, v in sorted(settings.items()))
+  tile = (a.tile, a.cols) if a.cols else (a.tile,)
+  tag += f"_c{a.cols}" if a.cols else ""
   out = os.path.join(a.out, f"{a.variant}_b{a.batch}_k{a.k}_{a.tile}x{a.warps}{tag}")
   if a.compile:
     compile_and_count(a.compile, a.warps, out)
@@ -87,8 +91,8 @@ def main() -> None:
   if not a.triton_python:
     ap.error("--triton-python is needed for the compile step")
   os.makedirs(a.out, exist_ok=True)
-  dump_ttir(a.variant, a.batch, a.k, a.tile, a.warps, settings, out + ".ttir")
-  argv = [a.variant, str(a.batch), str(a.k), str(a.tile), str(a.warps), "--out", a.out,
+  dump_ttir(a.variant, a.batch, a.k, tile, a.warps, settings, out + ".ttir")
+  argv = [a.variant, str(a.batch), str(a.k), str(a.tile), str(a.warps), "--out", a.out, f"--cols={a.cols}",
           *(f"--set={kv}" for kv in a.set)]
   subprocess.run([a.triton_python, __file__, *argv, "--compile", out + ".ttir"], check=True)
 

@@ -22,6 +22,9 @@ Returns (y [x.dtype], new checkpoint [f32], (x, dt, B)).
 """
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -69,16 +72,23 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 # or Mamba-2 rows of P, x N); the first entry whose max_batch >= b applies. Picked on an H200 by the sweeps in
 # bench/ (docs/KERNELS.md): at small batch the chain of per-step work (softplus, exp, the reduction over N) is
 # computed by every thread, so fewer, fuller threads lose to latency and more threads pay that overhead more
-# often; the layouts Triton picks also decide whether a step's B/C need a shuffle. (Cutting a program's tile
-# into parts, the next part's loads in flight while a part computes, was slower at every tile tried.)
+# often; the layouts Triton picks also decide whether a step's B/C need a shuffle. Mamba-2's state is held in
+# chunks of N columns: Triton lays a chunk's contiguous columns over the lanes, so a 32-column chunk reduces
+# C.h over 8 lanes where the whole row of 64 takes 16 (more shuffles) and a 16-column chunk needs 16 B/C values
+# per thread and step (registers). (Cutting a program's tile into parts, the next part's loads in flight while
+# a part computes, was slower at every tile tried.)
 M1_TILES = ((2, 256, 4), (8, 1024, 8), (1 << 30, 512, 4))  # (max_batch, tile elements, warps)
-M2_TILES = ((2, 8, 4), (1 << 30, 32, 4))  # (max_batch, rows of P, warps)
-TILE_OVERRIDE = None  # (tile, warps) for both variants: the bench sweeps set it
+M2_TILES = ((2, 8, 4, 64), (1 << 30, 32, 4, 32))  # (max_batch, rows of P, warps, columns of N per chunk)
+TILE_OVERRIDE = None  # (tile, warps[, Mamba-2 columns per chunk]) for both variants: the bench sweeps set it
 ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
 # The per-step scalars with MUFU ex2 and a short series (`common.softplus_fast`, exp2 of delta * A log2 e)
 # instead of libdevice exp/log1p: every thread of a program computes them, so they were 17% of the Mamba-2
 # and 42% of the Mamba-1 kernel's instructions at batch 8, K = 8 (docs/KERNELS.md). False: libdevice.
 FAST_MATH = True
+# Mamba-2's new steps in a rescaled frame (one FMA per state element and step instead of two) while the K
+# steps' summed log2-decay stays within this span: the rescaling factors are then within 2^(+-span / 2)
+RESCALED = True
+RESCALE_SPAN = 64.0
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -88,78 +98,118 @@ FAST_MATH = True
 _STATE_IN_PLACE = {1: 1}
 
 
-def _pick(table, b: int) -> tuple[int, int]:
+def _pick(table, b: int) -> tuple[int, ...]:
   if TILE_OVERRIDE is not None:
     return TILE_OVERRIDE
-  return next((t, w) for max_b, t, w in table if b <= max_b)
+  return next(entry[1:] for entry in table if b <= entry[0])
 
 
 def _m1_tiling(b: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int, int]:
   """(gb groups, cb channels, warps) per program; gb > 1 only with whole groups (cb == cpg_p)."""
-  tile, warps = _pick(M1_TILES, b)
+  tile, warps = _pick(M1_TILES, b)[:2]
   if tile >= cpg_p * n_p:
     return max(1, min(common.next_pow2(g), tile // (cpg_p * n_p))), cpg_p, warps
   return 1, max(1, tile // n_p), warps
 
 
-def _m2_tiling(b: int, p: int) -> tuple[int, int]:
-  """(rows of P, warps) per program."""
-  rows, warps = _pick(M2_TILES, b)
-  return max(1, min(rows, common.next_pow2(p))), warps
+def _m2_tiling(b: int, p: int, n_p: int) -> tuple[int, int, int]:
+  """(rows of P, warps, columns of N per chunk) per program."""
+  rows, warps, *cols = _pick(M2_TILES, b)
+  return max(1, min(rows, common.next_pow2(p))), warps, min(cols[0] if cols else n_p, n_p)
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-                 bias_ref, rest, *, log_decay, inject, read_out, finish, scalar_decay=False):
+                 bias_ref, rest, *, cols, log_decay, inject, times_c, finish, scalar_decay=False):
   """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
   issued together (a store in between would keep the compiler from hoisting later loads: the refs may
   alias); the step terms that do not depend on h are computed off the dependent chain h = decay * h + u.
-  scalar_decay (Mamba-2: one decay per head): the replay as one rank update per step."""
+  The state and B/C are held as chunks of N (`cols`, static slices of the last axis): Triton spreads a
+  tile's contiguous last axis over the lanes, so narrower chunks put more of a row in each thread and leave
+  fewer lanes for the reduction over N. scalar_decay (Mamba-2: one decay per head): the replay as one rank
+  update per step, and the new steps in a rescaled frame where that is safe (`RESCALED`)."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
   a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
   softplus, exp, a_e = common.softplus, jnp.exp, a
   if FAST_MATH:  # exp(dl a) = exp2(dl (a log2 e)): the scaling once per program, not per step
     softplus, exp, a_e = common.softplus_fast, jnp.exp2, a * common.LOG2E
   exp_a = lambda dl: exp(log_decay(dl, a_e))
-  n_acc = n_ref[0]
+  chunks = lambda ref, *idx: [ref[(*idx, Ellipsis, sl)] for sl in cols]
+  f32s = lambda vs: [v.astype(f32) for v in vs]
+  read_out = lambda hs, cs: jnp.sum(functools.reduce(operator.add, [times_c(hc, cc) for hc, cc in
+                                                                     zip(hs, f32s(cs))]), axis=-1, keepdims=True)
   kc, k_new = cx_ref.shape[0], x_ref.shape[0]
-  cached = [(cdt_ref[k], cx_ref[k], cb_ref[k]) for k in range(kc)]
-  new = [(dt_ref[k], x_ref[k], b_ref[k], c_ref[k], z_ref[k] if has_z else None) for k in range(k_new)]
-  h = st_ref[...]
-  # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
-  # zero input; no select over the state)
-  dls = [jnp.where(k < n_acc, softplus(dtk.astype(f32) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
-  if scalar_decay:
-    # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
-    # one FMA per state element and step instead of a multiply and an FMA
-    later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: the summed deltas of the later steps
-    for k in reversed(range(kc)):
-      coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
-      later = later + dls[k]
-    h = exp_a(later) * h
-    for coef, (_, xk, bk) in zip(coefs, cached):
-      h = h + inject(coef, xk.astype(f32), bk.astype(f32))
-  else:
-    for dl, (_, xk, bk) in zip(dls, cached):
-      h = exp_a(dl) * h + inject(dl, xk.astype(f32), bk.astype(f32))
-  out_ref[...] = h
-  # (b) the new steps. Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout
-  # the reduction produced: one layout change and one store at the end instead of a shared-memory round trip
-  # per step
-  gather = ACC_Y and k_new == common.next_pow2(k_new)
-  acc = None
-  for k, (dtk, xk, bk, ck, zk) in enumerate(new):
-    dl = softplus(dtk.astype(f32) + bias)
-    xk = xk.astype(f32)
-    h = exp_a(dl) * h + inject(dl, xk, bk.astype(f32))
-    yk = read_out(h, ck.astype(f32))  # [..., 1]
-    if gather:
-      col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
-      acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
+  new_dls = [softplus(dt_ref[k].astype(f32) + bias) for k in range(k_new)]
+
+  def run(new_dls, sums=None):
+    """The whole update; sums (the new steps' running log-decays): the rescaled form of the new steps."""
+    n_acc = n_ref[0]
+    cached = [(cdt_ref[k], cx_ref[k], chunks(cb_ref, k)) for k in range(kc)]
+    new = [(x_ref[k].astype(f32), chunks(b_ref, k), chunks(c_ref, k), z_ref[k] if has_z else None)
+           for k in range(k_new)]
+    h = chunks(st_ref)
+    # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
+    # zero input; no select over the state)
+    dls = [jnp.where(k < n_acc, softplus(dtk.astype(f32) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
+    if scalar_decay:
+      # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
+      # one FMA per state element and step instead of a multiply and an FMA
+      later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: the summed deltas of the later steps
+      for k in reversed(range(kc)):
+        coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
+        later = later + dls[k]
+      decay = exp_a(later)
+      h = [decay * hc for hc in h]
+      for coef, (_, xk, bk) in zip(coefs, cached):
+        u = coef * xk.astype(f32)
+        h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
     else:
-      y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
-  if gather:
-    z_all = z_ref[...] if has_z else None
-    y_ref[...] = _gate(finish(acc), x_ref[...].astype(f32), z_all, dd).astype(y_ref.dtype)
+      for dl, (_, xk, bk) in zip(dls, cached):
+        decay, u = exp_a(dl), dl * xk.astype(f32)
+        h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+    for sl, hc in zip(cols, h):
+      out_ref[..., sl] = hc
+    # (b) the new steps
+    ys = []
+    if sums is None:
+      for dl, (xk, bk, ck, _) in zip(new_dls, new):
+        decay, u = exp_a(dl), dl * xk
+        h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+        ys.append(read_out(h, ck))  # [..., 1]
+    else:
+      # h_k = exp(S_k - r) g_k with S_k = sum_{i<=k} dl_i A and r = S_K / 2: g_k = g_{k-1} + dl_k exp(r - S_k)
+      # x_k B_k, one FMA per state element and step where the sequential update has a multiply and an FMA
+      ref = 0.5 * sums[-1]
+      g = [exp(ref) * hc for hc in h]
+      for dl, s_k, (xk, bk, ck, _) in zip(new_dls, sums, new):
+        u = (dl * exp(ref - s_k)) * xk
+        g = [gc + inject(u, bc) for gc, bc in zip(g, f32s(bk))]
+        ys.append(exp(s_k - ref) * read_out(g, ck))
+    # Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout the reduction
+    # produced: one layout change and one store at the end instead of a shared-memory round trip per step
+    if ACC_Y and k_new == common.next_pow2(k_new):
+      acc = None
+      for k, yk in enumerate(ys):
+        col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
+        acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
+      z_all = z_ref[...] if has_z else None
+      y_ref[...] = _gate(finish(acc), x_ref[...].astype(f32), z_all, dd).astype(y_ref.dtype)
+    else:
+      for k, (yk, (xk, *_, zk)) in enumerate(zip(ys, new)):
+        y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
+
+  if not (scalar_decay and RESCALED):
+    return run(new_dls)
+  # The rescaling factors lie in [exp(S_K / 2), exp(-S_K / 2)]: the rescaled form runs while |S_K| <=
+  # RESCALE_SPAN (in the units of exp: log2 with FAST_MATH), the sequential one otherwise. One choice per
+  # program; each branch is the whole update, so that each keeps its loads ahead of its first store.
+  sums, total = [], jnp.zeros_like(new_dls[0])
+  for dl in new_dls:
+    total = total + log_decay(dl, a_e)
+    sums.append(total)
+  span = RESCALE_SPAN if FAST_MATH else RESCALE_SPAN / common.LOG2E
+  if span == float("inf"):  # no fallback (bench/inspect_verify.py: the rescaled form's code alone)
+    return run(new_dls, sums)
+  jax.lax.cond(jnp.squeeze(total) >= -span, lambda d, s: run(d, s), lambda d, s: run(d), new_dls, sums)
 
 
 def _gate(y, x, z, dd):
@@ -175,19 +225,17 @@ def _m1_kernel(has_z, *refs):
   """Mamba-1, one program = one sequence x gb groups x cb channels of a group; state [gb, cb, N] in
   registers. Per step: dt, x [gb, cb]; B, C [gb, N]."""
   _verify_body(has_z, *refs[:12], refs[12:],
-               log_decay=lambda dl, a: dl[:, :, None] * a,
-               inject=lambda dl, x, b: (dl * x)[:, :, None] * b[:, None, :],
-               read_out=lambda h, c: jnp.sum(h * c[:, None, :], axis=-1, keepdims=True),
+               cols=(slice(None),), log_decay=lambda dl, a: dl[:, :, None] * a,
+               inject=lambda u, b: u[:, :, None] * b[:, None, :], times_c=lambda h, c: h * c[:, None, :],
                finish=lambda acc: jnp.transpose(acc, (2, 0, 1)))  # [gb, cb, K] -> [K, gb, cb]
 
 
-def _m2_kernel(has_z, *refs):
-  """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers.
-  Per step: dt [1, 1]; x [bp, 1]; B, C [1, N]; A [1, 1]."""
+def _m2_kernel(has_z, cols, *refs):
+  """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers, as chunks of
+  N (`cols`). Per step: dt [1, 1]; x [bp, 1]; B, C [1, N]; A [1, 1]."""
   _verify_body(has_z, *refs[:12], refs[12:],
-               log_decay=lambda dl, a: dl * a,
-               inject=lambda dl, x, b: (dl * x) * b,
-               read_out=lambda h, c: jnp.sum(h * c, axis=-1, keepdims=True),
+               cols=cols, log_decay=lambda dl, a: dl * a, inject=lambda u, b: u * b,
+               times_c=lambda h, c: h * c,
                finish=lambda acc: jnp.transpose(acc)[:, :, None],  # [bp, K] -> [K, bp, 1]
                scalar_decay=True)
 
@@ -240,7 +288,8 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
   kc, k = cache_x.shape[1], x.shape[1]
   hpg = nh // B.shape[-2]
   n_p = common.next_pow2(n)
-  bp, warps = _m2_tiling(b, p)
+  bp, warps, width = _m2_tiling(b, p, n_p)
+  cols = tuple(slice(j, j + width) for j in range(0, n_p, width))
   p_p = pl.cdiv(p, bp) * bp
   rows = lambda v: common.pad_axis(v, -1, p_p)[..., None]  # [b, k, H, P_p, 1]
   grp = lambda v: common.pad_axis(v, -1, n_p)[:, :, :, None, :]  # [b, k, G, 1, N_p]
@@ -259,7 +308,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
     args.append(rows(z))
     specs.append(row_spec(k))
   y, ck = common.call(
-      lambda *r: _m2_kernel(z is not None, *r),
+      lambda *r: _m2_kernel(z is not None, cols, *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
       num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
