@@ -252,6 +252,14 @@ def test_multistep_mamba2_forms(monkeypatch, span, width):
     assert rel(y[:, :, hh], y_ref[:, :, hh]) <= 1e-5 and rel(ck[:, hh], ck_ref[:, hh]) <= 1e-5, hh
 
 
+def test_bf16_bits_to_f32_exact():
+  """The kernels' bfloat16 -> float32 on the bits equals the conversion, for every bit pattern but NaNs."""
+  v = jax.lax.bitcast_convert_type(jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16), BF16)
+  got, want = np.asarray(multistep._to_f32(v)), np.asarray(v.astype(F32))
+  keep = ~np.isnan(want)
+  assert keep.sum() > 65000 and np.array_equal(got[keep].view(np.uint32), want[keep].view(np.uint32))
+
+
 def test_softplus_fast_accuracy():
   """The kernel's fast softplus against float64 over the range dt + dt_bias takes (and the far tails)."""
   v = np.linspace(-40.0, 40.0, 400_001, dtype=np.float32)

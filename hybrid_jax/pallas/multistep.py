@@ -134,22 +134,22 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     softplus, exp, a_e = common.softplus_fast, jnp.exp2, a * common.LOG2E
   exp_a = lambda dl: exp(log_decay(dl, a_e))
   chunks = lambda ref, *idx: [ref[(*idx, Ellipsis, sl)] for sl in cols]
-  f32s = lambda vs: [v.astype(f32) for v in vs]
+  f32s = lambda vs: [_to_f32(v) for v in vs]
   read_out = lambda hs, cs: jnp.sum(functools.reduce(operator.add, [times_c(hc, cc) for hc, cc in
                                                                      zip(hs, f32s(cs))]), axis=-1, keepdims=True)
   kc, k_new = cx_ref.shape[0], x_ref.shape[0]
-  new_dls = [softplus(dt_ref[k].astype(f32) + bias) for k in range(k_new)]
+  new_dls = [softplus(_to_f32(dt_ref[k]) + bias) for k in range(k_new)]
 
   def run(new_dls, sums=None):
     """The whole update; sums (the new steps' running log-decays): the rescaled form of the new steps."""
     n_acc = n_ref[0]
     cached = [(cdt_ref[k], cx_ref[k], chunks(cb_ref, k)) for k in range(kc)]
-    new = [(x_ref[k].astype(f32), chunks(b_ref, k), chunks(c_ref, k), z_ref[k] if has_z else None)
+    new = [(_to_f32(x_ref[k]), chunks(b_ref, k), chunks(c_ref, k), z_ref[k] if has_z else None)
            for k in range(k_new)]
     h = chunks(st_ref)
     # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
     # zero input; no select over the state)
-    dls = [jnp.where(k < n_acc, softplus(dtk.astype(f32) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
+    dls = [jnp.where(k < n_acc, softplus(_to_f32(dtk) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
     if scalar_decay:
       # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
       # one FMA per state element and step instead of a multiply and an FMA
@@ -160,11 +160,11 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
       decay = exp_a(later)
       h = [decay * hc for hc in h]
       for coef, (_, xk, bk) in zip(coefs, cached):
-        u = coef * xk.astype(f32)
+        u = coef * _to_f32(xk)
         h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
     else:
       for dl, (_, xk, bk) in zip(dls, cached):
-        decay, u = exp_a(dl), dl * xk.astype(f32)
+        decay, u = exp_a(dl), dl * _to_f32(xk)
         h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
     for sl, hc in zip(cols, h):
       out_ref[..., sl] = hc
@@ -192,7 +192,7 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
         col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
         acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
       z_all = z_ref[...] if has_z else None
-      y_ref[...] = _gate(finish(acc), x_ref[...].astype(f32), z_all, dd).astype(y_ref.dtype)
+      y_ref[...] = _gate(finish(acc), _to_f32(x_ref[...]), z_all, dd).astype(y_ref.dtype)
     else:
       for k, (yk, (xk, *_, zk)) in enumerate(zip(ys, new)):
         y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
@@ -212,11 +212,24 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   jax.lax.cond(jnp.squeeze(total) >= -span, lambda d, s: run(d, s), lambda d, s: run(d), new_dls, sums)
 
 
+# bfloat16 -> float32 as integer ops on the bits: Triton's conversion takes two instructions (PRMT, SHF) for
+# every other value of a packed pair; this form takes one for each (a shift or a mask)
+BITS_BF16 = True
+
+
+def _to_f32(v):
+  """A step input in float32 (exact for bfloat16: its bits are a float32's upper half)."""
+  if BITS_BF16 and v.dtype == jnp.bfloat16:
+    bits = jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32) << 16
+    return jax.lax.bitcast_convert_type(bits, f32)
+  return v.astype(f32)
+
+
 def _gate(y, x, z, dd):
   """(C h) + D x, times silu(z) when given (x f32; z in its input dtype or None)."""
   y = y + dd * x
   if z is not None:
-    z = z.astype(f32)
+    z = _to_f32(z)
     y = y * z * jax.nn.sigmoid(z)
   return y
 
