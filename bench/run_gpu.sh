@@ -97,14 +97,15 @@ for what in "$@"; do
       run verify-parts1 timeout 120 python3 bench/verify_ratio.py --seeds 3 --batches 1 --ks 1,8 \
         --tiles-mamba2 16x4x2,8x4x2 --tiles-mamba 512x4x2,256x4x2
       run verify-ratio timeout 180 python3 bench/verify_ratio.py --seeds 5 ;;
-    # Mamba-2's new steps rescaled (RESCALED; =0: the sequential form; RESCALE_SPAN=inf: no fallback branch) and
-    # the state in column chunks of N (rows x warps x columns), batch 8 then 1; then the acceptance table.
+    # Mamba-2's new steps rescaled (RESCALED; =0: the sequential form; RESCALE_SPAN=inf: no fallback branch), the
+    # state in column chunks of N (rows x warps x columns), bf16 inputs converted on the bits (BITS_BF16), batch 8
+    # then 1; then the acceptance table.
     verify-rescaled)
-      run verify-rescaled8 timeout 300 python3 bench/verify_ratio.py --seeds 3 --batches 8 --variants mamba2 \
-        --tiles-mamba2 32x4x64,64x8x32 --set RESCALED=0 --set RESCALE_SPAN=inf
-      run verify-rescaled1 timeout 120 python3 bench/verify_ratio.py --seeds 3 --batches 1 --variants mamba2 \
-        --tiles-mamba2 8x2x32 --set RESCALED=0
-      run verify-ratio timeout 170 python3 bench/verify_ratio.py --seeds 5 ;;
+      run verify-rescaled8 timeout 280 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 --variants mamba2 \
+        --tiles-mamba2 32x4x64,64x8x32 --set RESCALED=0 --set RESCALE_SPAN=inf --set BITS_BF16=0
+      run verify-rescaled1 timeout 90 python3 bench/verify_ratio.py --seeds 3 --batches 1 --ks 1,4,8 --variants mamba2 \
+        --set RESCALED=0 --set BITS_BF16=0
+      run verify-ratio timeout 170 python3 bench/verify_ratio.py --seeds 4 ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;
