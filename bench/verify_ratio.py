@@ -18,8 +18,6 @@ import jax
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
 
-from hybrid_jax.pallas import multistep as ms
-
 
 def main() -> None:
   ap = argparse.ArgumentParser()
@@ -32,9 +30,15 @@ def main() -> None:
   ap.add_argument("--tiles-mamba", default="", help="extra (elements x warps) to time, e.g. 1024x4")
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
                   help="also time the library and extra tiles with a multistep switch set (ACC_Y, FAST_MATH, "
-                  "RESCALED; RESCALE_SPAN=inf: the rescaled form without its fallback)")
+                  "BITS_BF16)")
+  ap.add_argument("--bandwidth", action="store_true",
+                  help="also print each case's bytes (step inputs, state, y, checkpoint) over its time, in % of the "
+                  "copy ceiling measured first")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
+  ceiling = bk.copy_ceiling() if a.bandwidth else None
+  if ceiling:
+    print(f"copy ceiling: {ceiling / 1e9:.0f} GB/s (read + write)")
   ks = [int(k) for k in a.ks.split(",")]
   print("| variant | batch | what | median us | min-max us | x 1-step (medians) | rel. err |\n"
         "|---|---|---|---|---|---|---|")
@@ -49,13 +53,13 @@ def main() -> None:
       cases += [(f"tile {'x'.join(map(str, t))} K={k}", k, tiled(t)) for t in tiles for k in ks]
       for kv in a.set:  # the switch at the library's tiles and at each extra tile
         name, value = kv.split("=")
-        value = bool(int(value)) if value in ("0", "1") else float(value)
+        value = bool(int(value))
         cases += [(f"{kv} K={k}", k, bk.with_setting(name, value, step)) for k in ks]
         cases += [(f"tile {'x'.join(map(str, t))} {kv} K={k}", k, bk.with_setting(name, value, tiled(t)))
                   for t in tiles for k in ks]
       loops = {name: bk.device_loop(fn) for name, _, fn in cases}
       times = {name: [] for name, _, _ in cases}
-      errs, refs = {}, {}  # refs: the reference's outputs per K (seed 0), shared by that K's cases
+      errs, refs, nbytes = {}, {}, {}  # refs: the reference's outputs per K (seed 0), shared by that K's cases
       for seed in range(a.seeds):
         for name, k, fn in cases:
           layers = [bk.verify_inputs(jax.random.PRNGKey(1000 * seed + 10 * k + i), variant, b, k)
@@ -65,18 +69,17 @@ def main() -> None:
               refs[k] = jax.jit(bk.verify_step("reference"))(layers)
             out = jax.jit(fn)(layers)
             errs[name] = max(max(bk.relerr(o[0], r[0]), bk.relerr(o[1], r[1])) for o, r in zip(out, refs[k]))
+            nbytes[name] = bk.nbytes(layers[0]) + bk.nbytes(out[0])
           times[name].append(bk.timeit(loops[name], layers, calls=3) / (bk.LAYERS * bk.REPEAT) * 1e6)
-      if variant == "mamba2":  # programs (sequence, head) whose K = 8 steps leave the rescaled form's span
-        inp = bk.verify_inputs(jax.random.PRNGKey(80), variant, b, 8)
-        log2_decay = (jax.nn.softplus(inp["dt"].astype("float32") + inp["dt_bias"]) * inp["A"]).sum(1) * 1.4427
-        print(f"mamba2 b={b}: {float((log2_decay < -ms.RESCALE_SPAN).mean()):.0%} of (sequence, head) programs"
-              " take the sequential form at K = 8 (seed 0 inputs)")
       one = statistics.median(times["1-step XLA"])
       for name, _, _ in cases:
         t = times[name]
         err = f"{errs[name]:.1e}" if name in errs else "-"
+        bw = (f" {nbytes[name] / statistics.median(t) / 1e3:.0f} GB/s = "
+              f"{100 * nbytes[name] / (statistics.median(t) * 1e-6) / ceiling:.0f}% copy |" if ceiling and name in nbytes
+              else "")
         print(f"| {variant} | {b} | {name} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} | "
-              f"{statistics.median(t) / one:.2f} | {err} |", flush=True)
+              f"{statistics.median(t) / one:.2f} | {err} |{bw}", flush=True)
 
 
 if __name__ == "__main__":

@@ -85,10 +85,9 @@ ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a 
 # instead of libdevice exp/log1p: every thread of a program computes them, so they were 17% of the Mamba-2
 # and 42% of the Mamba-1 kernel's instructions at batch 8, K = 8 (docs/KERNELS.md). False: libdevice.
 FAST_MATH = True
-# Mamba-2's new steps in a rescaled frame (one FMA per state element and step instead of two) while the K
-# steps' summed log2-decay stays within this span: the rescaling factors are then within 2^(+-span / 2)
-RESCALED = True
-RESCALE_SPAN = 64.0
+# bfloat16 step inputs -> float32 as integer ops on the bits: Triton's conversion takes two instructions (PRMT,
+# SHF) for every other value of a packed pair, this form one for each (a shift or a mask)
+BITS_BF16 = True
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -126,7 +125,7 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   The state and B/C are held as chunks of N (`cols`, static slices of the last axis): Triton spreads a
   tile's contiguous last axis over the lanes, so narrower chunks put more of a row in each thread and leave
   fewer lanes for the reduction over N. scalar_decay (Mamba-2: one decay per head): the replay as one rank
-  update per step, and the new steps in a rescaled frame where that is safe (`RESCALED`)."""
+  update per step."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
   a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
   softplus, exp, a_e = common.softplus, jnp.exp, a
@@ -137,84 +136,52 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   f32s = lambda vs: [_to_f32(v) for v in vs]
   read_out = lambda hs, cs: jnp.sum(functools.reduce(operator.add, [times_c(hc, cc) for hc, cc in
                                                                      zip(hs, f32s(cs))]), axis=-1, keepdims=True)
+  n_acc = n_ref[0]
   kc, k_new = cx_ref.shape[0], x_ref.shape[0]
-  new_dls = [softplus(_to_f32(dt_ref[k]) + bias) for k in range(k_new)]
-
-  def run(new_dls, sums=None):
-    """The whole update; sums (the new steps' running log-decays): the rescaled form of the new steps."""
-    n_acc = n_ref[0]
-    cached = [(cdt_ref[k], cx_ref[k], chunks(cb_ref, k)) for k in range(kc)]
-    new = [(_to_f32(x_ref[k]), chunks(b_ref, k), chunks(c_ref, k), z_ref[k] if has_z else None)
-           for k in range(k_new)]
-    h = chunks(st_ref)
-    # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
-    # zero input; no select over the state)
-    dls = [jnp.where(k < n_acc, softplus(_to_f32(dtk) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
-    if scalar_decay:
-      # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
-      # one FMA per state element and step instead of a multiply and an FMA
-      later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: the summed deltas of the later steps
-      for k in reversed(range(kc)):
-        coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
-        later = later + dls[k]
-      decay = exp_a(later)
-      h = [decay * hc for hc in h]
-      for coef, (_, xk, bk) in zip(coefs, cached):
-        u = coef * _to_f32(xk)
-        h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
-    else:
-      for dl, (_, xk, bk) in zip(dls, cached):
-        decay, u = exp_a(dl), dl * _to_f32(xk)
-        h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
-    for sl, hc in zip(cols, h):
-      out_ref[..., sl] = hc
-    # (b) the new steps
-    ys = []
-    if sums is None:
-      for dl, (xk, bk, ck, _) in zip(new_dls, new):
-        decay, u = exp_a(dl), dl * xk
-        h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
-        ys.append(read_out(h, ck))  # [..., 1]
-    else:
-      # h_k = exp(S_k - r) g_k with S_k = sum_{i<=k} dl_i A and r = S_K / 2: g_k = g_{k-1} + dl_k exp(r - S_k)
-      # x_k B_k, one FMA per state element and step where the sequential update has a multiply and an FMA
-      ref = 0.5 * sums[-1]
-      g = [exp(ref) * hc for hc in h]
-      for dl, s_k, (xk, bk, ck, _) in zip(new_dls, sums, new):
-        u = (dl * exp(ref - s_k)) * xk
-        g = [gc + inject(u, bc) for gc, bc in zip(g, f32s(bk))]
-        ys.append(exp(s_k - ref) * read_out(g, ck))
-    # Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout the reduction
-    # produced: one layout change and one store at the end instead of a shared-memory round trip per step
-    if ACC_Y and k_new == common.next_pow2(k_new):
-      acc = None
-      for k, yk in enumerate(ys):
-        col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
-        acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
-      z_all = z_ref[...] if has_z else None
-      y_ref[...] = _gate(finish(acc), _to_f32(x_ref[...]), z_all, dd).astype(y_ref.dtype)
-    else:
-      for k, (yk, (xk, *_, zk)) in enumerate(zip(ys, new)):
-        y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
-
-  if not (scalar_decay and RESCALED):
-    return run(new_dls)
-  # The rescaling factors lie in [exp(S_K / 2), exp(-S_K / 2)]: the rescaled form runs while |S_K| <=
-  # RESCALE_SPAN (in the units of exp: log2 with FAST_MATH), the sequential one otherwise. One choice per
-  # program; each branch is the whole update, so that each keeps its loads ahead of its first store.
-  sums, total = [], jnp.zeros_like(new_dls[0])
-  for dl in new_dls:
-    total = total + log_decay(dl, a_e)
-    sums.append(total)
-  span = RESCALE_SPAN if FAST_MATH else RESCALE_SPAN / common.LOG2E
-  if span == float("inf"):  # no fallback (bench/inspect_verify.py: the rescaled form's code alone)
-    return run(new_dls, sums)
-  jax.lax.cond(jnp.squeeze(total) >= -span, lambda d, s: run(d, s), lambda d, s: run(d), new_dls, sums)
-
-
-# bfloat16 -> float32 as integer ops on the bits: Triton's conversion takes two instructions (PRMT, SHF) for
-# every other value of a packed pair; this form takes one for each (a shift or a mask)
-BITS_BF16 = True
+  cached = [(cdt_ref[k], cx_ref[k], chunks(cb_ref, k)) for k in range(kc)]
+  new = [(dt_ref[k], _to_f32(x_ref[k]), chunks(b_ref, k), chunks(c_ref, k), z_ref[k] if has_z else None)
+         for k in range(k_new)]
+  h = chunks(st_ref)
+  # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
+  # zero input; no select over the state)
+  dls = [jnp.where(k < n_acc, softplus(_to_f32(dtk) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
+  if scalar_decay:
+    # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
+    # one FMA per state element and step instead of a multiply and an FMA
+    later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: the summed deltas of the later steps
+    for k in reversed(range(kc)):
+      coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
+      later = later + dls[k]
+    decay = exp_a(later)
+    h = [decay * hc for hc in h]
+    for coef, (_, xk, bk) in zip(coefs, cached):
+      u = coef * _to_f32(xk)
+      h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+  else:
+    for dl, (_, xk, bk) in zip(dls, cached):
+      decay, u = exp_a(dl), dl * _to_f32(xk)
+      h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+  for sl, hc in zip(cols, h):
+    out_ref[..., sl] = hc
+  # (b) the new steps
+  ys = []
+  for dtk, xk, bk, ck, _ in new:
+    dl = softplus(_to_f32(dtk) + bias)
+    decay, u = exp_a(dl), dl * xk
+    h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+    ys.append(read_out(h, ck))  # [..., 1]
+  # Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout the reduction
+  # produced: one layout change and one store at the end instead of a shared-memory round trip per step
+  if ACC_Y and k_new == common.next_pow2(k_new):
+    acc = None
+    for k, yk in enumerate(ys):
+      col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
+      acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
+    z_all = z_ref[...] if has_z else None
+    y_ref[...] = _gate(finish(acc), _to_f32(x_ref[...]), z_all, dd).astype(y_ref.dtype)
+  else:
+    for k, (yk, (_, xk, *_, zk)) in enumerate(zip(ys, new)):
+      y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
 
 
 def _to_f32(v):
