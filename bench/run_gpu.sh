@@ -110,6 +110,13 @@ for what in "$@"; do
         --tiles-mamba2 32x4x64 --set BITS_BF16=0
       run verify-bw32 timeout 90 python3 bench/verify_ratio.py --seeds 3 --batches 32 --ks 1 --tiles-mamba2 32x4x64 \
         --bandwidth ;;
+    # Mamba-2 batch 8 with 32-column chunks: whole heads per program (64 rows, 8 warps) and half as many threads
+    # (16 rows, 2 warps) against the library's (32, 4); then the library's batch-8 table again, in a process of
+    # its own (the 1-step XLA reading moves by up to 13% from process to process: docs/device_logs/verify-cols).
+    verify-tiles2)
+      run verify-tiles2 timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --variants mamba2 \
+        --tiles-mamba2 64x8x32,16x2x32
+      run verify-m2b8 timeout 120 python3 bench/verify_ratio.py --seeds 5 --batches 8 --variants mamba2 ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;
