@@ -88,6 +88,8 @@ FAST_MATH = True
 # bfloat16 step inputs -> float32 as integer ops on the bits: Triton's conversion takes two instructions (PRMT,
 # SHF) for every other value of a packed pair, this form one for each (a shift or a mask)
 BITS_BF16 = True
+REPLAY_FIRST = True
+STORE_LAST = True
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -152,17 +154,27 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     for k in reversed(range(kc)):
       coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
       later = later + dls[k]
-    decay = exp_a(later)
-    h = [decay * hc for hc in h]
-    for coef, (_, xk, bk) in zip(coefs, cached):
-      u = coef * _to_f32(xk)
-      h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+    if REPLAY_FIRST:  # the input terms summed first: they need no state, so they run while it loads
+      acc = [0.0] * len(cols)
+      for coef, (_, xk, bk) in zip(coefs, cached):
+        u = coef * _to_f32(xk)
+        acc = [ac + inject(u, bc) for ac, bc in zip(acc, f32s(bk))]
+      decay = exp_a(later)
+      h = [decay * hc + ac for hc, ac in zip(h, acc)]
+    else:
+      decay = exp_a(later)
+      h = [decay * hc for hc in h]
+      for coef, (_, xk, bk) in zip(coefs, cached):
+        u = coef * _to_f32(xk)
+        h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
   else:
     for dl, (_, xk, bk) in zip(dls, cached):
       decay, u = exp_a(dl), dl * _to_f32(xk)
       h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
-  for sl, hc in zip(cols, h):
-    out_ref[..., sl] = hc
+  ckpt = h
+  if not STORE_LAST:
+    for sl, hc in zip(cols, ckpt):
+      out_ref[..., sl] = hc
   # (b) the new steps
   ys = []
   for dtk, xk, bk, ck, _ in new:
@@ -182,6 +194,9 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   else:
     for k, (yk, (_, xk, *_, zk)) in enumerate(zip(ys, new)):
       y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
+  if STORE_LAST:
+    for sl, hc in zip(cols, ckpt):
+      out_ref[..., sl] = hc
 
 
 def _to_f32(v):
