@@ -88,7 +88,9 @@ FAST_MATH = True
 # bfloat16 step inputs -> float32 as integer ops on the bits: Triton's conversion takes two instructions (PRMT,
 # SHF) for every other value of a packed pair, this form one for each (a shift or a mask)
 BITS_BF16 = True
-REPLAY_FIRST = True
+# The checkpoint stored after the new steps rather than before them: no load may move past a store (the refs
+# may alias), so a store in the middle made the compiler issue all of the new steps' loads just before it,
+# where their latency is exposed; with the store last it spreads them over the steps
 STORE_LAST = True
 
 
@@ -154,19 +156,11 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     for k in reversed(range(kc)):
       coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
       later = later + dls[k]
-    if REPLAY_FIRST:  # the input terms summed first: they need no state, so they run while it loads
-      acc = [0.0] * len(cols)
-      for coef, (_, xk, bk) in zip(coefs, cached):
-        u = coef * _to_f32(xk)
-        acc = [ac + inject(u, bc) for ac, bc in zip(acc, f32s(bk))]
-      decay = exp_a(later)
-      h = [decay * hc + ac for hc, ac in zip(h, acc)]
-    else:
-      decay = exp_a(later)
-      h = [decay * hc for hc in h]
-      for coef, (_, xk, bk) in zip(coefs, cached):
-        u = coef * _to_f32(xk)
-        h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+    decay = exp_a(later)
+    h = [decay * hc for hc in h]
+    for coef, (_, xk, bk) in zip(coefs, cached):
+      u = coef * _to_f32(xk)
+      h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
   else:
     for dl, (_, xk, bk) in zip(dls, cached):
       decay, u = exp_a(dl), dl * _to_f32(xk)
