@@ -117,9 +117,9 @@ for what in "$@"; do
       run verify-tiles2 timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --variants mamba2 \
         --tiles-mamba2 64x8x32,16x2x32
       run verify-m2b8 timeout 120 python3 bench/verify_ratio.py --seeds 5 --batches 8 --variants mamba2 ;;
-    # The acceptance table with the checkpoint stored last (STORE_LAST: the new steps' loads need not precede it,
-    # so the compiler spreads them over the steps) and, beside each case, the checkpoint stored before the new
-    # steps (the form verify-cols measured).
+    # (2026-12-02, commit 84fd924) The acceptance table with the checkpoint stored after the new steps
+    # (STORE_LAST, so the compiler spreads the new steps' loads over them) and, beside each case, stored before
+    # them. STORE_LAST was slower everywhere (Mamba-2 batch 8 K = 8 11.6 vs 8.8 us) and is gone: run at 84fd924.
     verify-order) run verify-order timeout 190 python3 bench/verify_ratio.py --seeds 3 --batches 8,1 --ks 1,4,8 --set STORE_LAST=0 ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \

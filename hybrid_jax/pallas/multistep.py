@@ -88,10 +88,6 @@ FAST_MATH = True
 # bfloat16 step inputs -> float32 as integer ops on the bits: Triton's conversion takes two instructions (PRMT,
 # SHF) for every other value of a packed pair, this form one for each (a shift or a mask)
 BITS_BF16 = True
-# The checkpoint stored after the new steps rather than before them: no load may move past a store (the refs
-# may alias), so a store in the middle made the compiler issue all of the new steps' loads just before it,
-# where their latency is exposed; with the store last it spreads them over the steps
-STORE_LAST = True
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -165,10 +161,8 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     for dl, (_, xk, bk) in zip(dls, cached):
       decay, u = exp_a(dl), dl * _to_f32(xk)
       h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
-  ckpt = h
-  if not STORE_LAST:
-    for sl, hc in zip(cols, ckpt):
-      out_ref[..., sl] = hc
+  for sl, hc in zip(cols, h):
+    out_ref[..., sl] = hc
   # (b) the new steps
   ys = []
   for dtk, xk, bk, ck, _ in new:
@@ -188,9 +182,6 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   else:
     for k, (yk, (_, xk, *_, zk)) in enumerate(zip(ys, new)):
       y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
-  if STORE_LAST:
-    for sl, hc in zip(cols, ckpt):
-      out_ref[..., sl] = hc
 
 
 def _to_f32(v):
