@@ -74,14 +74,13 @@ def main() -> None:
   ap.add_argument("warps", type=int)
   ap.add_argument("--cols", type=int, default=0, help="Mamba-2: columns of N per chunk (default: all of N)")
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
-                  help="a multistep switch (ACC_Y, FAST_MATH) for this compile")
+                  help="a multistep switch (ACC_Y, FAST_MATH, BITS_BF16) for this compile")
   ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
   ap.add_argument("--out", default="/tmp/inspect_verify")
   ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python
   a = ap.parse_args()
-  settings = {kv.split("=")[0]: float(kv.split("=")[1]) if "SPAN" in kv else bool(int(kv.split("=")[1]))
-              for kv in a.set}
-  tag = "".join(f"_{n}{v:g}" for n, v in sorted(settings.items()))
+  settings = {kv.split("=")[0]: bool(int(kv.split("=")[1])) for kv in a.set}
+  tag = "".join(f"_{n}{int(v)}" for n, v in sorted(settings.items()))
   tile = (a.tile, a.cols) if a.cols else (a.tile,)
   tag += f"_c{a.cols}" if a.cols else ""
   out = os.path.join(a.out, f"{a.variant}_b{a.batch}_k{a.k}_{a.tile}x{a.warps}{tag}")

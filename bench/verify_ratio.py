@@ -74,12 +74,14 @@ def main() -> None:
       one = statistics.median(times["1-step XLA"])
       for name, _, _ in cases:
         t = times[name]
+        med = statistics.median(t)
         err = f"{errs[name]:.1e}" if name in errs else "-"
-        bw = (f" {nbytes[name] / statistics.median(t) / 1e3:.0f} GB/s = "
-              f"{100 * nbytes[name] / (statistics.median(t) * 1e-6) / ceiling:.0f}% copy |" if ceiling and name in nbytes
-              else "")
-        print(f"| {variant} | {b} | {name} | {statistics.median(t):.2f} | {min(t):.2f}-{max(t):.2f} | "
-              f"{statistics.median(t) / one:.2f} | {err} |{bw}", flush=True)
+        bw = ""
+        if ceiling and name in nbytes:
+          gbps = nbytes[name] / med / 1e3  # bytes per us -> GB/s
+          bw = f" {gbps:.0f} GB/s = {100 * gbps * 1e9 / ceiling:.0f}% copy |"
+        print(f"| {variant} | {b} | {name} | {med:.2f} | {min(t):.2f}-{max(t):.2f} | {med / one:.2f} | {err} |{bw}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -197,11 +197,9 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
 def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
   """Both ends of the tiling: large tiles (Mamba-1: several groups per program and padded groups; Mamba-2:
   more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
-  or stored per step; the per-step scalars with the fast or the libdevice math, bf16 conversions on the bits
-  or not."""
+  or stored per step; the per-step scalars with the fast or the libdevice math."""
   monkeypatch.setattr(multistep, "ACC_Y", acc_y)
   monkeypatch.setattr(multistep, "FAST_MATH", fast_math)
-  monkeypatch.setattr(multistep, "BITS_BF16", fast_math)
   ks = jax.random.split(jax.random.PRNGKey(21), 13)
   rn = lambda kk, s: jax.random.normal(kk, s, F32)
   b, kc, k = 2, 2, 4
