@@ -4,8 +4,9 @@
       [--set FAST_MATH=0 ...]
 Step 1 (this interpreter, the project's jax): lower the kernel for CUDA and keep the Triton IR that Pallas
 emits. Step 2 (`--triton-python`: an interpreter with the PyPI `triton` wheel of the GPU image's version,
-3.6; the project's venv does not carry it): compile that IR for GPUTarget("cuda", 90, 32) with num_stages = 1,
-as Pallas does, and print registers and the SASS counts (instructions, shuffles, barriers, MUFU, loads).
+3.6; the project's venv does not carry it): compile that IR for GPUTarget("cuda", 90, 32) with num_stages = 1
+and no floating-point contraction, as XLA compiles Pallas kernels on the GPU (`--fp-fusion 1`: Triton's own
+default), and print registers and the SASS counts (instructions, shuffles, barriers, MUFU, loads).
 """
 from __future__ import annotations
 
@@ -43,11 +44,12 @@ def dump_ttir(variant: str, b: int, k: int, tile: tuple, warps: int, settings: d
   f.trace(inputs).lower(lowering_platforms=("cuda",))
 
 
-def compile_and_count(ttir: str, warps: int, out: str) -> None:
+def compile_and_count(ttir: str, warps: int, out: str, fp_fusion: bool) -> None:
   import triton
   from triton.backends.compiler import GPUTarget
 
-  kernel = triton.compile(ttir, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+  options = {"num_warps": warps, "num_stages": 1, "enable_fp_fusion": fp_fusion}
+  kernel = triton.compile(ttir, target=GPUTarget("cuda", 90, 32), options=options)
   cubin = out + ".cubin"
   with open(cubin, "wb") as f:
     f.write(kernel.asm["cubin"])
@@ -76,22 +78,26 @@ def main() -> None:
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
                   help="a multistep switch (ACC_Y, FAST_MATH, BITS_BF16) for this compile")
   ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
+  ap.add_argument("--fp-fusion", type=int, default=0, choices=(0, 1),
+                  help="let Triton contract a * b + c into FMAs (Triton's default; 0 = as XLA's pipeline compiles "
+                  "Pallas kernels on the GPU: no contraction, seen in Nsight Compute on the H200)")
   ap.add_argument("--out", default="/tmp/inspect_verify")
   ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python
   a = ap.parse_args()
-  settings = {kv.split("=")[0]: bool(int(kv.split("=")[1])) for kv in a.set}
-  tag = "".join(f"_{n}{int(v)}" for n, v in sorted(settings.items()))
+  settings = {n: bool(int(v)) if v in ("0", "1") else v for n, v in (kv.split("=") for kv in a.set)}
+  tag = "".join(f"_{n}{v if isinstance(v, str) else int(v)}" for n, v in sorted(settings.items()))
   tile = (a.tile, a.cols) if a.cols else (a.tile,)
   tag += f"_c{a.cols}" if a.cols else ""
   out = os.path.join(a.out, f"{a.variant}_b{a.batch}_k{a.k}_{a.tile}x{a.warps}{tag}")
   if a.compile:
-    compile_and_count(a.compile, a.warps, out)
+    compile_and_count(a.compile, a.warps, out, bool(a.fp_fusion))
     return
   if not a.triton_python:
     ap.error("--triton-python is needed for the compile step")
   os.makedirs(a.out, exist_ok=True)
   dump_ttir(a.variant, a.batch, a.k, tile, a.warps, settings, out + ".ttir")
   argv = [a.variant, str(a.batch), str(a.k), str(a.tile), str(a.warps), "--out", a.out, f"--cols={a.cols}",
+          f"--fp-fusion={a.fp_fusion}",
           *(f"--set={kv}" for kv in a.set)]
   subprocess.run([a.triton_python, __file__, *argv, "--compile", out + ".ttir"], check=True)
 

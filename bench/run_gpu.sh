@@ -121,6 +121,41 @@ for what in "$@"; do
     # (STORE_LAST, so the compiler spreads the new steps' loads over them) and, beside each case, stored before
     # them. STORE_LAST was slower everywhere (Mamba-2 batch 8 K = 8 11.6 vs 8.8 us) and is gone: run at 84fd924.
     verify-order) run verify-order timeout 190 python3 bench/verify_ratio.py --seeds 3 --batches 8,1 --ks 1,4,8 --set STORE_LAST=0 ;;
+    # Nsight Compute on the verify kernel alone (bench/ncu_verify.py): where its warps stall, its memory
+    # traffic and occupancy, at batch 8 (Mamba-2 K = 8 and 4, Mamba-1 K = 8).
+    verify-ncu)
+      which ncu || ls /opt/nvidia/nsight-compute/*/ncu
+      for c in "mamba2 8 8" "mamba2 8 4" "mamba 8 8"; do
+        run "ncu-${c// /-}" timeout 150 ncu --clock-control none -k regex:lambda --launch-skip 3 --launch-count 1 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats \
+          --section Occupancy --section LaunchStats --section InstructionStats --section SourceCounters python3 bench/ncu_verify.py $c
+      done ;;
+    # (2026-12-02, fourth session) The checkpoint store anchored mid-kernel by reading it back as the new steps'
+    # start (plain or volatile load): slower (Mamba-2 batch 8 K = 8 9.2 vs 8.8 us); gone, logs in
+    # docs/device_logs/verify-fence.
+    # Explicit FMAs (multistep.FMA, common.fma) against the plain a * b + c, which XLA's Triton pipeline does not
+    # contract (verify-ncu: no FFMA in the kernel); then Nsight Compute on the FMA kernel and batch 32's bandwidth.
+    verify-fma)
+      run verify-fma timeout 330 python3 bench/verify_ratio.py --seeds 3 --set FMA=0
+      run ncu-fma-mamba2-8-8 timeout 60 ncu --clock-control none -k regex:lambda --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section InstructionStats \
+        python3 bench/ncu_verify.py mamba2 8 8
+      run verify-bw32 timeout 90 python3 bench/verify_ratio.py --seeds 3 --batches 32 --ks 1 --bandwidth ;;
+    # With the FMAs: the acceptance table in a process of its own, batch-8 tiles against the library's, and the
+    # stall reasons of Mamba-2 batch 8, K = 8 (Nsight Compute).
+    verify-fma2)
+      run verify-ratio timeout 260 python3 bench/verify_ratio.py --seeds 4 --ks 1,2,4,8,16
+      run verify-tiles-fma timeout 170 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,8 \
+        --tiles-mamba2 64x8x32,16x2x32,32x4x64 --tiles-mamba 512x4,2048x8
+      run ncu-stalls-mamba2-8-8 timeout 60 ncu --clock-control none -k regex:lambda --launch-skip 3 --launch-count 1 \
+        --section WarpStateStats --print-details all \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+        python3 bench/ncu_verify.py mamba2 8 8 ;;
+    # softplus_fast's reciprocal as one MUFU op (multistep.PTX_RCP): the acceptance table at the library's
+    # settings, then batch 8, K = 8 against the guarded division (PTX_RCP=0) in one process.
+    verify-rcp)
+      run verify-ratio timeout 170 python3 bench/verify_ratio.py --seeds 4
+      run verify-rcp timeout 60 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 8 --set PTX_RCP=0 ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;

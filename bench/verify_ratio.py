@@ -28,7 +28,7 @@ def main() -> None:
   ap.add_argument("--tiles-mamba2", default="",
                   help="extra (rows x warps [x columns of N per chunk]) to time, e.g. 64x4,32x4x32")
   ap.add_argument("--tiles-mamba", default="", help="extra (elements x warps) to time, e.g. 1024x4")
-  ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
+  ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                   help="also time the library and extra tiles with a multistep switch set (ACC_Y, FAST_MATH, "
                   "BITS_BF16)")
   ap.add_argument("--bandwidth", action="store_true",
@@ -53,7 +53,7 @@ def main() -> None:
       cases += [(f"tile {'x'.join(map(str, t))} K={k}", k, tiled(t)) for t in tiles for k in ks]
       for kv in a.set:  # the switch at the library's tiles and at each extra tile
         name, value = kv.split("=")
-        value = bool(int(value))
+        value = bool(int(value)) if value in ("0", "1") else value  # a switch, or a named form
         cases += [(f"{kv} K={k}", k, bk.with_setting(name, value, step)) for k in ks]
         cases += [(f"tile {'x'.join(map(str, t))} {kv} K={k}", k, bk.with_setting(name, value, tiled(t)))
                   for t in tiles for k in ks]

@@ -63,17 +63,58 @@ def softplus(v: Array) -> Array:
 _ATANH_OVER_T = (0.17113005261027958, 0.19794733976026668, 0.33338001301264475, 0.9999998354403593)
 
 
-def softplus_fast(v: Array) -> Array:
+def fma(a, b, c, ptx: bool = False) -> Array:
+  """a * b + c in float32, broadcast. ptx: as one PTX fma.rn.f32 (inline asm: compiled CUDA kernels only).
+  XLA's Triton pipeline compiles Pallas kernels without floating-point contraction: on the H200 with jax
+  0.11.2 the verify kernel's SASS had no FFMA at all, every a * b + c an FMUL and an FADD (Nsight Compute;
+  Triton's own default, which a CPU-side compile uses, contracts them). Otherwise the plain expression."""
+  if not ptx:
+    return a * b + c
+  return _ptx("fma.rn.f32 $0, $1, $2, $3;", a, b, c)
+
+
+def rcp(x, ptx: bool = False) -> Array:
+  """1 / x. ptx: PTX rcp.approx.ftz.f32 (one MUFU op, relative error about 1 ulp): `/` lowers to an
+  approximate division that also scales operands beyond 2^126 or below 2^-126, 8 instructions in all; for
+  an x known to be in a normal range that guard is dead work."""
+  if not ptx:
+    return 1.0 / x
+  return _ptx("rcp.approx.ftz.f32 $0, $1;", x)
+
+
+def _ptx(asm: str, *args) -> Array:
+  """One float32 PTX instruction applied elementwise to the (broadcast) args."""
+  shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in args))
+  args = [jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in args]
+  from jax.experimental.pallas import triton as plgpu
+  [out] = plgpu.elementwise_inline_asm(asm, args=args, constraints=",".join(["=f"] + ["f"] * len(args)), pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  return out
+
+
+def ptx_available(interpret: bool) -> bool:
+  """Whether a compiled (not interpreted) kernel may use inline PTX (`fma`, `rcp`): not in interpret mode,
+  not on ROCm."""
+  if interpret:
+    return False
+  try:
+    return "rocm" not in jax.devices()[0].client.platform_version.lower()
+  except (RuntimeError, AttributeError):  # no device client to ask (a lowering-only trace): assume CUDA
+    return True
+
+
+def softplus_fast(v: Array, ptx: bool = False, ptx_rcp: bool = True) -> Array:
   """softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|) in (0, 1], with log1p(e) = 2 atanh(t), t = e / (2 + e)
   <= 1/3: one MUFU ex2, an approximate division and 4 FMAs instead of libdevice exp + log1p (what `softplus`
   lowers to in Triton). atanh(t) / t is a cubic in t^2 on [0, 1/9], fitted for minimal relative error
   (1.6e-7, below the float32 rounding of the rest; the Taylor series needs t^15 for the same).
-  Max relative error 2e-6 against float64 on [-30, 30] (the rounding of v log2 e inside exp2)."""
+  Max relative error 2e-6 against float64 on [-30, 30] (the rounding of v log2 e inside exp2). ptx: the
+  FMAs and (ptx_rcp) the reciprocal of 2 + e in [2, 3] as PTX (`fma`, `rcp`)."""
   e = jnp.exp2(-jnp.abs(v) * LOG2E)
-  t = e / (2.0 + e)
+  t = e * rcp(2.0 + e, ptx=True) if ptx and ptx_rcp else e / (2.0 + e)
   t2 = t * t
   p = _ATANH_OVER_T[0]
   for c in _ATANH_OVER_T[1:]:
-    p = p * t2 + c
-  return jnp.maximum(v, 0.0) + 2.0 * t * p
+    p = fma(p, t2, c, ptx)
+  return fma(2.0 * t, p, jnp.maximum(v, 0.0), ptx)
 

@@ -23,7 +23,6 @@ Returns (y [x.dtype], new checkpoint [f32], (x, dt, B)).
 from __future__ import annotations
 
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +87,10 @@ FAST_MATH = True
 # bfloat16 step inputs -> float32 as integer ops on the bits: Triton's conversion takes two instructions (PRMT,
 # SHF) for every other value of a packed pair, this form one for each (a shift or a mask)
 BITS_BF16 = True
+# a * b + c as explicit FMAs in the compiled kernel (common.fma): XLA's Triton pipeline does not contract them
+FMA = True
+# softplus_fast's reciprocal of 2 + e as one MUFU op (common.rcp) instead of the guarded approximate division
+PTX_RCP = True
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -95,6 +98,10 @@ BITS_BF16 = True
 # XLA needs no copy of the state into the loop's buffer (a profile showed one per call: 1.3 us at batch 1,
 # 2.5 us at batch 8 for the Mamba-2 shape, docs/KERNELS.md).
 _STATE_IN_PLACE = {1: 1}
+
+
+def _ptx(interpret: bool | None) -> bool:
+  return common.ptx_available(common.interpret_mode() if interpret is None else interpret)
 
 
 def _pick(table, b: int) -> tuple[int, ...]:
@@ -118,24 +125,31 @@ def _m2_tiling(b: int, p: int, n_p: int) -> tuple[int, int, int]:
 
 
 def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b_ref, c_ref, a_ref, d_ref,
-                 bias_ref, rest, *, cols, log_decay, inject, times_c, finish, scalar_decay=False):
+                 bias_ref, rest, *, cols, log_decay, inject, times_c, finish, ptx, scalar_decay=False):
   """Shared body of both variants. All step inputs are loaded before the first store, so the loads are
   issued together (a store in between would keep the compiler from hoisting later loads: the refs may
   alias); the step terms that do not depend on h are computed off the dependent chain h = decay * h + u.
   The state and B/C are held as chunks of N (`cols`, static slices of the last axis): Triton spreads a
   tile's contiguous last axis over the lanes, so narrower chunks put more of a row in each thread and leave
   fewer lanes for the reduction over N. scalar_decay (Mamba-2: one decay per head): the replay as one rank
-  update per step."""
+  update per step. inject(u, b) / times_c(h, c): the two factors of a step's input u B and of C h, which the
+  updates take as fused multiply-adds (`ptx`: explicit ones, see common.fma)."""
   z_ref, y_ref, out_ref = rest if has_z else (None, *rest)
   a, bias, dd = a_ref[...], bias_ref[...], d_ref[...]
+  mad = functools.partial(common.fma, ptx=ptx and FMA)
   softplus, exp, a_e = common.softplus, jnp.exp, a
   if FAST_MATH:  # exp(dl a) = exp2(dl (a log2 e)): the scaling once per program, not per step
-    softplus, exp, a_e = common.softplus_fast, jnp.exp2, a * common.LOG2E
+    softplus, exp, a_e = functools.partial(common.softplus_fast, ptx=ptx and FMA, ptx_rcp=PTX_RCP), jnp.exp2, a * common.LOG2E
   exp_a = lambda dl: exp(log_decay(dl, a_e))
   chunks = lambda ref, *idx: [ref[(*idx, Ellipsis, sl)] for sl in cols]
   f32s = lambda vs: [_to_f32(v) for v in vs]
-  read_out = lambda hs, cs: jnp.sum(functools.reduce(operator.add, [times_c(hc, cc) for hc, cc in
-                                                                     zip(hs, f32s(cs))]), axis=-1, keepdims=True)
+
+  def read_out(hs, cs):  # C h summed over N ([..., 1]); the chunks' products chained as FMAs
+    acc = None
+    for hc, cc in zip(hs, f32s(cs)):
+      hf, cf = times_c(hc, cc)
+      acc = hf * cf if acc is None else mad(hf, cf, acc)
+    return jnp.sum(acc, axis=-1, keepdims=True)
   n_acc = n_ref[0]
   kc, k_new = cx_ref.shape[0], x_ref.shape[0]
   cached = [(cdt_ref[k], cx_ref[k], chunks(cb_ref, k)) for k in range(kc)]
@@ -156,11 +170,11 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     h = [decay * hc for hc in h]
     for coef, (_, xk, bk) in zip(coefs, cached):
       u = coef * _to_f32(xk)
-      h = [hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+      h = [mad(*inject(u, bc), hc) for hc, bc in zip(h, f32s(bk))]
   else:
     for dl, (_, xk, bk) in zip(dls, cached):
       decay, u = exp_a(dl), dl * _to_f32(xk)
-      h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+      h = [mad(*inject(u, bc), decay * hc) for hc, bc in zip(h, f32s(bk))]
   for sl, hc in zip(cols, h):
     out_ref[..., sl] = hc
   # (b) the new steps
@@ -168,7 +182,7 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   for dtk, xk, bk, ck, _ in new:
     dl = softplus(_to_f32(dtk) + bias)
     decay, u = exp_a(dl), dl * xk
-    h = [decay * hc + inject(u, bc) for hc, bc in zip(h, f32s(bk))]
+    h = [mad(*inject(u, bc), decay * hc) for hc, bc in zip(h, f32s(bk))]
     ys.append(read_out(h, ck))  # [..., 1]
   # Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout the reduction
   # produced: one layout change and one store at the end instead of a shared-memory round trip per step
@@ -178,10 +192,10 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
       col = jax.lax.broadcasted_iota(jnp.int32, (*yk.shape[:-1], k_new), yk.ndim - 1)
       acc = jnp.where(col == k, yk, 0.0 if acc is None else acc)
     z_all = z_ref[...] if has_z else None
-    y_ref[...] = _gate(finish(acc), _to_f32(x_ref[...]), z_all, dd).astype(y_ref.dtype)
+    y_ref[...] = _gate(finish(acc), _to_f32(x_ref[...]), z_all, dd, mad).astype(y_ref.dtype)
   else:
     for k, (yk, (_, xk, *_, zk)) in enumerate(zip(ys, new)):
-      y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd).astype(y_ref.dtype)
+      y_ref[k] = _gate(yk.reshape(xk.shape), xk, zk, dd, mad).astype(y_ref.dtype)
 
 
 def _to_f32(v):
@@ -192,32 +206,32 @@ def _to_f32(v):
   return v.astype(f32)
 
 
-def _gate(y, x, z, dd):
+def _gate(y, x, z, dd, mad):
   """(C h) + D x, times silu(z) when given (x f32; z in its input dtype or None)."""
-  y = y + dd * x
+  y = mad(dd, x, y)
   if z is not None:
     z = _to_f32(z)
     y = y * z * jax.nn.sigmoid(z)
   return y
 
 
-def _m1_kernel(has_z, *refs):
+def _m1_kernel(has_z, ptx, *refs):
   """Mamba-1, one program = one sequence x gb groups x cb channels of a group; state [gb, cb, N] in
   registers. Per step: dt, x [gb, cb]; B, C [gb, N]."""
   _verify_body(has_z, *refs[:12], refs[12:],
                cols=(slice(None),), log_decay=lambda dl, a: dl[:, :, None] * a,
-               inject=lambda u, b: u[:, :, None] * b[:, None, :], times_c=lambda h, c: h * c[:, None, :],
-               finish=lambda acc: jnp.transpose(acc, (2, 0, 1)))  # [gb, cb, K] -> [K, gb, cb]
+               inject=lambda u, b: (u[:, :, None], b[:, None, :]), times_c=lambda h, c: (h, c[:, None, :]),
+               finish=lambda acc: jnp.transpose(acc, (2, 0, 1)), ptx=ptx)  # [gb, cb, K] -> [K, gb, cb]
 
 
-def _m2_kernel(has_z, cols, *refs):
+def _m2_kernel(has_z, cols, ptx, *refs):
   """Mamba-2, one program = one sequence x one head x bp rows of P; state [bp, N] in registers, as chunks of
   N (`cols`). Per step: dt [1, 1]; x [bp, 1]; B, C [1, N]; A [1, 1]."""
   _verify_body(has_z, *refs[:12], refs[12:],
-               cols=cols, log_decay=lambda dl, a: dl * a, inject=lambda u, b: u * b,
-               times_c=lambda h, c: h * c,
+               cols=cols, log_decay=lambda dl, a: dl * a, inject=lambda u, b: (u, b),
+               times_c=lambda h, c: (h, c),
                finish=lambda acc: jnp.transpose(acc)[:, :, None],  # [bp, K] -> [K, bp, 1]
-               scalar_decay=True)
+               ptx=ptx, scalar_decay=True)
 
 
 def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret):
@@ -255,7 +269,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
     args.append(chan(z))
     specs.append(steps(k))
   y, ck = common.call(
-      lambda *r: _m1_kernel(z is not None, *r),
+      lambda *r: _m1_kernel(z is not None, _ptx(interpret), *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, g_p // gb, cpg_p // cb), in_specs=specs, out_specs=(steps(k), st_spec),
       num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
@@ -288,7 +302,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
     args.append(rows(z))
     specs.append(row_spec(k))
   y, ck = common.call(
-      lambda *r: _m2_kernel(z is not None, cols, *r),
+      lambda *r: _m2_kernel(z is not None, cols, _ptx(interpret), *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
       num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
