@@ -263,6 +263,26 @@ def test_softplus_fast_accuracy():
 
 
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+@pytest.mark.parametrize("ptx", [True, False])
+def test_multistep_cuda_lowering_explicit_fma(monkeypatch, variant, ptx):
+  """The kernel lowered for CUDA (on this CPU host) carries its FMAs and the softplus reciprocal as inline PTX
+  (XLA's Triton pipeline would not contract a * b + c), and none with the switches off."""
+  monkeypatch.setattr(multistep, "FMA", ptx)
+  monkeypatch.setattr(multistep, "PTX_RCP", ptx)
+  inp = ms_inputs(jax.random.PRNGKey(12), variant, 1, 2, 2, dtype=BF16, z=variant == "mamba")
+  inp["n_accept"] = jnp.array([1], jnp.int32)
+  f = jax.jit(lambda a: multistep.multistep_scan(**a, impl="pallas", interpret=False))
+  text = f.trace(inp).lower(lowering_platforms=("cuda",)).as_text()
+  assert ("fma.rn.f32" in text) == ptx and ("rcp.approx.ftz.f32" in text) == ptx
+
+
+def test_ptx_helpers_plain_outside_a_kernel():
+  """common.fma / common.rcp without PTX are the plain expressions (what interpret mode runs)."""
+  a, b, c = jnp.float32(1.5), jnp.full((3,), 2.0, F32), jnp.float32(-1.0)
+  assert np.allclose(common.fma(a, b, c), [2.0, 2.0, 2.0]) and float(common.rcp(jnp.float32(4.0))) == 0.25
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
 def test_multistep_bf16_no_z(variant):
   inp = ms_inputs(jax.random.PRNGKey(11), variant, 2, 3, 4, dtype=BF16, z=False)
   inp["n_accept"] = jnp.array([1, 3], jnp.int32)
