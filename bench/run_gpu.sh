@@ -152,10 +152,13 @@ for what in "$@"; do
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 bench/ncu_verify.py mamba2 8 8 ;;
     # softplus_fast's reciprocal as one MUFU op (multistep.PTX_RCP): the acceptance table at the library's
-    # settings, then batch 8, K = 8 against the guarded division (PTX_RCP=0) in one process.
+    # settings, then batch 8, K = 8 against the guarded division (PTX_RCP=0) in one process, then Mamba-1's
+    # bandwidth at batch 32 and 128 (its state is 1/4 of Mamba-2's: batch 32 is still launch-bound).
     verify-rcp)
-      run verify-ratio timeout 170 python3 bench/verify_ratio.py --seeds 4
-      run verify-rcp timeout 60 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 8 --set PTX_RCP=0 ;;
+      run verify-ratio timeout 150 python3 bench/verify_ratio.py --seeds 4
+      run verify-rcp timeout 50 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 8 --set PTX_RCP=0
+      run verify-bw-m1 timeout 50 python3 bench/verify_ratio.py --seeds 3 --batches 32,128 --ks 1 --variants mamba \
+        --bandwidth ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;
