@@ -151,12 +151,11 @@ for what in "$@"; do
         --section WarpStateStats --print-details all \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 bench/ncu_verify.py mamba2 8 8 ;;
-    # softplus_fast's reciprocal as one MUFU op (multistep.PTX_RCP): the acceptance table at the library's
-    # settings, then batch 8, K = 8 against the guarded division (PTX_RCP=0) in one process, then Mamba-1's
-    # bandwidth at batch 32 and 128 (its state is 1/4 of Mamba-2's: batch 32 is still launch-bound).
+    # softplus_fast's reciprocal as one MUFU op (multistep.PTX_RCP, off until timed): the acceptance table with it
+    # beside the library's default, then Mamba-1's bandwidth at batch 32 and 128 (its state is 1/4 of
+    # Mamba-2's: batch 32 is still launch-bound). Not run yet (the session's device time ran out).
     verify-rcp)
-      run verify-ratio timeout 150 python3 bench/verify_ratio.py --seeds 4
-      run verify-rcp timeout 50 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 8 --set PTX_RCP=0
+      run verify-rcp timeout 250 python3 bench/verify_ratio.py --seeds 4 --set PTX_RCP=1
       run verify-bw-m1 timeout 50 python3 bench/verify_ratio.py --seeds 3 --batches 32,128 --ks 1 --variants mamba \
         --bandwidth ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
