@@ -14,6 +14,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
+
 from hybrid_jax.pallas import multistep as ms
 
 
