@@ -151,11 +151,15 @@ for what in "$@"; do
         --section WarpStateStats --print-details all \
         --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
         python3 bench/ncu_verify.py mamba2 8 8 ;;
-    # softplus_fast's reciprocal as one MUFU op (multistep.PTX_RCP, off until timed): the acceptance table with it
-    # beside the library's default, then Mamba-1's bandwidth at batch 32 and 128 (its state is 1/4 of
-    # Mamba-2's: batch 32 is still launch-bound). Not run yet (the session's device time ran out).
-    verify-rcp)
-      run verify-rcp timeout 250 python3 bench/verify_ratio.py --seeds 4 --set PTX_RCP=1
+    # The two PTX forms built but not yet timed (the session's device time ran out): Mamba-2's per-step scalars
+    # one step per lane + shuffles (multistep.LANE_SCALARS, alone and with PTX_RCP) and softplus's reciprocal
+    # as one MUFU op (PTX_RCP, Mamba-1), each beside the library's defaults in one process; the rel. error
+    # column is the first check of the shuffles on hardware. Then Mamba-1's bandwidth at batch 32 and 128 (its
+    # state is 1/4 of Mamba-2's: batch 32 is still launch-bound).
+    verify-ptx)
+      run verify-lanes timeout 300 python3 bench/verify_ratio.py --seeds 4 --variants mamba2 \
+        --set LANE_SCALARS=1 --set LANE_SCALARS=1,PTX_RCP=1
+      run verify-rcp timeout 150 python3 bench/verify_ratio.py --seeds 3 --variants mamba --set PTX_RCP=1
       run verify-bw-m1 timeout 50 python3 bench/verify_ratio.py --seeds 3 --batches 32,128 --ks 1 --variants mamba \
         --bandwidth ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).

@@ -28,9 +28,9 @@ def main() -> None:
   ap.add_argument("--tiles-mamba2", default="",
                   help="extra (rows x warps [x columns of N per chunk]) to time, e.g. 64x4,32x4x32")
   ap.add_argument("--tiles-mamba", default="", help="extra (elements x warps) to time, e.g. 1024x4")
-  ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                  help="also time the library and extra tiles with a multistep switch set (ACC_Y, FAST_MATH, "
-                  "BITS_BF16)")
+  ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1[,NAME=0|1]",
+                  help="also time the library and extra tiles with multistep switches set (ACC_Y, FAST_MATH, "
+                  "BITS_BF16, FMA, PTX_RCP, LANE_SCALARS)")
   ap.add_argument("--bandwidth", action="store_true",
                   help="also print each case's bytes (step inputs, state, y, checkpoint) over its time, in % of the "
                   "copy ceiling measured first")
@@ -51,12 +51,13 @@ def main() -> None:
       cases = [("1-step XLA", 1, bk.single_step_loop(variant))]
       cases += [(f"kernel K={k}", k, step) for k in ks]
       cases += [(f"tile {'x'.join(map(str, t))} K={k}", k, tiled(t)) for t in tiles for k in ks]
-      for kv in a.set:  # the switch at the library's tiles and at each extra tile
-        name, value = kv.split("=")
-        value = bool(int(value)) if value in ("0", "1") else value  # a switch, or a named form
-        cases += [(f"{kv} K={k}", k, bk.with_setting(name, value, step)) for k in ks]
-        cases += [(f"tile {'x'.join(map(str, t))} {kv} K={k}", k, bk.with_setting(name, value, tiled(t)))
-                  for t in tiles for k in ks]
+      for kv in a.set:  # the switches (NAME=0|1[,NAME=0|1...]) at the library's tiles and at each extra tile
+        def switched(fn, kv=kv):
+          for name, value in (item.split("=") for item in kv.split(",")):
+            fn = bk.with_setting(name, bool(int(value)), fn)
+          return fn
+        cases += [(f"{kv} K={k}", k, switched(step)) for k in ks]
+        cases += [(f"tile {'x'.join(map(str, t))} {kv} K={k}", k, switched(tiled(t))) for t in tiles for k in ks]
       loops = {name: bk.device_loop(fn) for name, _, fn in cases}
       times = {name: [] for name, _, _ in cases}
       errs, refs, nbytes = {}, {}, {}  # refs: the reference's outputs per K (seed 0), shared by that K's cases

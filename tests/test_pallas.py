@@ -265,15 +265,19 @@ def test_softplus_fast_accuracy():
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])
 @pytest.mark.parametrize("ptx", [True, False])
 def test_multistep_cuda_lowering_explicit_fma(monkeypatch, variant, ptx):
-  """The kernel lowered for CUDA (on this CPU host) carries its FMAs and the softplus reciprocal as inline PTX
-  (XLA's Triton pipeline would not contract a * b + c), and none with the switches off."""
+  """The kernel lowered for CUDA (on this CPU host) carries its FMAs, the softplus reciprocal and (Mamba-2)
+  the per-lane scalars' shuffles as inline PTX (XLA's Triton pipeline would not contract a * b + c), and
+  none with the switches off."""
   monkeypatch.setattr(multistep, "FMA", ptx)
   monkeypatch.setattr(multistep, "PTX_RCP", ptx)
+  monkeypatch.setattr(multistep, "LANE_SCALARS", ptx)
   inp = ms_inputs(jax.random.PRNGKey(12), variant, 1, 2, 2, dtype=BF16, z=variant == "mamba")
   inp["n_accept"] = jnp.array([1], jnp.int32)
   f = jax.jit(lambda a: multistep.multistep_scan(**a, impl="pallas", interpret=False))
   text = f.trace(inp).lower(lowering_platforms=("cuda",)).as_text()
   assert ("fma.rn.f32" in text) == ptx and ("rcp.approx.ftz.f32" in text) == ptx
+  # the per-lane scalars and their shuffles: Mamba-2 only (Mamba-1's dt is per channel)
+  assert ("shfl.sync.idx" in text) == ("%laneid" in text) == (ptx and variant == "mamba2")
 
 
 def test_ptx_helpers_plain_outside_a_kernel():

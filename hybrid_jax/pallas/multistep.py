@@ -92,6 +92,10 @@ FMA = True
 # softplus_fast's reciprocal of 2 + e as one MUFU op (common.rcp) instead of the guarded approximate division:
 # 6% fewer instructions in the SASS (Mamba-2 batch 8, K = 8), not yet timed on the GPU, so off by default
 PTX_RCP = False
+# Mamba-2's per-step scalars computed one step per lane and broadcast with warp shuffles (common.lane_id,
+# common.shfl); compiled CUDA only (interpret mode runs the per-thread form). 344 of the 1664 instructions per
+# warp at batch 8, K = 8 are those scalars; not yet run on the GPU, so off by default
+LANE_SCALARS = False
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
@@ -140,7 +144,8 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   mad = functools.partial(common.fma, ptx=ptx and FMA)
   softplus, exp, a_e = common.softplus, jnp.exp, a
   if FAST_MATH:  # exp(dl a) = exp2(dl (a log2 e)): the scaling once per program, not per step
-    softplus, exp, a_e = functools.partial(common.softplus_fast, ptx=ptx and FMA, ptx_rcp=PTX_RCP), jnp.exp2, a * common.LOG2E
+    softplus = functools.partial(common.softplus_fast, ptx=ptx and FMA, ptx_rcp=PTX_RCP)
+    exp, a_e = jnp.exp2, a * common.LOG2E
   exp_a = lambda dl: exp(log_decay(dl, a_e))
   chunks = lambda ref, *idx: [ref[(*idx, Ellipsis, sl)] for sl in cols]
   f32s = lambda vs: [_to_f32(v) for v in vs]
@@ -159,8 +164,31 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
   h = chunks(st_ref)
   # (a) replay; steps k >= n_accept get delta = 0, which makes them exactly the identity (exp(0) = 1 and a
   # zero input; no select over the state)
-  dls = [jnp.where(k < n_acc, softplus(_to_f32(dtk) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
-  if scalar_decay:
+  lanes = scalar_decay and ptx and LANE_SCALARS and 2 <= max(kc, k_new) <= 32  # a warp has 32 lanes
+  if lanes:
+    # one step's scalars per lane (lane j: step j mod K), then shuffled to every thread: each thread computes
+    # one softplus and exp2 per group of steps instead of one per step (layout-free: the source of a shuffle
+    # is a hardware lane id, not a position in Triton's layout)
+    lane = common.lane_id(bias.shape)
+    own_c, own_n = lane % kc, lane % k_new
+    dl_lane = jnp.where(own_c < n_acc, softplus(_to_f32(cdt_ref[own_c, 0, 0]) + bias), 0.0)
+    dls = [common.shfl(dl_lane, k) for k in range(kc)]
+    dln_lane = softplus(_to_f32(dt_ref[own_n, 0, 0]) + bias)
+    decn_lane = exp_a(dln_lane)
+  else:
+    dls = [jnp.where(k < n_acc, softplus(_to_f32(dtk) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
+  if scalar_decay and lanes:
+    # as below, the coefficients dl_k exp(sum_{i>k} dl_i A) computed by lane k
+    later, later_lane = jnp.zeros_like(dls[0]), jnp.zeros_like(dl_lane)
+    for k in reversed(range(kc)):
+      later_lane = jnp.where(own_c == k, later, later_lane)
+      later = later + dls[k]
+    coef_lane = dl_lane * exp_a(later_lane)
+    coefs, decay = [common.shfl(coef_lane, k) for k in range(kc)], exp_a(later)
+    h = [decay * hc for hc in h]
+    for coef, (_, xk, bk) in zip(coefs, cached):
+      h = [mad(*inject(coef * _to_f32(xk), bc), hc) for hc, bc in zip(h, f32s(bk))]
+  elif scalar_decay:
     # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
     # one FMA per state element and step instead of a multiply and an FMA
     later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: the summed deltas of the later steps
@@ -180,9 +208,13 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     out_ref[..., sl] = hc
   # (b) the new steps
   ys = []
-  for dtk, xk, bk, ck, _ in new:
-    dl = softplus(_to_f32(dtk) + bias)
-    decay, u = exp_a(dl), dl * xk
+  for k, (dtk, xk, bk, ck, _) in enumerate(new):
+    if lanes:
+      dl, decay = common.shfl(dln_lane, k), common.shfl(decn_lane, k)
+    else:
+      dl = softplus(_to_f32(dtk) + bias)
+      decay = exp_a(dl)
+    u = dl * xk
     h = [mad(*inject(u, bc), decay * hc) for hc, bc in zip(h, f32s(bk))]
     ys.append(read_out(h, ck))  # [..., 1]
   # Power-of-2 K: C.h of every step goes into one register tile (column k), in the layout the reduction
