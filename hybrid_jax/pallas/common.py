@@ -82,13 +82,14 @@ def rcp(x, ptx: bool = False) -> Array:
   return _ptx("rcp.approx.ftz.f32 $0, $1;", x)
 
 
-def _ptx(asm: str, *args) -> Array:
-  """One float32 PTX instruction applied elementwise to the (broadcast) args."""
-  shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in args))
-  args = [jnp.broadcast_to(jnp.asarray(v, jnp.float32), shape) for v in args]
+def _ptx(asm: str, *args, dtype=jnp.float32) -> Array:
+  """One PTX instruction applied elementwise to the (broadcast) args, all of `dtype` (float32 or int32)."""
   from jax.experimental.pallas import triton as plgpu
-  [out] = plgpu.elementwise_inline_asm(asm, args=args, constraints=",".join(["=f"] + ["f"] * len(args)), pack=1,
-                                       result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+  shape = jnp.broadcast_shapes(*(jnp.shape(v) for v in args))
+  args = [jnp.broadcast_to(jnp.asarray(v, dtype), shape) for v in args]
+  reg = "f" if dtype == jnp.float32 else "r"
+  [out] = plgpu.elementwise_inline_asm(asm, args=args, constraints=",".join(["=" + reg] + [reg] * len(args)),
+                                       pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(shape, dtype)])
   return out
 
 
@@ -96,27 +97,20 @@ def lane_id(shape) -> Array:
   """int32 of `shape` holding each thread's lane in its warp (PTX %laneid): one value per thread, so a
   [1, 1] tensor of it differs from thread to thread (Triton takes [1, 1] as replicated; only elementwise
   ops and `shfl` may touch such a value)."""
-  from jax.experimental.pallas import triton as plgpu
-  [out] = plgpu.elementwise_inline_asm("mov.u32 $0, %laneid;", args=[jnp.zeros(shape, jnp.int32)],
-                                       constraints="=r,r", pack=1,
-                                       result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
-  return out
+  return _ptx("mov.u32 $0, %laneid;", jnp.zeros(shape, jnp.int32), dtype=jnp.int32)  # (the input is unused)
 
 
 def shfl(v: Array, src_lane: int) -> Array:
   """float32 v as lane `src_lane` of this warp holds it (PTX shfl.sync.idx over the whole warp): a value
   computed per lane becomes the same in every thread."""
-  from jax.experimental.pallas import triton as plgpu
   bits = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
-  [out] = plgpu.elementwise_inline_asm(f"shfl.sync.idx.b32 $0, $1, {int(src_lane)}, 31, -1;", args=[bits],
-                                       constraints="=r,r", pack=1,
-                                       result_shape_dtypes=[jax.ShapeDtypeStruct(v.shape, jnp.int32)])
+  out = _ptx(f"shfl.sync.idx.b32 $0, $1, {int(src_lane)}, 31, -1;", bits, dtype=jnp.int32)
   return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 
 def ptx_available(interpret: bool) -> bool:
-  """Whether a compiled (not interpreted) kernel may use inline PTX (`fma`, `rcp`): not in interpret mode,
-  not on ROCm."""
+  """Whether a compiled (not interpreted) kernel may use inline PTX (`fma`, `rcp`, `lane_id`, `shfl`): not in
+  interpret mode, not on ROCm."""
   if interpret:
     return False
   try:
