@@ -76,7 +76,7 @@ def main() -> None:
   ap.add_argument("warps", type=int)
   ap.add_argument("--cols", type=int, default=0, help="Mamba-2: columns of N per chunk (default: all of N)")
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
-                  help="a multistep switch (ACC_Y, FAST_MATH, BITS_BF16) for this compile")
+                  help="a multistep switch (ACC_Y, FAST_MATH, BITS_BF16, FMA, PTX_RCP, LANE_SCALARS) for this compile")
   ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
   ap.add_argument("--fp-fusion", type=int, default=0, choices=(0, 1),
                   help="let Triton contract a * b + c into FMAs (Triton's default; 0 = as XLA's pipeline compiles "
@@ -84,8 +84,8 @@ def main() -> None:
   ap.add_argument("--out", default="/tmp/inspect_verify")
   ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python
   a = ap.parse_args()
-  settings = {n: bool(int(v)) if v in ("0", "1") else v for n, v in (kv.split("=") for kv in a.set)}
-  tag = "".join(f"_{n}{v if isinstance(v, str) else int(v)}" for n, v in sorted(settings.items()))
+  settings = {n: bool(int(v)) for n, v in (kv.split("=") for kv in a.set)}
+  tag = "".join(f"_{n}{int(v)}" for n, v in sorted(settings.items()))
   tile = (a.tile, a.cols) if a.cols else (a.tile,)
   tag += f"_c{a.cols}" if a.cols else ""
   out = os.path.join(a.out, f"{a.variant}_b{a.batch}_k{a.k}_{a.tile}x{a.warps}{tag}")

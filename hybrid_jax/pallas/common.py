@@ -108,10 +108,10 @@ def shfl(v: Array, src_lane: int) -> Array:
   return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 
-def ptx_available(interpret: bool) -> bool:
+def ptx_available(interpret: bool | None) -> bool:
   """Whether a compiled (not interpreted) kernel may use inline PTX (`fma`, `rcp`, `lane_id`, `shfl`): not in
-  interpret mode, not on ROCm."""
-  if interpret:
+  interpret mode (None: `interpret_mode()`), not on ROCm."""
+  if interpret_mode() if interpret is None else interpret:
     return False
   try:
     return "rocm" not in jax.devices()[0].client.platform_version.lower()

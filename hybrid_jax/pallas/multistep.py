@@ -105,10 +105,6 @@ LANE_SCALARS = False
 _STATE_IN_PLACE = {1: 1}
 
 
-def _ptx(interpret: bool | None) -> bool:
-  return common.ptx_available(common.interpret_mode() if interpret is None else interpret)
-
-
 def _pick(table, b: int) -> tuple[int, ...]:
   if TILE_OVERRIDE is not None:
     return TILE_OVERRIDE
@@ -177,24 +173,22 @@ def _verify_body(has_z, n_ref, st_ref, cx_ref, cdt_ref, cb_ref, x_ref, dt_ref, b
     decn_lane = exp_a(dln_lane)
   else:
     dls = [jnp.where(k < n_acc, softplus(_to_f32(dtk) + bias), 0.0) for k, (dtk, _, _) in enumerate(cached)]
-  if scalar_decay and lanes:
-    # as below, the coefficients dl_k exp(sum_{i>k} dl_i A) computed by lane k
-    later, later_lane = jnp.zeros_like(dls[0]), jnp.zeros_like(dl_lane)
-    for k in reversed(range(kc)):
-      later_lane = jnp.where(own_c == k, later, later_lane)
-      later = later + dls[k]
-    coef_lane = dl_lane * exp_a(later_lane)
-    coefs, decay = [common.shfl(coef_lane, k) for k in range(kc)], exp_a(later)
-    h = [decay * hc for hc in h]
-    for coef, (_, xk, bk) in zip(coefs, cached):
-      h = [mad(*inject(coef * _to_f32(xk), bc), hc) for hc, bc in zip(h, f32s(bk))]
-  elif scalar_decay:
+  if scalar_decay:
     # h' = exp(sum_k dl_k A) h + sum_k dl_k exp(sum_{i>k} dl_i A) x_k B_k, the sequential update unrolled:
     # one FMA per state element and step instead of a multiply and an FMA
-    later, coefs = jnp.zeros_like(dls[0]), [None] * kc  # later: the summed deltas of the later steps
-    for k in reversed(range(kc)):
-      coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
-      later = later + dls[k]
+    later = jnp.zeros_like(dls[0])  # the summed deltas of the later steps
+    if lanes:  # lane k computes step k's coefficient
+      later_lane = jnp.zeros_like(dl_lane)
+      for k in reversed(range(kc)):
+        later_lane = jnp.where(own_c == k, later, later_lane)
+        later = later + dls[k]
+      coef_lane = dl_lane * exp_a(later_lane)
+      coefs = [common.shfl(coef_lane, k) for k in range(kc)]
+    else:
+      coefs = [None] * kc
+      for k in reversed(range(kc)):
+        coefs[k] = dls[k] if k == kc - 1 else dls[k] * exp_a(later)
+        later = later + dls[k]
     decay = exp_a(later)
     h = [decay * hc for hc in h]
     for coef, (_, xk, bk) in zip(coefs, cached):
@@ -302,7 +296,7 @@ def _call_m1(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
     args.append(chan(z))
     specs.append(steps(k))
   y, ck = common.call(
-      lambda *r: _m1_kernel(z is not None, _ptx(interpret), *r),
+      lambda *r: _m1_kernel(z is not None, common.ptx_available(interpret), *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, g_p, cpg_p), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, g_p // gb, cpg_p // cb), in_specs=specs, out_specs=(steps(k), st_spec),
       num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
@@ -335,7 +329,7 @@ def _call_m2(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_
     args.append(rows(z))
     specs.append(row_spec(k))
   y, ck = common.call(
-      lambda *r: _m2_kernel(z is not None, cols, _ptx(interpret), *r),
+      lambda *r: _m2_kernel(z is not None, cols, common.ptx_available(interpret), *r),
       out_shape=(jax.ShapeDtypeStruct((b, k, nh, p_p, 1), x.dtype), jax.ShapeDtypeStruct(st.shape, f32)),
       grid=(b, nh, p_p // bp), in_specs=specs, out_specs=(row_spec(k), st_spec),
       num_warps=warps, interpret=interpret, input_output_aliases=_STATE_IN_PLACE,
