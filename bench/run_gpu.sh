@@ -155,13 +155,36 @@ for what in "$@"; do
     # one step per lane + shuffles (multistep.LANE_SCALARS, alone and with PTX_RCP) and softplus's reciprocal
     # as one MUFU op (PTX_RCP, Mamba-1), each beside the library's defaults in one process; the rel. error
     # column is the first check of the shuffles on hardware. Then Mamba-1's bandwidth at batch 32 and 128 (its
-    # state is 1/4 of Mamba-2's: batch 32 is still launch-bound).
+    # state is 1/4 of Mamba-2's: batch 32 is still launch-bound). (Both are the defaults since that run: to
+    # repeat the comparison, pass LANE_SCALARS=0,PTX_RCP=0 and PTX_RCP=0.)
     verify-ptx)
       run verify-lanes timeout 300 python3 bench/verify_ratio.py --seeds 4 --variants mamba2 \
         --set LANE_SCALARS=1 --set LANE_SCALARS=1,PTX_RCP=1
       run verify-rcp timeout 150 python3 bench/verify_ratio.py --seeds 3 --variants mamba --set PTX_RCP=1
       run verify-bw-m1 timeout 50 python3 bench/verify_ratio.py --seeds 3 --batches 32,128 --ks 1 --variants mamba \
         --bandwidth ;;
+    # With LANE_SCALARS and PTX_RCP the defaults: the acceptance reading (K = 1..16), Mamba-2 batch 8 tiles again
+    # (per-thread scalars are gone, so smaller per-thread tiles may now pay), Mamba-1 batch 128 tiles for the
+    # bandwidth, the training scans on the H200, and a second acceptance process at batch 8.
+    verify-lanes2)
+      run verify-acc timeout 150 python3 bench/verify_ratio.py --seeds 4 --ks 1,2,4,8,16
+      run verify-tiles-lanes timeout 120 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 4,8 --variants mamba2 \
+        --tiles-mamba2 16x2x32,32x2x32,16x4x32,32x8x32,64x4x32,64x8x32,32x4x64
+      run verify-bw128 timeout 60 python3 bench/verify_ratio.py --seeds 3 --batches 128 --ks 1 --bandwidth \
+        --tiles-mamba 256x4,1024x4,1024x8,2048x8,2048x4 --tiles-mamba2 32x8x32,64x8x32
+      run scan-h200 timeout 170 python3 bench/bench_kernels.py --skip verify,sweep --bw-batches "" --out "$OUT/scan.json"
+      run verify-acc2 timeout 60 python3 bench/verify_ratio.py --seeds 4 --batches 8 --ks 1,4,8 ;;
+    # Mamba-1's tile at large batch, for the bandwidth (batch 128: (2048, 4) read 64% of copy, the library's 58%)
+    verify-bw-m1tiles) run verify-bw-m1tiles timeout 240 python3 bench/verify_ratio.py --seeds 3 --batches 32,64,128,256 \
+        --ks 1 --bandwidth --variants mamba,mamba2 --tiles-mamba 2048x4,4096x4,4096x8,2048x2,1024x2,2048x8 ;;
+    # The library as it stands (LANE_SCALARS, PTX_RCP, Mamba-1 (2048, 4) above batch 16): acceptance, bandwidth,
+    # and Nsight Compute's stall reasons for Mamba-2 batch 8, K = 8.
+    verify-final2)
+      run verify-acc3 timeout 150 python3 bench/verify_ratio.py --seeds 4
+      run verify-bw timeout 80 python3 bench/verify_ratio.py --seeds 3 --batches 32,128,256 --ks 1 --bandwidth
+      run ncu-mamba2-8-8 timeout 120 ncu --clock-control none -k regex:lambda --launch-skip 3 --launch-count 1 \
+        --section WarpStateStats --section SchedulerStats --section InstructionStats --section LaunchStats \
+        python3 bench/ncu_verify.py mamba2 8 8 ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;

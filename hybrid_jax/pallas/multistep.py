@@ -75,8 +75,9 @@ def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C,
 # chunks of N columns: Triton lays a chunk's contiguous columns over the lanes, so a 32-column chunk reduces
 # C.h over 8 lanes where the whole row of 64 takes 16 (more shuffles) and a 16-column chunk needs 16 B/C values
 # per thread and step (registers). (Cutting a program's tile into parts, the next part's loads in flight while
-# a part computes, was slower at every tile tried.)
-M1_TILES = ((2, 256, 4), (8, 1024, 8), (1 << 30, 512, 4))  # (max_batch, tile elements, warps)
+# a part computes, was slower at every tile tried.) Mamba-1 above batch 16 is a bandwidth regime: (2048, 4)
+# reads 65-76% of copy at batch 128-256 where (512, 4) read 58-67%.
+M1_TILES = ((2, 256, 4), (8, 1024, 8), (16, 512, 4), (1 << 30, 2048, 4))  # (max_batch, tile elements, warps)
 M2_TILES = ((2, 8, 4, 64), (1 << 30, 32, 4, 32))  # (max_batch, rows of P, warps, columns of N per chunk)
 TILE_OVERRIDE = None  # (tile, warps[, Mamba-2 columns per chunk]) for both variants: the bench sweeps set it
 ACC_Y = True  # power-of-2 K: gather y in registers and store it once (False: a store per step)
@@ -89,13 +90,13 @@ FAST_MATH = True
 BITS_BF16 = True
 # a * b + c as explicit FMAs in the compiled kernel (common.fma): XLA's Triton pipeline does not contract them
 FMA = True
-# softplus_fast's reciprocal of 2 + e as one MUFU op (common.rcp) instead of the guarded approximate division:
-# 6% fewer instructions in the SASS (Mamba-2 batch 8, K = 8), not yet timed on the GPU, so off by default
-PTX_RCP = False
+# softplus_fast's reciprocal of 2 + e as one MUFU op (common.rcp) instead of the guarded approximate division
+# (2 + e is in [2, 3]: no operand scaling needed): 6% fewer instructions (Mamba-2 batch 8, K = 8), same error
+PTX_RCP = True
 # Mamba-2's per-step scalars computed one step per lane and broadcast with warp shuffles (common.lane_id,
-# common.shfl); compiled CUDA only (interpret mode runs the per-thread form). 344 of the 1664 instructions per
-# warp at batch 8, K = 8 are those scalars; not yet run on the GPU, so off by default
-LANE_SCALARS = False
+# common.shfl); compiled CUDA only (interpret mode runs the per-thread form). Mamba-2 batch 8, K = 8: 1664 ->
+# 1304 instructions per warp, 8.07 -> 7.69 us on an H200, same error against the reference (docs/KERNELS.md)
+LANE_SCALARS = True
 
 
 # The new checkpoint is written over the state's buffer (argument 1 -> output 1): every program reads its
