@@ -188,6 +188,8 @@ for what in "$@"; do
     # Mamba-1 at batch 12 and 16 (then at (512, 4), between the (1024, 8) and (2048, 4) entries; now (1024, 8))
     verify-m1mid) run verify-m1mid timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 12,16 --ks 1,4,8 \
         --variants mamba --tiles-mamba 1024x8,2048x4,1024x4 ;;
+    # Mamba-1 training scan: the backward kernel (scan.BWD_IMPL = 'kernel') against the chunked-JAX backward, by tile
+    scan-bwd) run scan-bwd timeout 400 python3 bench/scan_bwd.py --tiles 256,512,1024,2048 ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;

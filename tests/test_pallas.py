@@ -86,6 +86,45 @@ def test_selective_scan_grads(impl, monkeypatch):
     assert rel(g, r) <= 1e-5, name
 
 
+@pytest.mark.parametrize("bwd,tile", [("kernel", 2048), ("kernel", 8), ("chunked", 8)])
+def test_selective_scan_pallas_backward(bwd, tile, monkeypatch):
+  """impl 'pallas' with either backward (BWD_IMPL: the kernel, the chunk-parallel JAX one): outputs and
+  gradients against the reference, with whole groups per program (2048) and a group's channels split over
+  programs (8: 2 of 4 padded channels, so the kernel's dB / dC are summed over channel blocks), several
+  checkpointed chunks, the last one padded, and resets."""
+  monkeypatch.setattr(scan, "BWD_CHUNK", 4)
+  monkeypatch.setattr(scan, "BWD_IMPL", bwd)
+  monkeypatch.setattr(scan, "FWD_TILE", tile)
+  monkeypatch.setattr(scan, "BWD_TILE", tile)
+  inp = m1_inputs(jax.random.PRNGKey(3), 2, 9, 6, 2, 3)
+  y, h = scan.selective_scan_pallas(**inp)
+  y_ref, h_ref = ssm.selective_scan_ref(**inp)
+  assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
+  names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "z", "h0"]
+  for g, r, name in zip(_grads(M1["pallas"], inp, names), _grads(ssm.selective_scan_ref, inp, names), names):
+    assert rel(g, r) <= 1e-5, name
+
+
+def test_selective_scan_backward_kernel_cuda_lowering(monkeypatch):
+  """The backward kernel lowers for CUDA (on this CPU host), with its CTA barriers around the state scratch
+  (and the chunked backward has neither)."""
+  monkeypatch.setattr(scan, "BWD_IMPL", "kernel")
+  inp = m1_inputs(jax.random.PRNGKey(5), 1, 8, 8, 2, 4, dtype=BF16)
+  names = ["x", "dt", "B", "C"]
+
+  def loss(*vals):
+    y, h = scan.selective_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False)
+    return jnp.sum(y.astype(F32)) + jnp.sum(h)
+  lowered = lambda: jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).trace(
+      *[inp[k] for k in names]).lower(lowering_platforms=("cuda",)).as_text()  # a new jit: no cached trace
+  text = lowered()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
+  assert "gpu.barrier_scope" in text  # the serialized Triton module carries the barriers
+  monkeypatch.setattr(scan, "BWD_IMPL", "chunked")
+  text = lowered()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "gpu.barrier_scope" not in text
+
+
 @pytest.mark.parametrize("impl", ["pallas", "chunked"])
 def test_ssd_scan_grads(impl):
   inp = m2_inputs(jax.random.PRNGKey(4), 2, 9, 4, 3, 2, 5)

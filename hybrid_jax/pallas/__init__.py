@@ -1,6 +1,7 @@
 """Pallas kernels of the SSM scans, registered with `hybrid_jax.model.ssm` at import.
 
-impl 'pallas'  : Triton-lowered Pallas forward kernels (interpret mode on CPU) with a chunk-parallel backward.
+impl 'pallas'  : Triton-lowered Pallas forward kernels (interpret mode on CPU); backward: Mamba-1 a Pallas kernel
+                 from the forward's chunk checkpoints, Mamba-2 the VJP of the chunked SSD form.
 impl 'chunked' : plain-JAX chunked scans (Mamba-1: two-level scan; Mamba-2: SSD matmul form), any backend.
 impl 'auto'    : on GPU the faster of the two per variant as measured on an H100 (docs/KERNELS.md);
                  on TPU 'chunked' (the kernels here use the Triton lowering); elsewhere the reference.

@@ -36,6 +36,14 @@ def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int = 4, in
                         interpret=interpret, input_output_aliases=input_output_aliases or {}, **kw)
 
 
+def group_tiling(tile: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int]:
+  """Mamba-1 programs of about `tile` state elements: (gb whole groups, cb channels of a group) per program;
+  gb > 1 only with whole groups (cb == cpg_p), so a group's B/C are loaded once per program."""
+  if tile >= cpg_p * n_p:
+    return max(1, min(next_pow2(g), tile // (cpg_p * n_p))), cpg_p
+  return 1, max(1, tile // n_p)
+
+
 def next_pow2(n: int) -> int:
   return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -116,9 +116,7 @@ def _pick(table, b: int) -> tuple[int, ...]:
 def _m1_tiling(b: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int, int]:
   """(gb groups, cb channels, warps) per program; gb > 1 only with whole groups (cb == cpg_p)."""
   tile, warps = _pick(M1_TILES, b)[:2]
-  if tile >= cpg_p * n_p:
-    return max(1, min(common.next_pow2(g), tile // (cpg_p * n_p))), cpg_p, warps
-  return 1, max(1, tile // n_p), warps
+  return (*common.group_tiling(tile, g, cpg_p, n_p), warps)
 
 
 def _m2_tiling(b: int, p: int, n_p: int) -> tuple[int, int, int]:

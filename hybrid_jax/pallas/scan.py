@@ -6,14 +6,18 @@ Both sit behind the signature of `hybrid_jax.model.ssm.selective_scan_ref`. The 
     core(delta [b,l,d] f32, x [b,l,d], A [d,N] f32, B, C [b,l,G,N], keep [b,l] f32, h0 [b,d,N] f32)
       -> ys [b,l,d] f32 (= sum_n h_t C_t), hT [b,d,N] f32,   h_t = exp(delta_t A) keep_t h_{t-1} + delta_t x_t B_t.
 
-Kernel layout: channels are viewed as [G, cpg] (cpg = d // G channels share one B/C group), so one program owns
-`gb` whole groups of one sequence and keeps their state [gb, cpg, N] in registers for all l steps; each step
-loads one row of x / delta / B / C and writes one row of ys. Grid = (b, G / gb), all programs independent.
+Kernel layout: channels are viewed as [G, cpg] (cpg = d // G channels share one B/C group), so one program
+owns `gb` whole groups of one sequence, or `cb` channels of one group when a group exceeds the tile, and keeps
+that state in registers for all l steps; each step loads one row of x / delta / B / C and writes one row of
+ys.
+Grid = (b, group blocks, channel blocks), all programs independent.
 
-Backward (custom VJP, `checkpointed_vjp`): the forward kernel also writes the state entering every chunk of
-32 steps; the backward is then chunk-parallel plain JAX (a reverse linear scan per chunk, a reverse scan over
-chunk boundaries, and the VJP of every chunk's local scan from its checkpoint), sequential depth
-~3 * chunk + l / chunk instead of the 2 * l of the step-by-step `lax.scan` VJP.
+Backward (custom VJP): the forward kernel also writes the state entering every chunk of 32 steps. `BWD_IMPL`
+picks what runs from there: 'kernel' (`kernel_core_bwd`, the default): one Pallas kernel walks the chunks in
+reverse, recomputing each chunk's states from its checkpoint into a per-program scratch and then stepping back
+through it; 'chunked' (`checkpointed_vjp`): chunk-parallel plain JAX (a reverse linear scan per chunk, a
+reverse scan over chunk boundaries, and the VJP of every chunk's local scan from its checkpoint), sequential
+depth ~3 * chunk + l / chunk instead of the 2 * l of the step-by-step `lax.scan` VJP.
 """
 from __future__ import annotations
 
@@ -33,9 +37,9 @@ f32 = jnp.float32
 # Pallas forward kernel
 def _scan_kernel(chunk, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_ref, h0_ref, ys_ref, ht_ref,
                  starts_ref=None):
-  """One program: one sequence, gb groups of cpg channels. Refs carry the whole time axis (length a multiple
+  """One program: one sequence, gb groups x cb channels. Refs carry the whole time axis (length a multiple
   of `chunk`); with starts_ref the state entering every chunk is written too (the backward's checkpoints)."""
-  a = a_ref[...]  # [gb, cpg, N]
+  a = a_ref[...]  # [gb, cb, N]
 
   def step(t, h):
     dl = delta_ref[t]  # [gb, cpg]
@@ -56,11 +60,69 @@ def _scan_kernel(chunk, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_ref, h0_ref,
   ht_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0] // chunk, one_chunk, h0_ref[...])
 
 
-def _tiles(g: int, cpg: int, n: int) -> tuple[int, int, int, int]:
-  """(cpg_p, n_p, gb, g_p): power-of-two tile sizes, ~2K state elements per program."""
-  cpg_p, n_p = common.next_pow2(cpg), common.next_pow2(n)
-  gb = max(1, min(common.next_pow2(g), 2048 // (cpg_p * n_p)))
-  return cpg_p, n_p, gb, pl.cdiv(g, gb) * gb
+# State elements per program (Mamba-1 programs own gb whole groups, or cb channels of one group when a group
+# is larger) and warps, for the forward kernel and the backward kernel. Channels of one group are independent
+# in the forward; the backward sums dB / dC over the channel blocks of a group outside the kernel.
+# The backward at 512 (H200, bench/scan_bwd.py, batch 2, l 2048, 128 groups of 16 channels): fwd+bwd 5.18 ms
+# against 5.43 / 7.00 / 7.73 at 256 / 1024 / 2048.
+FWD_TILE, FWD_WARPS = 2048, 4
+BWD_TILE, BWD_WARPS = 512, 4
+
+
+class _Layout:
+  """The kernels' padded layout of one call: channels as [g_p, cpg_p], N as n_p, time as lp = nc * chunk
+  (padded steps: delta 0, keep 1, so the state passes through unchanged); programs (b, g_p / gb,
+  cpg_p / cb)."""
+
+  def __init__(self, b: int, l: int, d: int, g: int, n: int, chunk: int, tile: int):
+    self.b, self.l, self.d, self.g, self.n = b, l, d, g, n
+    self.cpg = d // g
+    self.cpg_p, self.n_p = common.next_pow2(self.cpg), common.next_pow2(n)
+    self.gb, self.cb = common.group_tiling(tile, g, self.cpg_p, self.n_p)
+    self.g_p = pl.cdiv(g, self.gb) * self.gb
+    self.grid = (b, self.g_p // self.gb, self.cpg_p // self.cb)
+    self.chunk, self.nc = chunk, pl.cdiv(l, chunk)
+    self.lp = self.nc * chunk
+
+  def chan(self, v, fill=0.0):  # [b, l, d] -> [b, lp, g_p, cpg_p]
+    v = v.reshape(*v.shape[:-1], self.g, self.cpg)
+    v = common.pad_axis(common.pad_axis(v, -1, self.cpg_p), -2, self.g_p)
+    return common.pad_axis(v, 1, self.lp, fill)
+
+  def grp(self, v):  # [b, l, g, n] -> [b, lp, g_p, n_p]
+    return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, self.n_p), -2, self.g_p), 1, self.lp)
+
+  def tile(self, v):  # [..., d, N] -> [..., g_p, cpg_p, n_p] (a free reshape when no padding is needed)
+    v = v.reshape(*v.shape[:-2], self.g, self.cpg, self.n)
+    return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, self.n_p), -2, self.cpg_p), -3, self.g_p)
+
+  def keep(self, keep):  # [b, l] -> [b, lp, 1, 1]
+    return common.pad_axis(keep, 1, self.lp, 1.0).reshape(self.b, self.lp, 1, 1)
+
+  def unchan(self, v):  # [b, lp, g_p, cpg_p] -> [b, l, d]
+    return v[:, :self.l, :self.g, :self.cpg].reshape(self.b, self.l, self.d)
+
+  def untile(self, v):  # [..., g_p, cpg_p, n_p] -> [..., d, N]
+    return v[..., :self.g, :self.cpg, :self.n].reshape(*v.shape[:-3], self.d, self.n)
+
+  # BlockSpecs over the grid (i = sequence, j = group block, c = channel block)
+  def seq(self):
+    return pl.BlockSpec((None, self.lp, self.gb, self.cb), lambda i, j, c: (i, 0, j, c))
+
+  def seq_grp(self):
+    return pl.BlockSpec((None, self.lp, self.gb, self.n_p), lambda i, j, c: (i, 0, j, 0))
+
+  def seq_keep(self):
+    return pl.BlockSpec((None, self.lp, 1, 1), lambda i, j, c: (i, 0, 0, 0))
+
+  def a(self):
+    return pl.BlockSpec((self.gb, self.cb, self.n_p), lambda i, j, c: (j, c, 0))
+
+  def state(self):
+    return pl.BlockSpec((None, self.gb, self.cb, self.n_p), lambda i, j, c: (i, j, c, 0))
+
+  def steps_state(self, steps):  # [b, steps, g_p, cpg_p, n_p]
+    return pl.BlockSpec((None, steps, self.gb, self.cb, self.n_p), lambda i, j, c: (i, 0, j, c, 0))
 
 
 def kernel_core(delta, x, A, B, C, keep, h0, *, interpret: bool | None = None, chunk: int = 32,
@@ -69,46 +131,125 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, interpret: bool | None = None, c
   each chunk of `chunk` steps, [b, ceil(l / chunk), d, N] (checkpoints for the backward)."""
   b, l, d = x.shape
   g, n = B.shape[-2:]
-  cpg = d // g
-  cpg_p, n_p, gb, g_p = _tiles(g, cpg, n)
-  chunk = min(chunk, l) if with_starts else l
-  nc = pl.cdiv(l, chunk)
-  lp = nc * chunk  # padded steps: delta 0, keep 1 -> the state passes through unchanged
-
-  def chan(v):  # [b, l, d] -> [b, lp, g_p, cpg_p]
-    v = v.reshape(*v.shape[:-1], g, cpg)
-    return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, cpg_p), -2, g_p), 1, lp)
-
-  def grp(v):  # [b, l, g, n] -> [b, lp, g_p, n_p]
-    return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, n_p), -2, g_p), 1, lp)
-
-  def tile(v):  # [..., d, N] -> [..., g_p, cpg_p, n_p] (a free reshape when no padding is needed)
-    v = v.reshape(*v.shape[:-2], g, cpg, n)
-    return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, n_p), -2, cpg_p), -3, g_p)
-
-  a, h = tile(A.astype(f32)), tile(h0)
-  seq = pl.BlockSpec((None, lp, gb, cpg_p), lambda i, j: (i, 0, j, 0))
-  grp_spec = pl.BlockSpec((None, lp, gb, n_p), lambda i, j: (i, 0, j, 0))
-  state = pl.BlockSpec((None, gb, cpg_p, n_p), lambda i, j: (i, j, 0, 0))
-  out_shape = [jax.ShapeDtypeStruct((b, lp, g_p, cpg_p), f32), jax.ShapeDtypeStruct(h.shape, f32)]
-  out_specs = [seq, state]
+  lay = _Layout(b, l, d, g, n, min(chunk, l) if with_starts else l, FWD_TILE)
+  out_shape = [jax.ShapeDtypeStruct((b, lay.lp, lay.g_p, lay.cpg_p), f32),
+               jax.ShapeDtypeStruct((b, lay.g_p, lay.cpg_p, lay.n_p), f32)]
+  out_specs = [lay.seq(), lay.state()]
   if with_starts:
-    out_shape.append(jax.ShapeDtypeStruct((b, nc, g_p, cpg_p, n_p), f32))
-    out_specs.append(pl.BlockSpec((None, nc, gb, cpg_p, n_p), lambda i, j: (i, 0, j, 0, 0)))
+    out_shape.append(jax.ShapeDtypeStruct((b, lay.nc, lay.g_p, lay.cpg_p, lay.n_p), f32))
+    out_specs.append(lay.steps_state(lay.nc))
   outs = common.call(
-      functools.partial(_scan_kernel, chunk),
-      out_shape=tuple(out_shape),
-      grid=(b, g_p // gb),
-      in_specs=[seq, seq, grp_spec, grp_spec, pl.BlockSpec((None, lp, 1, 1), lambda i, j: (i, 0, 0, 0)),
-                pl.BlockSpec((gb, cpg_p, n_p), lambda i, j: (j, 0, 0)), state],
-      out_specs=tuple(out_specs),
-      num_warps=4, interpret=interpret,
-  )(chan(delta), chan(x), grp(B), grp(C), common.pad_axis(keep, 1, lp, 1.0).reshape(b, lp, 1, 1), a, h)
-  ys = outs[0][:, :l, :g, :cpg].reshape(b, l, d)
-  ht = outs[1][:, :g, :cpg, :n].reshape(b, d, n)
+      functools.partial(_scan_kernel, lay.chunk),
+      out_shape=tuple(out_shape), grid=lay.grid,
+      in_specs=[lay.seq(), lay.seq(), lay.seq_grp(), lay.seq_grp(), lay.seq_keep(), lay.a(), lay.state()],
+      out_specs=tuple(out_specs), num_warps=FWD_WARPS, interpret=interpret,
+  )(lay.chan(delta), lay.chan(x), lay.grp(B), lay.grp(C), lay.keep(keep), lay.tile(A.astype(f32)),
+    lay.tile(h0))
+  ys, ht = lay.unchan(outs[0]), lay.untile(outs[1])
   if with_starts:
-    return ys, ht, outs[2][:, :, :g, :cpg, :n].reshape(b, nc, d, n)
+    return ys, ht, lay.untile(outs[2])
   return ys, ht
+
+
+# ------------------------------------------------------------------------------------------------
+# Pallas backward kernel
+def _scan_bwd_kernel(chunk, sync, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_ref, gy_ref, starts_ref,
+                     ght_ref, ddelta_ref, dx_ref, db_ref, dc_ref, dkeep_ref, da_ref, dh0_ref, hs_ref):
+  """One program (the forward's tile): the chunks in reverse. Per chunk, the states are recomputed from the
+  forward's checkpoint into hs_ref (a per-program scratch in global memory: the state entering each step),
+  then the chunk runs backwards with lam = dL/dh_t:
+    gbar = lam + gy_t C_t,  lam <- exp(delta_t A) keep_t gbar,
+    dC_t = sum_c gy h_t,  dB_t = sum_c gbar delta x,  dx_t = delta sum_n gbar B,
+    ddelta_t = x sum_n gbar B + sum_n A q,  dA += delta q,  dkeep_t = sum r,
+  with r = gbar exp(delta_t A) h_{t-1}, q = keep_t r. dB / dC / dkeep are this program's partial sums
+  (over its channels); the caller adds the programs'. sync(): a CTA barrier on the GPU (hs_ref is written and
+  read by different threads), nothing in interpret mode."""
+  a = a_ref[...]  # [gb, cb, N]
+  nc = x_ref.shape[0] // chunk
+
+  def step_inputs(t):
+    dl = delta_ref[t]  # [gb, cb]
+    xt, bt = x_ref[t].astype(f32), b_ref[t].astype(f32)
+    return dl, xt, bt, keep_ref[t][:, :, None], jnp.exp(dl[:, :, None] * a)
+
+  def one_chunk(j, carry):
+    c = nc - 1 - j
+
+    def recompute(i, h):
+      hs_ref[i] = h
+      dl, xt, bt, kt, e = step_inputs(c * chunk + i)
+      return e * kt * h + (dl * xt)[:, :, None] * bt[:, None, :]
+
+    jax.lax.fori_loop(0, chunk, recompute, starts_ref[c])
+    sync()
+
+    def back(i, carry):
+      lam, da = carry
+      k = chunk - 1 - i
+      t = c * chunk + k
+      dl, xt, bt, kt, e = step_inputs(t)
+      ct, gy, h_prev = c_ref[t].astype(f32), gy_ref[t], hs_ref[k]
+      dlx = dl * xt
+      h = e * kt * h_prev + dlx[:, :, None] * bt[:, None, :]
+      gbar = lam + gy[:, :, None] * ct[:, None, :]
+      s = jnp.sum(gbar * bt[:, None, :], axis=2)  # [gb, cb]
+      r = gbar * e * h_prev
+      q = r * kt
+      dc_ref[t] = jnp.sum(gy[:, :, None] * h, axis=1)  # [gb, N]
+      db_ref[t] = jnp.sum(gbar * dlx[:, :, None], axis=1)
+      dx_ref[t] = dl * s
+      ddelta_ref[t] = xt * s + jnp.sum(q * a, axis=2)
+      dkeep_ref[t] = jnp.broadcast_to(jnp.sum(r), (1, 1))
+      return e * kt * gbar, da + dl[:, :, None] * q
+
+    carry = jax.lax.fori_loop(0, chunk, back, carry)
+    sync()  # the next chunk's recompute overwrites hs_ref
+    return carry
+
+  lam, da = jax.lax.fori_loop(0, nc, one_chunk, (ght_ref[...], jnp.zeros_like(a)))
+  dh0_ref[...] = lam
+  da_ref[...] = da
+
+
+def kernel_core_bwd(res, starts, cot, *, chunk: int, interpret: bool | None = None):
+  """VJP of the core by the backward kernel, from the forward's chunk checkpoints `starts` [b, nc, d, N]
+  (taken with the same `chunk`). Returns the cotangents of (delta, x, A, B, C, keep, h0)."""
+  delta, x, A, B, C, keep, h0 = res
+  gys, g_ht = cot
+  b, l, d = x.shape
+  g, n = B.shape[-2:]
+  lay = _Layout(b, l, d, g, n, chunk, BWD_TILE)
+  interpret = common.interpret_mode() if interpret is None else interpret
+  sync = (lambda: None) if interpret else _cta_barrier
+  gblocks, cblocks = lay.grid[1:]
+  chan_f32 = jax.ShapeDtypeStruct((b, lay.lp, lay.g_p, lay.cpg_p), f32)
+  grp_part = jax.ShapeDtypeStruct((b, cblocks, lay.lp, lay.g_p, lay.n_p), f32)  # per channel block
+  grp_part_spec = pl.BlockSpec((None, None, lay.lp, lay.gb, lay.n_p), lambda i, j, c: (i, c, 0, j, 0))
+  state = jax.ShapeDtypeStruct((b, lay.g_p, lay.cpg_p, lay.n_p), f32)
+  outs = common.call(
+      functools.partial(_scan_bwd_kernel, chunk, sync),
+      out_shape=(chan_f32, chan_f32, grp_part, grp_part,
+                 jax.ShapeDtypeStruct((b, lay.lp, gblocks, cblocks), f32), state, state,
+                 jax.ShapeDtypeStruct((b, chunk, lay.g_p, lay.cpg_p, lay.n_p), f32)),
+      grid=lay.grid,
+      in_specs=[lay.seq(), lay.seq(), lay.seq_grp(), lay.seq_grp(), lay.seq_keep(), lay.a(), lay.seq(),
+                lay.steps_state(lay.nc), lay.state()],
+      out_specs=(lay.seq(), lay.seq(), grp_part_spec, grp_part_spec,
+                 pl.BlockSpec((None, lay.lp, 1, 1), lambda i, j, c: (i, 0, j, c)), lay.state(), lay.state(),
+                 lay.steps_state(chunk)),
+      num_warps=BWD_WARPS, interpret=interpret,
+  )(lay.chan(delta), lay.chan(x), lay.grp(B), lay.grp(C), lay.keep(keep), lay.tile(A.astype(f32)),
+    lay.chan(gys.astype(f32)), lay.tile(starts), lay.tile(g_ht.astype(f32)))
+  ddelta, dx, db, dc, dkeep, da, dh0, _ = outs
+  grp_sum = lambda v: jnp.sum(v, axis=1)[:, :l, :g, :n]
+  return (lay.unchan(ddelta), lay.unchan(dx).astype(x.dtype), lay.untile(jnp.sum(da, axis=0)),
+          grp_sum(db).astype(B.dtype), grp_sum(dc).astype(C.dtype), jnp.sum(dkeep, axis=(2, 3))[:, :l],
+          lay.untile(dh0).astype(h0.dtype))
+
+
+def _cta_barrier():
+  from jax.experimental.pallas import triton as plgpu
+  plgpu.debug_barrier()  # bar.sync: also orders the CTA's global-memory accesses around it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,8 +303,12 @@ def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 32):
 
 
 # ------------------------------------------------------------------------------------------------
-# custom VJP: Pallas forward, chunked-JAX backward
+# custom VJP: Pallas forward, the backward kernel or the chunked-JAX backward
 BWD_CHUNK = 32
+# the backward of impl 'pallas': 'kernel' (kernel_core_bwd, reverse time in one Pallas kernel) or 'chunked'
+# (checkpointed_vjp, chunk-parallel plain JAX). H200, batch 2, l 2048: fwd+bwd 5.18 against 10.83 ms, same
+# gradient error against the reference (docs/KERNELS.md)
+BWD_IMPL = "kernel"
 
 
 def _chunks(v, chunk, fill=0.0):
@@ -233,7 +378,10 @@ def _pallas_core_fwd(delta, x, A, B, C, keep, h0, interpret):
 
 
 def _pallas_core_bwd(interpret, res, cot):
-  return checkpointed_vjp(res[0], res[1], cot, min(BWD_CHUNK, res[0][1].shape[1]))  # as in the forward
+  chunk = min(BWD_CHUNK, res[0][1].shape[1])  # as in the forward
+  if BWD_IMPL == "kernel":
+    return kernel_core_bwd(res[0], res[1], cot, chunk=chunk, interpret=interpret)
+  return checkpointed_vjp(res[0], res[1], cot, chunk)
 
 
 _pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
@@ -255,7 +403,8 @@ def _front(core, x, dt, A, B, C, D, dt_bias, z, reset, h0):
 
 def selective_scan_pallas(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=None, *,
                           interpret: bool | None = None):
-  """`selective_scan_ref` with the Pallas kernel forward and a chunk-parallel recompute backward."""
+  """`selective_scan_ref` with the Pallas kernel forward and a recompute backward from its chunk checkpoints
+  (`BWD_IMPL`)."""
   interp = common.interpret_mode() if interpret is None else interpret
   core = lambda *a: _pallas_core(*a, interp)
   return _front(core, x, dt, A, B, C, D, dt_bias, z, reset, h0)
