@@ -38,10 +38,12 @@ def call(kernel, *, out_shape, grid, in_specs, out_specs, num_warps: int = 4, in
 
 def group_tiling(tile: int, g: int, cpg_p: int, n_p: int) -> tuple[int, int]:
   """Mamba-1 programs of about `tile` state elements: (gb whole groups, cb channels of a group) per program;
-  gb > 1 only with whole groups (cb == cpg_p), so a group's B/C are loaded once per program."""
+  gb > 1 only with whole groups (cb == cpg_p), so a group's B/C are loaded once per program. Both are powers
+  of two (Triton block sizes; cpg_p and n_p are), rounded down from what `tile` allows."""
+  floor_pow2 = lambda v: 1 << (max(1, v).bit_length() - 1)
   if tile >= cpg_p * n_p:
-    return max(1, min(next_pow2(g), tile // (cpg_p * n_p))), cpg_p
-  return 1, max(1, tile // n_p)
+    return min(next_pow2(g), floor_pow2(tile // (cpg_p * n_p))), cpg_p
+  return 1, floor_pow2(tile // n_p)
 
 
 def next_pow2(n: int) -> int:

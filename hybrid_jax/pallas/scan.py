@@ -9,8 +9,7 @@ Both sit behind the signature of `hybrid_jax.model.ssm.selective_scan_ref`. The 
 Kernel layout: channels are viewed as [G, cpg] (cpg = d // G channels share one B/C group), so one program
 owns `gb` whole groups of one sequence, or `cb` channels of one group when a group exceeds the tile, and keeps
 that state in registers for all l steps; each step loads one row of x / delta / B / C and writes one row of
-ys.
-Grid = (b, group blocks, channel blocks), all programs independent.
+ys. Grid = (b, group blocks, channel blocks), all programs independent.
 
 Backward (custom VJP): the forward kernel also writes the state entering every chunk of 32 steps. `BWD_IMPL`
 picks what runs from there: 'kernel' (`kernel_core_bwd`, the default): one Pallas kernel walks the chunks in
@@ -42,7 +41,7 @@ def _scan_kernel(chunk, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_ref, h0_ref,
   a = a_ref[...]  # [gb, cb, N]
 
   def step(t, h):
-    dl = delta_ref[t]  # [gb, cpg]
+    dl = delta_ref[t]  # [gb, cb]
     xt = x_ref[t].astype(f32)
     bt = b_ref[t].astype(f32)  # [gb, N]
     ct = c_ref[t].astype(f32)
@@ -84,10 +83,9 @@ class _Layout:
     self.chunk, self.nc = chunk, pl.cdiv(l, chunk)
     self.lp = self.nc * chunk
 
-  def chan(self, v, fill=0.0):  # [b, l, d] -> [b, lp, g_p, cpg_p]
+  def chan(self, v):  # [b, l, d] -> [b, lp, g_p, cpg_p]
     v = v.reshape(*v.shape[:-1], self.g, self.cpg)
-    v = common.pad_axis(common.pad_axis(v, -1, self.cpg_p), -2, self.g_p)
-    return common.pad_axis(v, 1, self.lp, fill)
+    return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, self.cpg_p), -2, self.g_p), 1, self.lp)
 
   def grp(self, v):  # [b, l, g, n] -> [b, lp, g_p, n_p]
     return common.pad_axis(common.pad_axis(common.pad_axis(v, -1, self.n_p), -2, self.g_p), 1, self.lp)
