@@ -113,16 +113,25 @@ def verify_step(impl):
   return lambda layers: [ms.multistep_scan(**a, impl=impl)[:2] for a in layers]
 
 
-def with_setting(name: str, value, step):
-  """`step` traced with the module setting multistep.<name> = value (settings are read at trace time)."""
-  def f(layers):
-    old = getattr(ms, name)
-    setattr(ms, name, value)
+def with_settings(module, settings: dict, fn):
+  """`fn` run (and so traced) with module.<name> = value for each setting: the kernels read their switches at
+  trace time. Wrap the whole traced function: a custom VJP's backward rule is traced inside value_and_grad,
+  after the primal function has returned."""
+  def f(*args, **kw):
+    old = {name: getattr(module, name) for name in settings}
+    for name, value in settings.items():
+      setattr(module, name, value)
     try:
-      return step(layers)
+      return fn(*args, **kw)
     finally:
-      setattr(ms, name, old)
+      for name, value in old.items():
+        setattr(module, name, value)
   return f
+
+
+def with_setting(name: str, value, step):
+  """`step` traced with the module setting multistep.<name> = value."""
+  return with_settings(ms, {name: value}, step)
 
 
 def single_step_loop(variant):
@@ -228,6 +237,15 @@ def scan_inputs(variant, b, l):
           rn(ks[4], (b, l, g, n)), rn(ks[5], (h,), F32), rn(ks[6], (h,), F32)), {}
 
 
+def scan_value_and_grad(fn, kw):
+  """(loss, grads of the first six inputs) of a scan: a fixed projection of y plus sum(h). The loss is
+  returned too, which keeps the forward kernel live."""
+  def loss(*a):
+    y, h = fn(*a, **kw)
+    return jnp.sum(y.astype(F32) * jnp.cos(jnp.arange(y.shape[-1], dtype=F32))) + jnp.sum(h)
+  return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
 def bench_scan(b, l, rows):
   impls = {"mamba": {"reference": ssm.selective_scan_ref, "pallas": m1.selective_scan_pallas,
                      "chunked": m1.selective_scan_chunked},
@@ -237,11 +255,7 @@ def bench_scan(b, l, rows):
     res = {}
     for name, fn in fns.items():
       fwd = jax.jit(lambda *a, fn=fn: fn(*a, **kw))
-
-      def loss(*a, fn=fn):
-        y, h = fn(*a, **kw)
-        return jnp.sum(y.astype(F32) * jnp.cos(jnp.arange(y.shape[-1], dtype=F32))) + jnp.sum(h)
-      grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5)))  # loss too: keeps the fwd kernel live
+      grad = jax.jit(scan_value_and_grad(fn, kw))
       out, (_, g) = fwd(*args), grad(*args)
       res[name] = (out, g)
       ref_out, ref_g = res["reference"]

@@ -14,7 +14,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -22,22 +21,6 @@ import bench_kernels as bk
 
 from hybrid_jax.model import ssm
 from hybrid_jax.pallas import scan
-
-F32 = jnp.float32
-
-
-def with_scan_settings(settings: dict, fn):
-  """fn traced with scan.<name> = value for each setting (the module reads them at trace time)."""
-  def f(*a, **kw):
-    old = {k: getattr(scan, k) for k in settings}
-    for k, v in settings.items():
-      setattr(scan, k, v)
-    try:
-      return fn(*a, **kw)
-    finally:
-      for k, v in old.items():
-        setattr(scan, k, v)
-  return f
 
 
 def main() -> None:
@@ -53,13 +36,8 @@ def main() -> None:
   def fwd_of(fn):
     return lambda *x: fn(*x, **kw)
 
-  def loss_of(fn):
-    def loss(*x):
-      y, h = fn(*x, **kw)
-      return jnp.sum(y.astype(F32) * jnp.cos(jnp.arange(y.shape[-1], dtype=F32))) + jnp.sum(h)
-    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
-
-  ref_fwd, ref_grad = jax.jit(fwd_of(ssm.selective_scan_ref)), jax.jit(loss_of(ssm.selective_scan_ref))
+  ref_fwd = jax.jit(fwd_of(ssm.selective_scan_ref))
+  ref_grad = jax.jit(bk.scan_value_and_grad(ssm.selective_scan_ref, kw))
   ref_out, (_, ref_g) = ref_fwd(*args), ref_grad(*args)
   t_ref_f, t_ref_fb = bk.timeit(ref_fwd, *args, calls=3), bk.timeit(ref_grad, *args, calls=3)
   print(f"batch {a.batch}, l {a.seq_len}; reference fwd {t_ref_f * 1e3:.2f} ms, "
@@ -70,16 +48,15 @@ def main() -> None:
             for t in tiles]
   cases += [(f"fwd tile {t}", dict(FWD_TILE=t), False) for t in tiles if t != 2048]
   for name, settings, with_grad in cases:
-    # the settings around the whole traced call: the custom VJP's backward rule is traced after the primal
-    # function returns, inside value_and_grad
-    try:
-      fwd = jax.jit(with_scan_settings(settings, fwd_of(scan.selective_scan_pallas)))
+    try:  # the settings around the whole traced function (see bk.with_settings)
+      fwd = jax.jit(bk.with_settings(scan, settings, fwd_of(scan.selective_scan_pallas)))
       out = fwd(*args)
       err = max(bk.relerr(out[0], ref_out[0]), bk.relerr(out[1], ref_out[1]))
       t_f = bk.timeit(fwd, *args, calls=3)
       fb, gerr = "- | -", "-"
       if with_grad:
-        grad = jax.jit(with_scan_settings(settings, loss_of(scan.selective_scan_pallas)))
+        grad = jax.jit(bk.with_settings(scan, settings,
+                                        bk.scan_value_and_grad(scan.selective_scan_pallas, kw)))
         _, g = grad(*args)
         gerr = f"{max(bk.relerr(x, r) for x, r in zip(g, ref_g)):.1e}"
         t_fb = bk.timeit(grad, *args, calls=3)

@@ -176,7 +176,7 @@ def _scan_bwd_kernel(chunk, sync, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_re
     def recompute(i, h):
       hs_ref[i] = h
       dl, xt, bt, kt, e = step_inputs(c * chunk + i)
-      return e * kt * h + (dl * xt)[:, :, None] * bt[:, None, :]
+      return e * kt * h + (dl * xt)[:, :, None] * bt[:, None, :]  # the forward's step
 
     jax.lax.fori_loop(0, chunk, recompute, starts_ref[c])
     sync()
@@ -187,8 +187,8 @@ def _scan_bwd_kernel(chunk, sync, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_re
       t = c * chunk + k
       dl, xt, bt, kt, e = step_inputs(t)
       ct, gy, h_prev = c_ref[t].astype(f32), gy_ref[t], hs_ref[k]
-      dlx = dl * xt
-      h = e * kt * h_prev + dlx[:, :, None] * bt[:, None, :]
+      dlx, decay = dl * xt, e * kt
+      h = decay * h_prev + dlx[:, :, None] * bt[:, None, :]
       gbar = lam + gy[:, :, None] * ct[:, None, :]
       s = jnp.sum(gbar * bt[:, None, :], axis=2)  # [gb, cb]
       r = gbar * e * h_prev
@@ -198,7 +198,7 @@ def _scan_bwd_kernel(chunk, sync, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_re
       dx_ref[t] = dl * s
       ddelta_ref[t] = xt * s + jnp.sum(q * a, axis=2)
       dkeep_ref[t] = jnp.broadcast_to(jnp.sum(r), (1, 1))
-      return e * kt * gbar, da + dl[:, :, None] * q
+      return decay * gbar, da + dl[:, :, None] * q
 
     carry = jax.lax.fori_loop(0, chunk, back, carry)
     sync()  # the next chunk's recompute overwrites hs_ref
