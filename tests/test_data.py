@@ -21,6 +21,7 @@ from hybrid_jax.data import (
   chat_tokens,
   load_records,
   make_dataset,
+  merge_states,
   shift_mask,
 )
 
@@ -223,8 +224,10 @@ def test_labels_are_assistant_tokens(tmp_path, tiny_tok):
   b = next(iter(make_dataset(cfg_for(f, shuffle=False), tiny_tok, process_index=0, process_count=1)))
   tok, mask = b["tokens"], b["loss_mask"]
   targets = np.roll(tok, -1, axis=1)
-  text = tiny_tok.decode(targets[mask == 1])
-  assert text == "".join(f"a{i}<|im_end|>" for i in range(len(text.split("<|im_end|>")) - 1))
+  for r in range(2):  # batch row r packs records r, r + 2, r + 4 in order (one stream per row)
+    text = tiny_tok.decode(targets[r][mask[r] == 1])
+    n = len(text.split("<|im_end|>")) - 1
+    assert n >= 1 and text == "".join(f"a{i}<|im_end|>" for i in range(r, 6, 2)[:n])
 
 
 # ---- too long -------------------------------------------------------------------------------------
@@ -327,12 +330,50 @@ def test_process_sharding_is_disjoint(tmp_path, tiny_tok):
                            process_index=pi, process_count=2))
     docs = [d for b in it for d in documents(b, tiny_tok)]
     seen.append({d.removesuffix("<|im_end|>") for d in docs})
-    assert len(docs) == 5
+    assert len(docs) == len(seen[pi])
+    # process pi holds batch rows 2 pi and 2 pi + 1; row r reads records r, r + 4, r + 8
+    assert seen[pi] == {f"doc{i:02d}" for i in range(10) if i % 4 // 2 == pi}
     train = iter(make_dataset(cfg_for(f, batch_size=4), tiny_tok, process_index=pi, process_count=2))
-    b = next(train)
-    assert b["tokens"].shape == (2, 64)  # batch_size // process_count rows
-    assert {d.removesuffix("<|im_end|>") for d in documents(b, tiny_tok)} <= seen[pi]
+    assert next(train)["tokens"].shape == (2, 64)  # batch_size // process_count rows
   assert not seen[0] & seen[1] and seen[0] | seen[1] == {r["text"] for r in recs}
+
+
+def test_batches_and_position_do_not_depend_on_process_count(tmp_path, tiny_tok):
+  """The global batch (the processes' rows stacked) is the same for 1 and 2 processes, and a data position
+  saved by 2 processes resumes in 1 and the reverse (per-row stream states, merged)."""
+  f = write_jsonl(tmp_path / "c.jsonl", [conv(i, n_words=1 + i % 4) for i in range(13)])
+  cfg = cfg_for(f, batch_size=4, seed=5)
+
+  def processes(n):
+    return [iter(make_dataset(cfg, tiny_tok, process_index=p, process_count=n)) for p in range(n)]
+
+  def global_batches(its, n):
+    out = []
+    for _ in range(n):
+      parts = [next(it) for it in its]
+      out.append({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+    return out
+
+  def same(a, b):
+    for x, y in zip(a, b, strict=True):
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+
+  one, two = processes(1), processes(2)
+  same(global_batches(one, 3), global_batches(two, 3))
+  saved_by_two = [json.loads(json.dumps(it.get_state())) for it in two]
+  saved_by_one = [json.loads(json.dumps(one[0].get_state()))]
+  want = global_batches(one, 4)
+  from_two = processes(1)
+  from_two[0].set_state(merge_states(saved_by_two))
+  same(global_batches(from_two, 4), want)
+  from_one = processes(2)
+  for it in from_one:
+    it.set_state(merge_states(saved_by_one))
+  same(global_batches(from_one, 4), want)
+  other = iter(make_dataset(cfg_for(f, batch_size=2, seed=5), tiny_tok, process_index=0, process_count=1))
+  with pytest.raises(ConfigError, match="batch_size=4"):
+    other.set_state(merge_states(saved_by_one))
 
 
 def test_eval_fraction_split(tmp_path):

@@ -2,15 +2,21 @@
 
   state: params, optimiser state, step, RNG (sharded arrays; restored straight into the target shardings, so
          a checkpoint written on 8 devices restores on 1 and vice versa)
-  data:  the Grain iterator state (grain's Orbax handler: one JSON file per process)
+  data:  the Grain iterator state, one JSON file per process; the per-row stream states (hybrid_jax.data)
+         of all files combine, so a run saved by N processes resumes with M at the same data position
   meta:  small JSON (step, stage, train config) for humans and sanity checks
 
 Orbax writes each step into a temporary directory and renames it when complete, and `latest_step()` only sees
 finished steps: a crash mid-save never leaves a corrupted latest checkpoint. Saves are asynchronous (arrays
 are copied to host, then written in the background); `wait()` before exiting.
+
+Several processes: every process writes its own shards and data file into the step's temporary directory and
+process 0 renames it once all have finished, so the rule above holds for the run as a whole (the directory
+must be on a file system every process sees).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +26,7 @@ from typing import Any, Self
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from hybrid_jax.train.state import TrainState
 
@@ -37,6 +44,36 @@ class _IteratorSnapshot:
     return self._state
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's handler (file process_I-of-N.json per process), restoring across process counts: when this
+  process's own file is missing, the states of all files are merged and the iterator picks its rows."""
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    item = item or args.item
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+      return super().restore(directory, item=item)
+    from hybrid_jax.data import merge_states
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+      raise FileNotFoundError(f"no data position in {directory}")
+    item.set_state(merge_states([json.loads(f.read_text()) for f in files]))
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager for TrainState + data iterator + meta."""
 
@@ -47,7 +84,7 @@ class Checkpointer:
     self.mgr = ocp.CheckpointManager(
         self.directory, options=opts,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
+                       "data": _DataHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -59,7 +96,7 @@ class Checkpointer:
       return False
     items = {"state": ocp.args.StandardSave(state.to_dict()), "meta": ocp.args.JsonSave(dict(meta, step=step))}
     if iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(iterator))
+      items["data"] = _DataSave(_IteratorSnapshot(iterator))
     return self.mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract: TrainState, iterator, step: int | None = None) -> tuple[TrainState, dict]:
@@ -70,7 +107,7 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract.to_dict()), "meta": ocp.args.JsonRestore()}
     has_data = "data" in self.item_names(step)
     if iterator is not None and has_data:
-      items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+      items["data"] = _DataRestore(iterator)
     out = self.mgr.restore(step, args=ocp.args.Composite(**items))
     return TrainState.from_dict(out["state"]), dict(out["meta"] or {})
 

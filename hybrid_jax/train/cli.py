@@ -13,7 +13,7 @@ The frozen model: the teacher (align / distill / sft with KL) or, for dpo, the s
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -22,7 +22,7 @@ import jax
 
 from hybrid_jax.config import ConfigError, ModelConfig
 from hybrid_jax.train import config as tcfg
-from hybrid_jax.train import loop, stages
+from hybrid_jax.train import distributed, loop, stages
 from hybrid_jax.train import sharding as shd
 
 DEFAULT_CACHE = ".cache"
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="delete --output's earlier checkpoints and start from step 0 (instead of --resume)")
   p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where default data is generated/cached")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+  distributed.add_args(p)
   p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
   return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
@@ -175,16 +176,18 @@ def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str,
 
 
 def build_data(cfg: tcfg.TrainConfig, tokenizer, log=print):
-  from hybrid_jax.data import load_records, make_dataset
+  from hybrid_jax.data import load_eval_batches, load_records, make_dataset
   dcfg = cfg.data_config
   if tokenizer is None:
     raise ConfigError("no tokenizer: the teacher / --init model dir has no tokenizer files")
   records = load_records(dcfg, "train")  # reads + validates now: a missing file fails before any compile
-  train_iter = iter(make_dataset(dcfg, tokenizer, seed=dcfg.seed, split="train", records=records))
+  rows = None  # one process: all rows; several: the rows its devices hold in the mesh loop.train makes
+  if jax.process_count() > 1:
+    rows = shd.process_batch_rows(shd.make_mesh(dataclasses.asdict(cfg.mesh)), dcfg.batch_size)
+  train_iter = iter(make_dataset(dcfg, tokenizer, seed=dcfg.seed, split="train", records=records, rows=rows))
   eval_batches = None
   if dcfg.eval_paths or dcfg.eval_fraction:
-    ev = make_dataset(dcfg, tokenizer, split="eval")
-    eval_batches = list(itertools.islice(iter(ev), cfg.train.eval_batches))
+    eval_batches = load_eval_batches(dcfg, tokenizer, cfg.train.eval_batches, rows=rows)
   else:
     log("no eval split (data.eval_paths / data.eval_fraction): held-out perplexity is not reported")
   return train_iter, eval_batches
@@ -193,9 +196,16 @@ def build_data(cfg: tcfg.TrainConfig, tokenizer, log=print):
 # ---- main --------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
-  shd.maybe_initialize_distributed()
+  """One process of the run (all of it, or one of several: see hybrid_jax.train.distributed)."""
+  distributed.initialize(args)
+  with distributed.run_scope():
+    return _run(args, log if distributed.is_primary() else lambda *_: None)
+
+
+def _run(args: argparse.Namespace, log) -> loop.TrainResult:
   cfg = tcfg.load(args.config, args.overrides, stage=args.stage)
-  cfg = resolve_data(cfg, args.teacher, args.cache_dir, args.init, log)
+  with distributed.primary_first("default-data"):  # generated once into the (shared) cache
+    cfg = resolve_data(cfg, args.teacher, args.cache_dir, args.init, log)
   from hybrid_jax.data import load_records
   load_records(cfg.data_config, "train")  # bad/missing data -> error before loading models
   sp, sc, tokenizer, teacher, frozen = build_models(cfg, args.teacher, args.init, log)
@@ -203,15 +213,16 @@ def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
   output = args.output or cfg.train.output
   if args.overwrite and args.resume:
     raise ConfigError("--overwrite and --resume are exclusive")
-  if args.overwrite and os.path.isdir(os.path.join(output, "checkpoints")):
+  if args.overwrite and distributed.is_primary() and os.path.isdir(os.path.join(output, "checkpoints")):
     import shutil
     log(f"--overwrite: removing {os.path.join(output, 'checkpoints')}")
     shutil.rmtree(os.path.join(output, "checkpoints"))
   os.makedirs(output, exist_ok=True)
-  tcfg_path = os.path.join(output, "train_config.yaml")
-  import yaml
-  with open(tcfg_path, "w") as f:
-    yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+  if distributed.is_primary():
+    import yaml
+    with open(os.path.join(output, "train_config.yaml"), "w") as f:
+      yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+  distributed.barrier("output-ready")  # nobody looks for checkpoints before --overwrite removed them
 
   def save_model_fn(params, directory):
     from hybrid_jax.checkpoint import save_model

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from hybrid_jax.config import ConfigError, ModelConfig
 from hybrid_jax.train import checkpointing as ckpt_lib
-from hybrid_jax.train import optim, stages
+from hybrid_jax.train import distributed, optim, stages
 from hybrid_jax.train import sharding as shd
 from hybrid_jax.train import state as st
 from hybrid_jax.train.config import TrainConfig
@@ -36,9 +36,13 @@ class TrainResult:
 
 
 class _Metrics:
-  """MetricsWriter (JSONL + TensorBoard) from hybrid_jax.train.metrics when present, else JSONL only."""
+  """MetricsWriter (JSONL + TensorBoard) from hybrid_jax.train.metrics when present, else JSONL only.
+  Only process 0 of a multi-process run writes (the others would write the same rows)."""
 
   def __init__(self, logdir: str):
+    self._w = self._f = None
+    if not distributed.is_primary():
+      return
     os.makedirs(logdir, exist_ok=True)
     try:
       from hybrid_jax.train.metrics import MetricsWriter
@@ -51,7 +55,7 @@ class _Metrics:
   def write(self, step: int, values: dict[str, float]) -> None:
     if self._w is not None:
       self._w.write(step, values)
-    else:
+    elif self._f is not None:
       import json
       self._f.write(json.dumps({"step": step, **values}) + "\n")
       self._f.flush()
@@ -169,8 +173,8 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
   losses: dict[int, float] = {}
   pending: list[tuple[int, dict]] = []
   interrupted = False
-  bar = tqdm(total=tc.steps, initial=start, disable=not progress, dynamic_ncols=True, file=sys.stdout,
-             desc=cfg.stage)
+  bar = tqdm(total=tc.steps, initial=start, disable=not progress or not distributed.is_primary(),
+             dynamic_ncols=True, file=sys.stdout, desc=cfg.stage)
   t_last, tok_since = time.perf_counter(), 0
   step = start
   try:
@@ -181,14 +185,17 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
         except StopIteration:
           log(f"data exhausted after step {step}; stopping early")
           break
-        n_tok = int(np.prod(batch[keys[0]].shape)) * (2 if cfg.stage == "dpo" else 1)
+        n_tok = dcfg.batch_size * dcfg.seq_len * (2 if cfg.stage == "dpo" else 1)  # global: all processes
         state, m = step_fn(state, shd.shard_batch(batch, mesh), frozen)
         step += 1
         tok_since += n_tok
         pending.append((step, m))
         if on_step is not None:
           on_step(step, m)
-        if step % tc.log_every == 0 or step == tc.steps or flag.stop:
+        # a signal reaches the processes at different steps: they agree on stopping at a log step
+        stop = flag.stop if jax.process_count() == 1 else (
+            step % tc.log_every == 0 and distributed.any_process(flag.stop))
+        if step % tc.log_every == 0 or step == tc.steps or stop:
           fetched = jax.device_get(pending)
           dt = time.perf_counter() - t_last
           tps = tok_since / max(dt, 1e-9)
@@ -209,7 +216,7 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
           ckpt.save(state, train_iter, meta)
         if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
           writer.write(step, evaluate("periodic"))
-        if flag.stop:
+        if stop:
           interrupted = True
           log(f"\nsignal {flag.signum}: saving a checkpoint at step {step} and exiting")
           break

@@ -8,7 +8,6 @@ small tensors (e.g. a 3-head dim on tensor=2) lose the split.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,26 +32,6 @@ LOGICAL_RULES: dict[str, Any] = {
     "norm": None,                # tiny vectors: replicate
     "length": None,
 }
-
-
-def maybe_initialize_distributed() -> None:
-  """Multi-host: joins the JAX cluster when the environment says there are several processes.
-
-  Recognises an explicit coordinator (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) and the
-  cluster environments jax.distributed auto-detects (SLURM, Open MPI, Cloud TPU) when their process count > 1.
-  """
-  n = os.environ.get("JAX_NUM_PROCESSES") or os.environ.get("SLURM_NTASKS") or os.environ.get(
-      "OMPI_COMM_WORLD_SIZE")
-  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or (n and int(n) > 1)):
-    return
-  if jax.distributed.is_initialized():
-    return
-  kw = {}
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    kw = {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
-          "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
-          "process_id": int(os.environ["JAX_PROCESS_ID"])}
-  jax.distributed.initialize(**kw)
 
 
 def mesh_shape(sizes: Mapping[str, int], n_devices: int) -> tuple[int, ...]:
@@ -237,3 +216,13 @@ def batch_divisor(mesh: Mesh) -> int:
   """The global batch must be a multiple of this (data x fsdp)."""
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int) -> list[int]:
+  """The global batch rows this process's devices hold, in order: the rows its data pipeline must yield
+  (shard_batch places a process's rows by these indices; with several processes they need not be one block)."""
+  if batch_size % batch_divisor(mesh):
+    raise ConfigError(f"data.batch_size={batch_size} must be a multiple of the data x fsdp mesh size "
+                      f"{batch_divisor(mesh)}")
+  index = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+  return sorted({r for (sl,) in index.values() for r in range(*sl.indices(batch_size))})
