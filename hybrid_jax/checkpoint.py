@@ -91,7 +91,11 @@ def _to_numpy(params: Any) -> Any:
 def write_params(directory: str, params: Any) -> None:
   """Saves a param pytree with Orbax into `directory` (which must not exist)."""
   import orbax.checkpoint as ocp
-  ckptr = ocp.PyTreeCheckpointer()
+  # this process alone writes host arrays: no barrier with the other processes of a multi-process run
+  me = jax.process_index()
+  opts = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=opts),
+                           multiprocessing_options=opts)
   ckptr.save(os.path.abspath(directory), _to_numpy(params))
 
 

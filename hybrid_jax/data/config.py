@@ -28,13 +28,14 @@ class DataConfig:
   paths / eval_paths: files, directories or globs (JSONL, Parquet, or a `datasets.save_to_disk` directory).
   format: 'auto' detects per record ('messages' | 'text' | 'dpo' by the keys present).
   seq_len: tokens per packed row (SFT/text) or per chosen/rejected sequence (DPO).
-  batch_size: GLOBAL batch; each JAX process yields batch_size // process_count rows.
+  batch_size: GLOBAL batch; each JAX process yields the rows its devices hold (batch_size // process_count).
   on_error: malformed record -> 'skip' (warning naming file:line, counted) or 'raise' (DataError naming file:line).
   too_long: example longer than seq_len -> 'truncate' | 'skip' (warning) | 'raise'.
   eval_fraction: held-out share of `paths` for evaluation when no eval_paths are given (0 = no eval split).
   num_workers: Grain worker processes (0 = load in the main process; the default, right for CPU runs).
     Workers are started with 'spawn': the training script must guard its entry with `if __name__ == '__main__':`.
-  num_threads / prefetch: Grain read threads and prefetch buffer per process.
+  num_threads / prefetch: > 0: the next batches are tokenised and packed in a background thread, up to
+    `prefetch` rows ahead (the row streams share it); 0: in the training loop's thread.
   packing_bins: open bins of the first-fit packer (more bins -> fuller rows, more memory).
   """
   paths: tuple[str, ...] = ()
@@ -61,11 +62,11 @@ class DataConfig:
       raise ConfigError(f"data.on_error must be one of {'|'.join(ON_ERROR)}, got {self.on_error!r}")
     if self.too_long not in TOO_LONG:
       raise ConfigError(f"data.too_long must be one of {'|'.join(TOO_LONG)}, got {self.too_long!r}")
-    for name in ("seq_len", "batch_size", "num_threads", "packing_bins"):
+    for name in ("seq_len", "batch_size", "packing_bins"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ConfigError(f"data.{name} must be a positive integer, got {v!r}")
-    for name in ("num_workers", "prefetch", "seed"):
+    for name in ("num_workers", "num_threads", "prefetch", "seed"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ConfigError(f"data.{name} must be a non-negative integer, got {v!r}")

@@ -98,6 +98,8 @@ def initialize(args: argparse.Namespace | None = None) -> None:
   except Exception as e:  # noqa: BLE001 - unreachable coordinator, bad cluster environment...
     raise ConfigError(f"could not join the cluster{f' at {coordinator}' if coordinator else ''}: "
                       f"{_first_line(e)}") from None
+  if jax.default_backend() == "cpu":  # CPU collectives loaded from the persistent compilation cache hang
+    jax.config.update("jax_enable_compilation_cache", False)
   _watchdog = _Watchdog(timeout)
   _watchdog.start()
 
@@ -142,6 +144,8 @@ def run_scope() -> Iterator[None]:
     yield
   except BaseException as e:
     if _watchdog is not None:
+      if isinstance(e, jax.errors.JaxRuntimeError):  # a collective broke: most likely a process was lost
+        _watchdog.await_verdict()  # which the watchdog then reports (exiting) within the heartbeat timeout
       _watchdog.leave(failure=f"{type(e).__name__}: {_first_line(e)}")
     raise
   if _watchdog is not None:
@@ -212,6 +216,9 @@ class _Watchdog:
       return True
     except Exception:  # noqa: BLE001 - not found
       return False
+
+  def await_verdict(self) -> None:
+    self._thread.join(self.timeout + 10 * WATCH_INTERVAL_S)
 
   def leave(self, failure: str | None) -> None:
     """Stops watching and records how this process ends; process 0 then waits (bounded by the heartbeat
