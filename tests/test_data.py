@@ -19,6 +19,7 @@ from hybrid_jax.data import (
   DataError,
   RecordSource,
   chat_tokens,
+  load_eval_batches,
   load_records,
   make_dataset,
   merge_states,
@@ -374,6 +375,19 @@ def test_batches_and_position_do_not_depend_on_process_count(tmp_path, tiny_tok)
   other = iter(make_dataset(cfg_for(f, batch_size=2, seed=5), tiny_tok, process_index=0, process_count=1))
   with pytest.raises(ConfigError, match="batch_size=4"):
     other.set_state(merge_states(saved_by_one))
+
+
+def test_eval_batches_pad_rows_whose_stream_ran_out(tmp_path, tiny_tok):
+  texts = ["doc0" * 10, "doc1", "doc2", "doc3", "doc4" * 10]  # row 0 reads records 0 and 4: two full rows
+  f = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+  cfg = cfg_for(f, eval_paths=f, batch_size=4)
+  batches = load_eval_batches(cfg, tiny_tok, 8)
+  assert len(batches) == 2 and all(b["tokens"].shape == (4, 64) for b in batches)
+  assert batches[1]["segment_ids"][0].any() and not batches[1]["segment_ids"][1:].any()  # rows 1-3 ran out
+  assert not batches[1]["loss_mask"][1:].any()
+  docs = [d.removesuffix("<|im_end|>") for b in batches for d in documents(b, tiny_tok)]
+  assert sorted(docs) == sorted(texts)
+  assert len(load_eval_batches(cfg, tiny_tok, 1)) == 1
 
 
 def test_eval_fraction_split(tmp_path):

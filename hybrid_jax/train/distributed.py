@@ -76,7 +76,8 @@ def initialize(args: argparse.Namespace | None = None) -> None:
   n = _env_int("JAX_NUM_PROCESSES") if n is None else n
   pid = getattr(args, "process_id", None)
   pid = _env_int("JAX_PROCESS_ID") if pid is None else pid
-  timeout = getattr(args, "heartbeat_timeout", None) or HEARTBEAT_TIMEOUT_S
+  timeout = getattr(args, "heartbeat_timeout", None)
+  timeout = HEARTBEAT_TIMEOUT_S if timeout is None else timeout
   if timeout < 1:
     raise ConfigError(f"--heartbeat-timeout must be >= 1 second, got {timeout}")
   if n is not None and n < 1:
@@ -86,7 +87,9 @@ def initialize(args: argparse.Namespace | None = None) -> None:
   if coordinator is not None and (n is None or pid is None):
     raise ConfigError("--coordinator needs --num-processes and --process-id (or $JAX_NUM_PROCESSES and "
                       "$JAX_PROCESS_ID)")
-  if pid is not None and n is not None and not 0 <= pid < n:
+  if pid is not None and n is None:
+    raise ConfigError("--process-id needs --num-processes (or $JAX_NUM_PROCESSES)")
+  if pid is not None and not 0 <= pid < n:
     raise ConfigError(f"--process-id {pid} is out of range for --num-processes {n}")
   if (n or _cluster_size()) <= 1:
     return
@@ -98,7 +101,9 @@ def initialize(args: argparse.Namespace | None = None) -> None:
   except Exception as e:  # noqa: BLE001 - unreachable coordinator, bad cluster environment...
     raise ConfigError(f"could not join the cluster{f' at {coordinator}' if coordinator else ''}: "
                       f"{_first_line(e)}") from None
-  if jax.default_backend() == "cpu":  # CPU collectives loaded from the persistent compilation cache hang
+  if jax.default_backend() == "cpu":
+    # one process may load a step from the persistent compilation cache while another compiles its own: on
+    # CPU the two need not agree on their collectives, and the run hangs
     jax.config.update("jax_enable_compilation_cache", False)
   _watchdog = _Watchdog(timeout)
   _watchdog.start()

@@ -217,7 +217,6 @@ def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-
 def process_batch_rows(mesh: Mesh, batch_size: int) -> list[int]:
   """The global batch rows this process's devices hold, in order: the rows its data pipeline must yield
   (shard_batch places a process's rows by these indices; with several processes they need not be one block)."""
