@@ -43,7 +43,6 @@ from hybrid_jax.decode import verify
 from hybrid_jax.decode.generate import generate
 from hybrid_jax.decode.speculative import controlled_acceptance_hook, speculative_generate
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import init_cache
 
 # (hidden, ffn, layers, heads, kv heads, vocab)
 SHAPES = {"1b": (2048, 8192, 16, 32, 8, 128256), "3b": (3072, 8192, 28, 24, 8, 128256),
@@ -93,7 +92,7 @@ def timeit(fn, *args, repeats: int = 3) -> float:
 
 def plain_step_time(params, cfg, batch: int, ctx: int, iters: int) -> float:
   """MEASURED seconds per ordinary one-token decode step at context ctx."""
-  cache = init_cache(cfg, batch, ctx + iters + 1).replace(pos=jnp.full((batch,), ctx, jnp.int32))
+  cache = hybrid.init_cache(cfg, batch, ctx + iters + 1).replace(pos=jnp.full((batch,), ctx, jnp.int32))
 
   @jax.jit
   def run(params, cache):
@@ -108,7 +107,7 @@ def plain_step_time(params, cfg, batch: int, ctx: int, iters: int) -> float:
 def verify_step_time(params, cfg, batch: int, ctx: int, iters: int, k: int) -> float:
   """MEASURED seconds per verification call of k+1 tokens (Mamba layers replay ~half the cached steps)."""
   keep = max(1, (k + 1) // 2)
-  cache = init_cache(cfg, batch, ctx + iters * keep + k + 2).replace(pos=jnp.full((batch,), ctx, jnp.int32))
+  cache = hybrid.init_cache(cfg, batch, ctx + iters * keep + k + 2).replace(pos=jnp.full((batch,), ctx, jnp.int32))
   cache = verify.to_spec_cache(cfg, cache, k)
 
   @jax.jit

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hybrid_jax.checkpoint import load_model
 from hybrid_jax.decode.generate import chat_ids, generate
-from hybrid_jax.model import hybrid, mamba, mamba2
+from hybrid_jax.model import hybrid
 from hybrid_jax.model.init import attn_layers_for_fraction, hybrid_config, init_from_teacher
 
 PROMPTS = [
@@ -82,10 +82,7 @@ def main(argv=None) -> int:
     cfg = hybrid_config(tcfg, attn, variant)
     key = jax.random.PRNGKey(args.seed)
     kqvo = init_from_teacher(tparams, tcfg, cfg, key)
-    mod = mamba if variant == "mamba" else mamba2
-    rand = dict(kqvo, layers=[
-        dict(lp, mamba=mod.init_mixer(k, cfg)) if "mamba" in lp else lp
-        for lp, k in zip(kqvo["layers"], jax.random.split(key, cfg.num_hidden_layers))])
+    rand = init_from_teacher(tparams, tcfg, cfg, key, mixer_init="random")
     for name, p in (("attention init (kqvo)", kqvo), ("random init", rand)):
       nll, n = answer_nll(p, cfg, seqs, plens)
       rows.append((name, variant, nll / n))

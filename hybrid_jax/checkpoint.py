@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ModelConfig
+from hybrid_jax.model.hybrid import from_layer_list
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -168,7 +169,7 @@ def load_model(directory: str | os.PathLike, dtype=None, with_tokenizer: bool = 
   except (KeyError, TypeError) as e:
     raise CheckpointError(f"{cfg_path} is not a hybrid_jax model config ({e}); "
                           "a Hugging Face directory must be converted first (convert_torch.py)") from None
-  params = read_params(params_path)
+  params = from_layer_list(read_params(params_path))  # checkpoints of earlier releases load too
 
   def cast(x):
     x = np.asarray(x)

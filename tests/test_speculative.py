@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from hybrid_jax.config import ModelConfig, SSMConfig
-from hybrid_jax.decode import verify
 from hybrid_jax.decode.generate import generate
 from hybrid_jax.decode.sampling import processed_logprobs
 from hybrid_jax.decode.speculative import (
@@ -19,7 +18,6 @@ from hybrid_jax.decode.speculative import (
   speculative_generate,
 )
 from hybrid_jax.model import hybrid, mamba, mamba2
-from hybrid_jax.model.cache import init_cache
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]  # batch 3, different lengths
 
@@ -71,27 +69,7 @@ def test_sampling_accept_rule_edges():
 
 
 # ------------------------------------------------------------------------------------------------
-# The speculative-mode mixer pieces and caches
-@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
-def test_split_scan_inputs_match_mixer(variant):
-  cfg = tiny_cfg(variant)
-  params = hybrid.init_params(cfg, jax.random.PRNGKey(1))
-  p = params["layers"][0]["mamba"]
-  mod = mamba if variant == "mamba" else mamba2
-  u = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
-  state = mod.init_state(cfg, 2, jnp.float32)
-  state["conv"] = jax.random.normal(jax.random.PRNGKey(3), state["conv"].shape)
-  want, want_conv = mod.scan_inputs(p, cfg, u, segment_ids=jnp.ones((2, 5), jnp.int32),
-                                    conv_state=state["conv"])
-  xr, rest = verify._conv_input(p, cfg, u)
-  xc, conv = verify.causal_conv(xr, p["conv1d"]["weight"], p["conv1d"]["bias"], None, state["conv"])
-  got = verify._scan_inputs_from_conv(cfg, xc, rest)
-  assert set(got) == set(want)
-  for name in want:
-    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  np.testing.assert_array_equal(conv, want_conv)
-
-
+# The speculative-mode caches
 def test_spec_forward_rollback_matches_full_forward(target):
   """Verify k+1 tokens, keep a different prefix per sequence, verify again: the logits of the kept tokens
   equal a plain forward over the kept sequence (attention: pos rollback; Mamba: checkpoint + replay)."""
@@ -99,15 +77,15 @@ def test_spec_forward_rollback_matches_full_forward(target):
   k, b = 3, 3
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, 4)), jnp.int32)
-  cache = init_cache(cfg, b, 32)
+  cache = hybrid.init_cache(cfg, b, 32)
   _, cache = hybrid.forward(params, cfg, prompt, cache=cache)
-  cache = verify.to_spec_cache(cfg, cache, k)
+  cache = hybrid.speculative_cache(cfg, cache, k)
   seqs = [list(map(int, r)) for r in prompt]
   keep_plan = [[0, 3, 1], [4, 2, 0], [1, 4, 4]]  # tokens kept after each call, per sequence (<= k + 1)
   for keep in keep_plan:
     new = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, k + 1)), jnp.int32)
     pos0 = cache.pos
-    logits, cache = verify.spec_forward(params, cfg, new, cache, commit=True)
+    logits, cache = hybrid.forward(params, cfg, new, cache=cache, speculative="commit")
     for i in range(b):
       full = jnp.asarray([seqs[i] + list(map(int, new[i]))], jnp.int32)
       want, _ = hybrid.forward(params, cfg, full)

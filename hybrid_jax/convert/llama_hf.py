@@ -38,15 +38,15 @@ def tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple, tuple[int, ...], bo
   for i in range(cfg.num_hidden_layers):
     p = f"model.layers.{i}."
     specs += [
-        (p + "input_layernorm.weight", ("layers", i, "input_layernorm"), (d,), False),
-        (p + "post_attention_layernorm.weight", ("layers", i, "post_attention_layernorm"), (d,), False),
-        (p + "self_attn.q_proj.weight", ("layers", i, "self_attn", "q_proj"), (h * hd, d), True),
-        (p + "self_attn.k_proj.weight", ("layers", i, "self_attn", "k_proj"), (kv * hd, d), True),
-        (p + "self_attn.v_proj.weight", ("layers", i, "self_attn", "v_proj"), (kv * hd, d), True),
-        (p + "self_attn.o_proj.weight", ("layers", i, "self_attn", "o_proj"), (d, h * hd), True),
-        (p + "mlp.gate_proj.weight", ("layers", i, "mlp", "gate_proj"), (f, d), True),
-        (p + "mlp.up_proj.weight", ("layers", i, "mlp", "up_proj"), (f, d), True),
-        (p + "mlp.down_proj.weight", ("layers", i, "mlp", "down_proj"), (d, f), True),
+        (p + "input_layernorm.weight", (f"layers_{i}", "input_layernorm"), (d,), False),
+        (p + "post_attention_layernorm.weight", (f"layers_{i}", "post_attention_layernorm"), (d,), False),
+        (p + "self_attn.q_proj.weight", (f"layers_{i}", "self_attn", "q_proj"), (h * hd, d), True),
+        (p + "self_attn.k_proj.weight", (f"layers_{i}", "self_attn", "k_proj"), (kv * hd, d), True),
+        (p + "self_attn.v_proj.weight", (f"layers_{i}", "self_attn", "v_proj"), (kv * hd, d), True),
+        (p + "self_attn.o_proj.weight", (f"layers_{i}", "self_attn", "o_proj"), (d, h * hd), True),
+        (p + "mlp.gate_proj.weight", (f"layers_{i}", "mlp", "gate_proj"), (f, d), True),
+        (p + "mlp.up_proj.weight", (f"layers_{i}", "mlp", "up_proj"), (f, d), True),
+        (p + "mlp.down_proj.weight", (f"layers_{i}", "mlp", "down_proj"), (d, f), True),
     ]
   specs.append(("model.norm.weight", ("norm",), (d,), False))
   if not cfg.tie_word_embeddings:

@@ -101,13 +101,13 @@ def mixer_from_torch(sd: dict[str, np.ndarray], template: dict) -> dict:
   return out
 
 
-def _mixer_template(cfg: ModelConfig) -> dict:
-  """Shapes of one mixer (jax.eval_shape: no compute)."""
+def _mixer_template(cfg: ModelConfig, layer: int | None = None) -> dict:
+  """Shapes of one layer's mixer (the first Mamba layer's by default; jax.eval_shape: no compute)."""
   import jax
 
-  from hybrid_jax.model import mamba, mamba2
-  mod = mamba if cfg.ssm.variant == "mamba" else mamba2
-  return jax.eval_shape(lambda: mod.init_mixer(jax.random.PRNGKey(0), cfg))
+  from hybrid_jax.model import hybrid
+  layer = cfg.ssm_layers[0] if layer is None else layer
+  return jax.eval_shape(lambda: hybrid.init_mixer_params(cfg, layer, jax.random.PRNGKey(0)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,7 +119,8 @@ def params_to_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray
         "model.norm.weight": np.asarray(params["norm"])}
   sd["lm_head.weight"] = (np.asarray(params["embed_tokens"]) if cfg.tie_word_embeddings
                           else np.asarray(params["lm_head"]).T)
-  for i, lp in enumerate(params["layers"]):
+  for i in range(cfg.num_hidden_layers):
+    lp = params[f"layers_{i}"]
     pre = f"model.layers.{i}."
     sd[pre + "input_layernorm.weight"] = np.asarray(lp["input_layernorm"])
     sd[pre + "post_attention_layernorm.weight"] = np.asarray(lp["post_attention_layernorm"])
@@ -139,7 +140,6 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
   and shape mismatches (all of them at once)."""
   import jax
 
-  from hybrid_jax.model import llama
   sd = {k: v for k, v in sd.items() if not _IGNORED.match(k)}
   used: set[str] = set()
   missing: list[str] = []
@@ -165,9 +165,9 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
       raise ValueError("tie_word_embeddings is set but lm_head.weight differs from model.embed_tokens.weight")
   elif head is not None:
     params["lm_head"] = head.T
-  att_t = jax.eval_shape(lambda: llama.init_attention(jax.random.PRNGKey(0), cfg))
+  attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_attention(i)]
+  att_t = _mixer_template(cfg, attn[0]) if attn else None
   mix_t = _mixer_template(cfg) if cfg.is_hybrid else None
-  layers = []
   for i in range(cfg.num_hidden_layers):
     pre = f"model.layers.{i}."
     lp: dict[str, Any] = {"input_layernorm": get(pre + "input_layernorm.weight", (d,)),
@@ -191,8 +191,7 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
           sub[k] = w
       if len(sub) == len(tsd):
         lp["mamba"] = mixer_from_torch(sub, mix_t)
-    layers.append(lp)
-  params["layers"] = layers
+    params[f"layers_{i}"] = lp
   unexpected = sorted(set(sd) - used)
   problems = []
   if missing:

@@ -18,7 +18,7 @@ import numpy as np
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.decode.sampling import sample_logits
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import Cache, init_cache
+from hybrid_jax.model.cache import Cache
 
 Array = jax.Array
 
@@ -44,7 +44,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 
 def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int
             ) -> tuple[Array, Cache]:
   """Runs the padded prompts [b, L] into a fresh cache of max_len. Returns last logits [b, V] and the cache."""
-  cache = init_cache(cfg, tokens.shape[0], max_len)
+  cache = hybrid.init_cache(cfg, tokens.shape[0], max_len)
   cache = cache.replace(offset=offsets.astype(jnp.int32))
   logits, cache = hybrid.forward(params, cfg, tokens, cache=cache)
   return logits[:, -1], cache

@@ -9,7 +9,7 @@ cache; `prev` = the token at L - 1):
   3. acceptance (`greedy_accept` / `sampling_accept`): the first n draft tokens are accepted, then one more
      token comes from the target (its correction, a residual resample, or the bonus token when n = k).
   4. rollback: both caches' pos are set per sequence (target L + n + 1, draft L + n); Mamba layers replay the
-     valid cached steps at their next call (hybrid_jax/decode/verify.py).
+     valid cached steps at their next call (hybrid_jax/model/mixer.py).
 Everything, prefill included, runs in one jitted function; the rounds are a lax.while_loop (no host round trip
 per token). Sequences advance by different amounts; a finished sequence keeps running with no advance.
 
@@ -33,9 +33,7 @@ import numpy as np
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.decode.generate import left_pad
 from hybrid_jax.decode.sampling import is_greedy, processed_logprobs, sample_logits
-from hybrid_jax.decode.verify import spec_forward, to_spec_cache
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import init_cache
 
 Array = jax.Array
 DraftHook = Callable[[Array, Array, Array, Any], Array]  # (logits [b, V], gen_idx [b], key, hook_args) -> logits
@@ -132,12 +130,12 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
 
   # Prefill: the target on the whole prompt, the draft on all but the last token (its first round call
   # starts at L - 1 with [prev, pending]).
-  tcache = init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
+  tcache = hybrid.init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
   logits, tcache = hybrid.forward(tparams, tcfg, tokens, cache=tcache)
-  dcache = init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
+  dcache = hybrid.init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
   if plen > 1:
     _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
-  tcache, dcache = to_spec_cache(tcfg, tcache, k), to_spec_cache(dcfg, dcache, k)
+  tcache, dcache = hybrid.speculative_cache(tcfg, tcache, k), hybrid.speculative_cache(dcfg, dcache, k)
   key, sub = jax.random.split(key)
   first = sample(logits[:, -1], sub)
   out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
@@ -160,14 +158,14 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     key, k_first, k_draft, k_acc = jax.random.split(st["key"], 4)
     L = st["tcache"].pos
     # 1. draft k tokens
-    dl, dcache = spec_forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1), st["dcache"],
-                              commit=True)
+    dl, dcache = hybrid.forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
+                                cache=st["dcache"], speculative="commit")
     d1, q1 = draft_pick(dl[:, -1], k_first, st["n_out"])
 
     def draft_step(carry, xs):
       tok, dc = carry
       step_key, i = xs
-      lg, dc = spec_forward(dparams, dcfg, tok[:, None], dc, commit=False)
+      lg, dc = hybrid.forward(dparams, dcfg, tok[:, None], cache=dc, speculative="append")
       nxt, q = draft_pick(lg[:, 0], step_key, st["n_out"] + i)
       return (nxt, dc), (nxt, q)
 
@@ -175,8 +173,8 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
                                          (jax.random.split(k_draft, k - 1), jnp.arange(1, k, dtype=jnp.int32)))
     draft = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [b, k]
     # 2. verify all k in one target call
-    tl, tcache = spec_forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
-                              st["tcache"], commit=True)
+    tl, tcache = hybrid.forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
+                                cache=st["tcache"], speculative="commit")
     # 3. accept
     if greedy:
       n, nxt = greedy_accept(draft, tl)

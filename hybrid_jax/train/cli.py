@@ -118,9 +118,8 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
       # progressive alignment: keep the existing mixers, initialise newly replaced layers from attention
       new_cfg = hybrid_config(teacher[1], want, cfg.model.variant)
       new = init_from_teacher(teacher[0], teacher[1], new_cfg, key, cfg.model.mixer_init)
-      for i in range(new_cfg.num_hidden_layers):
-        if "mamba" in sp["layers"][i] and "mamba" in new["layers"][i]:
-          new["layers"][i]["mamba"] = sp["layers"][i]["mamba"]
+      for i in set(new_cfg.ssm_layers) & set(sc.ssm_layers):
+        new[f"layers_{i}"] = {**new[f"layers_{i}"], "mamba": sp[f"layers_{i}"]["mamba"]}
       log(f"align: attention layers {list(have)} -> {list(want)} (Mamba mixers of earlier stages kept)")
       sp, sc = new, new_cfg
     tokenizer = stok if stok is not None else (teacher[2] if teacher else None)
@@ -130,7 +129,8 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
     if n is not None:  # a shallower student (a draft): the teacher's first n layers, its norm and head
       if n > tc.num_hidden_layers:
         raise ConfigError(f"model.num_layers {n} > the teacher's {tc.num_hidden_layers} layers")
-      tp, tc = dict(tp, layers=tp["layers"][:n]), tc.replace(num_hidden_layers=n)
+      tp = {k: v for k, v in tp.items() if not k.startswith("layers_") or int(k[len("layers_"):]) < n}
+      tc = tc.replace(num_hidden_layers=n)
     sc = hybrid_config(tc, _target_attn(cfg, tc.num_hidden_layers), cfg.model.variant)
     sp = init_from_teacher(tp, tc, sc, key, cfg.model.mixer_init)
     tokenizer = ttok

@@ -88,7 +88,7 @@ class OptimSection:
   warmup_steps: int = 0
   min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
   max_grad_norm: float = 1.0          # 0 = no clipping
-  # Regex over param paths like 'layers/3/mamba/A_log'; None = the stage's default
+  # Regex over param paths like 'layers_3/mamba/A_log'; None = the stage's default
   # (align: Mamba mixers only; distill/sft/dpo: everything).
   trainable: str | None = None
 

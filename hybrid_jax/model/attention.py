@@ -1,13 +1,19 @@
-"""Llama self-attention (Hugging Face semantics): rotary embedding, grouped-query attention, KV cache."""
+"""Llama self-attention (Hugging Face semantics): rotary embedding, grouped-query attention, KV cache.
+
+`Attention` is the attention mixer (the interface of `hybrid_jax.model.mixer`): its KV cache rolls back by
+position alone, so its speculative path is its cached path.
+"""
 from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.model.layers import dense, init_linear
+from hybrid_jax.model.layers import dense
+from hybrid_jax.model.mixer import Context
 
 Array = jax.Array
 
@@ -42,14 +48,6 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
   return x * c + rotated * s
-
-
-def init_attention(key: Array, cfg: ModelConfig) -> dict:
-  d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  kq, kk, kv_, ko = jax.random.split(key, 4)
-  dt = cfg.params_dtype
-  return {"q_proj": init_linear(kq, d, h * hd, dt), "k_proj": init_linear(kk, d, kv * hd, dt),
-          "v_proj": init_linear(kv_, d, kv * hd, dt), "o_proj": init_linear(ko, h * hd, d, dt)}
 
 
 def _write(cache: Array, new: Array, pos: Array) -> Array:
@@ -125,3 +123,43 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
   out = out.reshape(b, t, h * hd)
   return dense(out, p["o_proj"], dtype), new_cache
+
+
+class Attention(nn.Module):
+  """GQA self-attention mixer with HF Llama's parameter names (q/k/v/o_proj, [in, out]; normal(0, 0.02) init)."""
+  cfg: ModelConfig
+  init_std: float = 0.02
+
+  def setup(self):
+    cfg = self.cfg
+    d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    init, dt = nn.initializers.normal(self.init_std), cfg.params_dtype
+    self.q_proj = self.param("q_proj", init, (d, h * hd), dt)
+    self.k_proj = self.param("k_proj", init, (d, kv * hd), dt)
+    self.v_proj = self.param("v_proj", init, (d, kv * hd), dt)
+    self.o_proj = self.param("o_proj", init, (h * hd, d), dt)
+
+  def _params(self) -> dict:
+    return {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj, "o_proj": self.o_proj}
+
+  def __call__(self, u: Array, ctx: Context) -> Array:
+    """Full sequence: causal within each segment of ctx.segment_ids. u [b, t, D] -> [b, t, D]."""
+    return attention(self._params(), self.cfg, u, ctx.cos, ctx.sin, ctx.mask, segment_ids=ctx.segment_ids)[0]
+
+  def cached(self, u: Array, ctx: Context, state: dict) -> tuple[Array, dict]:
+    """Writes the t new keys/values at ctx.pos, then attends under ctx.mask [b, t, S]."""
+    return attention(self._params(), self.cfg, u, ctx.cos, ctx.sin, ctx.mask, state, ctx.pos)
+
+  def speculative(self, u: Array, ctx: Context, state: dict, commit: bool) -> tuple[Array, dict]:
+    del commit  # later writes overwrite rejected keys; the mask never shows a query keys past its own index
+    return self.cached(u, ctx, state)
+
+  @nn.nowrap
+  def init_state(self, batch: int, max_len: int, dtype) -> dict:
+    shape = (batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  @nn.nowrap
+  def speculative_state(self, state: dict, pos: Array, k: int) -> dict:
+    del pos, k
+    return state
