@@ -193,12 +193,12 @@ def load_tokenizer(directory: str | os.PathLike):
     path = os.path.join(d, name)
     if not os.path.exists(path):
       continue
-    if name.endswith(".json"):
-      read_json(path, CheckpointError)
-    if name == "tokenizer.json":
+    if name == "tokenizer.json":  # parsed and built by the tokenizers library (the large one: read once)
       import tokenizers
       with reading(path, CheckpointError):
         tokenizers.Tokenizer.from_file(path)
+    elif name.endswith(".json"):
+      read_json(path, CheckpointError)
     elif name == "chat_template.jinja":
       with reading(path, CheckpointError), open(path, encoding="utf-8") as f:
         f.read()
