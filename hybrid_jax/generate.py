@@ -10,21 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hybrid_jax.argtypes import non_negative_float, non_negative_int, positive_int, probability_mass
+
 
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", required=True, help="hybrid_jax checkpoint directory")
   ap.add_argument("--prompt", default=None, help="user message (with --chat: the first turn)")
   ap.add_argument("--system", default=None, help="optional system message")
-  ap.add_argument("--max-new-tokens", type=int, default=256)
-  ap.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
-  ap.add_argument("--top-k", type=int, default=0, help="0 = no top-k filtering")
-  ap.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filtering")
+  ap.add_argument("--max-new-tokens", type=positive_int, default=256)
+  ap.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 (default) = greedy")
+  ap.add_argument("--top-k", type=non_negative_int, default=0, help="0 = no top-k filtering")
+  ap.add_argument("--top-p", type=probability_mass, default=1.0, help="in (0, 1]; 1 = no nucleus filtering")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
   ap.add_argument("--draft", default=None,
                   help="draft checkpoint directory: speculative decoding (the same answer when greedy)")
-  ap.add_argument("--k", type=int, default=4, help="draft tokens proposed per target call (with --draft)")
+  ap.add_argument("--k", type=positive_int, default=4,
+                  help="draft tokens proposed per target call (with --draft)")
   ap.add_argument("--stats", action="store_true",
                   help="with --draft: print acceptance rate and tokens/s to stderr")
   return ap
@@ -82,13 +85,12 @@ def main(argv: list[str] | None = None) -> int:
   if not args.chat and args.prompt is None:
     print("error: give --prompt TEXT, or --chat for an interactive conversation", file=sys.stderr)
     return 2
-  from hybrid_jax.checkpoint import CheckpointError
-  from hybrid_jax.config import ConfigError
+  from hybrid_jax.errors import error_line
   try:
     answer = make_answer_fn(args)
-  except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    return 1
+  except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors; both name the file
+    print(error_line(e), file=sys.stderr)
+    return 2
   messages = [{"role": "system", "content": args.system}] if args.system else []
   if args.chat:
     _chat_loop(answer, messages, args.prompt)

@@ -166,9 +166,9 @@ def test_chat_loop_keeps_conversation(monkeypatch, capsys):
 
 def test_generate_cli_missing_model(tmp_path, capsys):
   from hybrid_jax import generate as cli
-  assert cli.main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 1
+  assert cli.main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: checkpoint directory not found") and err.count("\n") == 1
+  assert err == f"error: {tmp_path / 'nope'}: checkpoint directory not found\n"
 
 
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])

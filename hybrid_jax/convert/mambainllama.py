@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from hybrid_jax.config import ConfigError, ModelConfig, SSMConfig
+from hybrid_jax.convert.llama_hf import ConversionError
+from hybrid_jax.errors import read_json_object, reading
 
 MAMBA_CONFIG = "mamba_config.json"
 _RAW = ("A_log", "D", "dt_bias")  # nn.Parameters stored under their own name
@@ -306,14 +308,16 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if st:
     from safetensors.torch import load_file
     for fn in st:
-      out.update({k: _to_numpy(t) for k, t in load_file(fn).items()})
+      with reading(fn, ConversionError):
+        out.update({k: _to_numpy(t) for k, t in load_file(fn).items()})
     return out
   bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
   if not bins:
     raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
   import torch
   for fn in bins:
-    out.update({k: _to_numpy(t) for k, t in torch.load(fn, map_location="cpu", weights_only=True).items()})
+    with reading(fn, ConversionError):
+      out.update({k: _to_numpy(t) for k, t in torch.load(fn, map_location="cpu", weights_only=True).items()})
   return out
 
 
@@ -323,10 +327,8 @@ def load(path: str, dtype: str | None = None) -> tuple[dict, ModelConfig]:
   for name in (MAMBA_CONFIG, "config.json"):
     if not os.path.isfile(os.path.join(path, name)):
       raise FileNotFoundError(f"{path} is not a MambaInLlama checkpoint: {name} missing")
-  with open(os.path.join(path, MAMBA_CONFIG)) as fh:
-    mcfg = json.load(fh)
-  with open(os.path.join(path, "config.json")) as fh:
-    hf = json.load(fh)
+  mcfg = read_json_object(os.path.join(path, MAMBA_CONFIG), ConversionError)
+  hf = read_json_object(os.path.join(path, "config.json"), ConversionError)
   sd = read_state_dict(path)
   variant = _detect_variant(sd)
   n_ssm = mcfg.get("n_layer", 0) - len(mcfg.get("attn_layers", []))
@@ -372,7 +374,6 @@ TEACHER_META = "mambainllama_teacher.json"  # {'name_or_path': str, 'config': te
 
 
 def _conversion_error(e: Exception):
-  from hybrid_jax.convert.llama_hf import ConversionError
   return ConversionError(str(e))
 
 
@@ -385,8 +386,7 @@ def mambainllama_to_checkpoint(src: str, output: str, dtype: str | None = None) 
     if isinstance(e, ConfigError):
       raise
     raise _conversion_error(e) from None
-  with open(os.path.join(src, "config.json")) as fh:
-    hf = json.load(fh)
+  hf = read_json_object(os.path.join(src, "config.json"), ConversionError)
   meta = {"name_or_path": hf.get("_name_or_path", ""), "config": hf}
   return save_model(output, params, cfg, tokenizer=load_tokenizer(src), extra={TEACHER_META: meta})
 

@@ -3,9 +3,10 @@ packing with segment ids, and the Grain pipeline with checkpointable iterator st
 from hybrid_jax.data.config import DataConfig
 from hybrid_jax.data.pipeline import DPO_KEYS, SFT_KEYS, load_records, make_dataset
 from hybrid_jax.data.records import DataError, ReadReport, RecordSource, normalise, resolve_paths
-from hybrid_jax.data.tokenize import Tokenize, chat_tokens, shift_mask, text_tokens
+from hybrid_jax.data.tokenize import Tokenize, chat_tokens, document_end_id, shift_mask, text_tokens
 
 __all__ = [
   "DPO_KEYS", "SFT_KEYS", "DataConfig", "DataError", "ReadReport", "RecordSource", "Tokenize", "chat_tokens",
+  "document_end_id",
   "load_records", "make_dataset", "normalise", "resolve_paths", "shift_mask", "text_tokens",
 ]

@@ -108,7 +108,7 @@ def make_dataset(cfg: DataConfig, tokenizer, *, seed: int | None = None, split: 
     if cfg.shuffle:
       ds = ds.shuffle(seed)
     ds = ds.repeat(None)  # reshuffled each epoch
-  ds = ds.map(Tokenize(tokenizer, cfg.seq_len, cfg.too_long, cfg.on_error))
+  ds = ds.map(Tokenize(tokenizer, cfg.seq_len, cfg.too_long, cfg.on_error, cfg.text_eos_token))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch))
   if src.kind != "dpo":
     L = cfg.seq_len

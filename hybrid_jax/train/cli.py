@@ -229,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from hybrid_jax.checkpoint import CheckpointError
   from hybrid_jax.data import DataError
+  from hybrid_jax.errors import error_line
   try:
     res = run(args)
-  except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ConfigError, DataError, CheckpointError, OSError) as e:  # each names its file
+    print(error_line(e), file=sys.stderr)
     return 2
   if res.interrupted:
     print(f"interrupted at step {res.step}; checkpoint saved. Continue with the same command plus --resume",

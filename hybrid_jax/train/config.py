@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from hybrid_jax.config import ConfigError
+from hybrid_jax.errors import describe
 from hybrid_jax.model.init import MIXER_INITS
 
 STAGES = ("align", "distill", "sft", "dpo")
@@ -288,12 +289,14 @@ def load(path: str | None, overrides: list[str] = (), **top: Any) -> TrainConfig
   d: dict[str, Any] = {}
   if path:
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         d = yaml.safe_load(f) or {}
     except FileNotFoundError:
-      raise ConfigError(f"config file not found: {path}") from None
+      raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
-      raise ConfigError(f"{path} is not valid YAML: {e}") from None
+      raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path}: {describe(e)}") from None
     if not isinstance(d, dict):
       raise ConfigError(f"{path}: top level must be a mapping")
   d = apply_overrides(d, list(overrides))
