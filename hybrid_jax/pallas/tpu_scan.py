@@ -18,10 +18,9 @@ rows t * N_p ... t * N_p + N_p - 1 of the product hold step t's B (or C) for eve
 term per output; fp32 at HIGHEST precision, bf16 with fp32 accumulation).
 
 Grid (b, channel blocks, time blocks) with semantics (parallel, parallel, arbitrary): the state stays in a
-VMEM scratch across the time blocks of one (sequence, channel block), and in vregs within a block, which is
-walked 8 steps at a time (aligned [8, lanes] loads of delta / u and one [8, lanes] store of ys). Padding:
-channels, groups, N and time are zero-padded (padded steps: delta 0, keep 1, so the state passes through) and
-sliced off.
+VMEM scratch across the time blocks of one (sequence, channel block), and in vregs within a block, whose steps
+(unrolled by 8) each load one row of delta / u / keep and store one row of ys. Padding: channels, groups, N
+and time are zero-padded (padded steps: delta 0, keep 1, so the state passes through) and sliced off.
 
 Backward (custom VJP, plain JAX): Mamba-1: the kernel also writes the state entering every `ckpt_chunk` steps
 and `scan.checkpointed_vjp` (chunk-parallel) runs from those; Mamba-2: the VJP of `ssd.chunked_core` (the
@@ -174,27 +173,18 @@ def _scan_kernel(ckpt, n_p, delta_ref, u_ref, keep_ref, a_ref, e_ref, b_ref, c_r
   bx_scr[...] = expand_groups(b_ref[...], e)  # [T * N_p, lanes]
   cx_scr[...] = expand_groups(c_ref[...], e)
   a = a_ref[...]
-  lanes = ys_ref.shape[-1]
-  row = jax.lax.broadcasted_iota(jnp.int32, (SUBLANES, lanes), 0)
 
-  def eight_steps(s, h):
-    r0 = pl.multiple_of(s * SUBLANES, SUBLANES)
-    dl, u, kp = (ref[pl.ds(r0, SUBLANES), :] for ref in (delta_ref, u_ref, keep_ref))
-    ys = jnp.zeros((SUBLANES, lanes), f32)
-    for r in range(SUBLANES):
-      at = pl.multiple_of((r0 + r) * n_p, SUBLANES)
-      decay = jnp.exp(dl[r:r + 1] * a) * kp[r:r + 1]  # [N_p or 1, lanes]
-      h = decay * h + u[r:r + 1] * bx_scr[pl.ds(at, n_p), :]
-      ys = jnp.where(row == r, jnp.sum(h * cx_scr[pl.ds(at, n_p), :], axis=0, keepdims=True), ys)
-    ys_ref[pl.ds(r0, SUBLANES), :] = ys
+  def step(t, h):  # one row of each step input, N_p rows of the expanded B / C
+    at = pl.multiple_of(t * n_p, SUBLANES)
+    decay = jnp.exp(delta_ref[pl.ds(t, 1), :] * a) * keep_ref[pl.ds(t, 1), :]  # [N_p or 1, lanes]
+    h = decay * h + u_ref[pl.ds(t, 1), :] * bx_scr[pl.ds(at, n_p), :]
+    ys_ref[pl.ds(t, 1), :] = jnp.sum(h * cx_scr[pl.ds(at, n_p), :], axis=0, keepdims=True)
     return h
-
-  tiles = ckpt // SUBLANES
 
   def chunk(c, h):
     if starts:
       starts[0][c] = h
-    return jax.lax.fori_loop(0, tiles, lambda s, hh: eight_steps(c * tiles + s, hh), h)  # static trip count
+    return jax.lax.fori_loop(0, ckpt, lambda i, hh: step(c * ckpt + i, hh), h, unroll=SUBLANES)
 
   h = jax.lax.fori_loop(0, delta_ref.shape[0] // ckpt, chunk, h_scr[...])
   h_scr[...] = h
