@@ -1,6 +1,7 @@
-"""lm-evaluation-harness model `hybrid_jax`: the default teacher scores and generates as lm-eval's HFLM does on the
-same weights, for the three request types (tiny local tasks written here); a tiny hybrid runs through the same
-class and the CLI; the packing planner; bad input."""
+"""lm-evaluation-harness model `hybrid_jax`: the default teacher scores and generates as lm-eval's HFLM does
+on the same weights, for the three request types (tiny local tasks written here); a tiny hybrid runs through
+the same class and the CLI; the packing planner; bad input."""
+import itertools
 import json
 import math
 
@@ -10,14 +11,14 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
 
-from hybrid_jax.checkpoint import load_tokenizer, save_model  # noqa: E402
-from hybrid_jax.config import ModelConfig, SSMConfig  # noqa: E402
-from hybrid_jax.evaluate import __main__ as cli  # noqa: E402
-from hybrid_jax.evaluate.harness import HybridJaxLM, length_bucket, plan_batches  # noqa: E402
-from hybrid_jax.model import hybrid  # noqa: E402
+from hybrid_jax.checkpoint import load_tokenizer, save_model
+from hybrid_jax.config import ModelConfig, SSMConfig
+from hybrid_jax.evaluate import __main__ as cli
+from hybrid_jax.evaluate.harness import HybridJaxLM, length_bucket, plan_batches
+from hybrid_jax.model import hybrid
 
 TOL = 1e-4
 MAX_LENGTH = 64  # small: rolling documents need two windows, generation contexts get left-truncated
@@ -32,15 +33,15 @@ MC_ROWS = [
 ROLLING_ROWS = [
     {"text": "The quick brown fox jumps over the lazy dog. " * 12},
     {"text": "Rivers carry water from mountains to the sea, shaping valleys as they go."},
-    {"text": ("In the morning the baker lights the oven, kneads the dough and waits for it to rise; by noon the "
-              "shop smells of fresh bread, and the queue outside reaches the corner of the street where children "
-              "play football until their parents call them home for lunch.")},
+    {"text": ("In the morning the baker lights the oven, kneads the dough and waits for it to rise; by noon "
+              "the shop smells of fresh bread, and the queue outside reaches the corner of the street where "
+              "children play football until their parents call them home for lunch.")},
 ]
 GEN_ROWS = [
     {"question": "Q: What is the capital of Italy?\nA:", "answer": " Rome"},
     {"question": "Q: Name a colour of the rainbow.\nA:", "answer": " Red"},
-    {"question": ("Here is a long preamble that makes this context longer than the window allows, so that the "
-                  "harness has to cut it from the left exactly as the reference implementation does. " * 3
+    {"question": ("Here is a long preamble that makes this context longer than the window allows, so that "
+                  "the harness has to cut it from the left exactly as the reference implementation does. " * 3
                   + "Q: What do bees make?\nA:"), "answer": " Honey"},
 ]
 
@@ -53,13 +54,14 @@ def write_tasks(root) -> str:
   """Three local tasks (YAML + JSONL) under root; returns the include path."""
   root.mkdir(parents=True, exist_ok=True)
   yamls = {
-      "tiny_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
-                  "doc_to_target": "{{answer}}",
+      "tiny_mc": {"output_type": "multiple_choice", "doc_to_text": "{{question}}",
+                  "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
                   "metric_list": [metric("acc", "mean", True), metric("acc_norm", "mean", True)]},
       "tiny_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
                        "metric_list": [metric("word_perplexity", "weighted_perplexity", False),
                                        metric("bits_per_byte", "bits_per_byte", False)]},
-      "tiny_gen": {"output_type": "generate_until", "doc_to_text": "{{question}}", "doc_to_target": "{{answer}}",
+      "tiny_gen": {"output_type": "generate_until", "doc_to_text": "{{question}}",
+                   "doc_to_target": "{{answer}}",
                    "generation_kwargs": {"until": ["\n", "Q:"], "do_sample": False, "max_gen_toks": 12},
                    "metric_list": [metric("exact_match", "mean", True)]},
   }
@@ -130,7 +132,7 @@ def test_teacher_rolling_perplexity_matches_hflm(teacher_runs):
   for row, [[ll]], [[ll_ref]] in zip(ROLLING_ROWS, ours, ref):
     n = len(lm.tok_encode(row["text"]))
     assert n > MAX_LENGTH or row is not ROLLING_ROWS[0]  # the first document needs two windows
-    # A sum of n log-probs, each within TOL (transformers' own fp32 sum drifts ~2e-3 from fp64 over ~100 tokens).
+    # A sum of n log-probs, each within TOL (transformers' fp32 sum drifts ~2e-3 from fp64 over ~100 tokens).
     assert ll < 0 and abs(ll - ll_ref) <= TOL * n, (ll, ll_ref, n)
   ppl = teacher_runs[0]["results"]["tiny_rolling"]["word_perplexity,none"]
   assert math.isfinite(ppl) and ppl > 1
@@ -150,8 +152,9 @@ def test_teacher_generations_match_hflm(teacher_runs):
 def tiny_hybrid(teacher_dir, tmp_path_factory):
   tok = load_tokenizer(teacher_dir)
   cfg = ModelConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=2, attn_layers=(1,), max_position_embeddings=256,
-                    ssm=SSMConfig(variant="mamba", d_state=4, scan_impl="reference"), eos_token_id=(2,))
+                    num_attention_heads=4, num_key_value_heads=2, attn_layers=(1,),
+                    max_position_embeddings=256, eos_token_id=(2,),
+                    ssm=SSMConfig(variant="mamba", d_state=4, scan_impl="reference"))
   params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
   root = tmp_path_factory.mktemp("hybrid")
   return save_model(root / "ckpt", params, cfg, tok), write_tasks(root / "tasks")
@@ -189,10 +192,12 @@ def test_cli_prints_table_and_writes_json(tiny_hybrid, tmp_path, capsys):
 
 def test_cli_bad_input(tiny_hybrid, tmp_path, capsys):
   ckpt, include = tiny_hybrid
-  assert cli.main(["--model", str(tmp_path / "missing"), "--tasks", "tiny_mc", "--include-path", include]) == 1
+  missing = str(tmp_path / "missing")
+  assert cli.main(["--model", missing, "--tasks", "tiny_mc", "--include-path", include]) == 1
   err = capsys.readouterr().err.strip()
   assert err.startswith("error:") and "missing" in err and len(err.splitlines()) == 1
-  assert cli.main(["--model", ckpt, "--tasks", "tiny_mc", "--include-path", include, "--batch-size", "0"]) == 1
+  args = ["--model", ckpt, "--tasks", "tiny_mc", "--include-path", include, "--batch-size", "0"]
+  assert cli.main(args) == 1
   assert "batch_size" in capsys.readouterr().err
 
 
@@ -202,6 +207,12 @@ def test_cli_unknown_task(tiny_hybrid, capsys):
   assert cli.main(["--model", ckpt, "--tasks", "tiny_mc,no_such_task_xyz", "--include-path", include]) == 1
   err = capsys.readouterr().err.strip()
   assert "no_such_task_xyz" in err and "tiny_mc" not in err and len(err.splitlines()) == 1
+
+
+def test_registered_beside_the_builtin_models():
+  from lm_eval.api.registry import get_model
+  from lm_eval.models.huggingface import HFLM
+  assert get_model("hybrid_jax") is HybridJaxLM and get_model("hf") is HFLM
 
 
 def test_unknown_model_arg_is_named():
@@ -238,7 +249,7 @@ def test_plan_batches_places_every_sequence_once_without_overlap():
         used.setdefault(row, []).append((start, start + lengths[i]))
       for spans in used.values():
         spans.sort()
-        assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))
         if not pack:
           assert len(spans) == 1
     if pack:  # short sequences share rows: far fewer calls than one row each

@@ -4,7 +4,7 @@
   python -m hybrid_jax.evaluate --model DIR --tasks my_task --include-path ./my_tasks --limit 100
   python -m hybrid_jax.evaluate --model DIR --tasks arc_easy --perplexity data/eval.jsonl
 
-Needs the `eval` extra (pip install -e ".[eval]"). Harness tasks download their data sets unless they are local.
+Needs the `eval` extra (pip install -e ".[eval]"). Harness tasks download their data sets unless local.
 """
 from __future__ import annotations
 
@@ -21,17 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--num-fewshot", type=int, default=None)
   ap.add_argument("--limit", type=float, default=None,
                   help="documents per task (an integer), or a fraction of each task when < 1")
-  ap.add_argument("--batch-size", type=int, default=16, help="rows per scoring call / prompts per generation call")
-  ap.add_argument("--dtype", default=None, help="parameter and compute dtype, e.g. bfloat16 (default: the checkpoint's)")
+  ap.add_argument("--batch-size", type=int, default=16,
+                  help="rows per scoring call / prompts per generation call")
+  ap.add_argument("--dtype", default=None,
+                  help="parameter and compute dtype, e.g. bfloat16 (default: the checkpoint's)")
   ap.add_argument("--max-length", type=int, default=0, help="context window in tokens (0: the model's)")
   ap.add_argument("--max-gen-toks", type=int, default=256, help="default cap on generated tokens")
   ap.add_argument("--apply-chat-template", action="store_true", help="format prompts with the chat template")
   ap.add_argument("--system-instruction", default=None)
-  ap.add_argument("--gen-kwargs", default=None, help="generation overrides, e.g. temperature=0.7,do_sample=True")
+  ap.add_argument("--gen-kwargs", default=None,
+                  help="generation overrides, e.g. temperature=0.7,do_sample=True")
   ap.add_argument("--seed", type=int, default=0, help="few-shot sampling and generation seed")
   ap.add_argument("--output", default=None, help="write the results (metrics and config) to this JSON file")
   ap.add_argument("--perplexity", nargs="+", default=None, metavar="DATA",
-                  help="also print the held-out perplexity on these JSONL / Parquet files (training data format)")
+                  help="also print the perplexity on these JSONL / Parquet files (training data format)")
   ap.add_argument("--perplexity-seq-len", type=int, default=512, help="packed row length for --perplexity")
   return ap
 

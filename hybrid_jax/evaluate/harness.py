@@ -1,4 +1,4 @@
-"""lm-evaluation-harness model `hybrid_jax`: any hybrid_jax checkpoint (teacher, hybrid, draft) under the harness.
+"""lm-evaluation-harness model `hybrid_jax`: a hybrid_jax checkpoint (teacher, hybrid, draft) as a harness LM.
 
   python -m hybrid_jax.evaluate --model DIR --tasks arc_easy,hellaswag        # our CLI (prints the table)
   python -m hybrid_jax.evaluate.lm_eval_cli --model hybrid_jax \\
@@ -27,11 +27,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # The harness imports its built-in model table only while its registry is empty: load it before adding ours,
 # or `--model hf` would stop resolving in this process.
 import lm_eval.models  # noqa: F401
+import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "hybrid_jax"
 
 
-# ---- the model API: the only two places this module calls the model ------------------------------------------
+# ---- the model API: the only two places this module calls the model ----------------------------------------
 def forward_logits(params: dict, cfg: ModelConfig, tokens: Array, segment_ids: Array) -> Array:
   """Logits [b, t, V] (fp32) of right-padded packed rows: tokens [b, t] int32, segment_ids [b, t] int32 with
   one id per packed request (positions restart at 0 in each) and 0 for padding."""
@@ -58,12 +58,13 @@ def generate_tokens(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[i
                     top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
   """New tokens of each prompt: up to max_new_tokens, ending with the first token in stop_ids if one came.
 
-  Prompts are left-padded to prompt_length (a multiple of it: one compiled shape per bucket). The stopping token
-  is kept (unlike `generate`, which drops it): a stop string may begin in the text before it.
+  Prompts are left-padded to prompt_length (a multiple of it: one compiled shape per bucket). The stopping
+  token is kept (unlike `generate`, which drops it): a stop string may begin in the text before it.
   """
   from hybrid_jax.decode.generate import decode_loop, left_pad, prefill
   tokens, offsets = left_pad(prompts, 0, prompt_length)
-  last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), tokens.shape[1] + max_new_tokens)
+  max_len = tokens.shape[1] + max_new_tokens
+  last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), max_len)
   out, _ = decode_loop(params, cfg, last, cache, jax.random.PRNGKey(seed), jnp.asarray(stop_ids, jnp.int32),
                        max_new_tokens, float(temperature), int(top_k), float(top_p))
   stops = set(stop_ids)
@@ -89,9 +90,9 @@ def score_rows(params: dict, cfg: ModelConfig, tokens: Array, segment_ids: Array
   return target_logit - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
 
-# ---- packing --------------------------------------------------------------------------------------------------
+# ---- packing -----------------------------------------------------------------------------------------------
 def length_bucket(n: int, cap: int, smallest: int = 64) -> int:
-  """The row length for a sequence of n tokens: the next power of two >= max(n, smallest), at most max(cap, n)."""
+  """Row length for n tokens: the next power of two >= max(n, smallest), at most max(cap, n)."""
   b = max(smallest, 1 << max(n - 1, 0).bit_length())
   return max(min(b, cap), n)
 
@@ -135,7 +136,7 @@ def plan_batches(lengths: Sequence[int], rows: int, cap: int, *, pack: bool = Tr
   return batches
 
 
-# ---- options --------------------------------------------------------------------------------------------------
+# ---- options -----------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class HarnessOptions:
   """How requests are batched and bounded.
@@ -145,7 +146,8 @@ class HarnessOptions:
   max_gen_toks: default cap on generated tokens (a task's gen_kwargs may set its own).
   pack: put several short requests into one row (segment ids keep them apart); off: one request per row.
   min_bucket: the shortest row length; longer rows are powers of two (one compile per length used).
-  max_batch_tokens: cap on rows * row length per scoring call (0: none): long rows get fewer rows.
+  max_batch_tokens: cap on rows * row length per scoring call (0: none): long rows get fewer rows (the call
+    holds [rows, length, vocab] fp32 logits: 8.4 GB at 16384 tokens for a 128k vocabulary).
   add_bos_token / prefix_token_id: as HFLM's (None: the tokenizer's own behaviour, BOS else EOS as prefix).
   seed: sampling seed for generate_until requests with do_sample.
   """
@@ -154,7 +156,7 @@ class HarnessOptions:
   max_gen_toks: int = 256
   pack: bool = True
   min_bucket: int = 64
-  max_batch_tokens: int = 65536
+  max_batch_tokens: int = 16384
   add_bos_token: bool | None = None
   prefix_token_id: int | None = None
   seed: int = 0
@@ -168,9 +170,9 @@ class HarnessOptions:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"{MODEL_NAME} model_args: {name} must be a non-negative integer, got {v!r}")
-    for name in ("pack",):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"{MODEL_NAME} model_args: {name} must be True or False, got {getattr(self, name)!r}")
+    if not isinstance(self.pack, bool):
+      raise ValueError(  # noqa: TRY004  (bad input: one ValueError type for every model_args problem)
+          f"{MODEL_NAME} model_args: pack must be True or False, got {self.pack!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +185,10 @@ class GenerationSettings:
   top_p: float = 1.0
 
 
-def generation_settings(gen_kwargs: dict, default_max_gen_toks: int, eos_text: str | None) -> GenerationSettings:
-  """until (a string or list; the EOS text is added), max_gen_toks (or max_new_tokens), greedy unless do_sample.
+def generation_settings(gen_kwargs: dict, default_max_gen_toks: int, eos_text: str | None
+                        ) -> GenerationSettings:
+  """until (a string or list; the EOS text is added), max_gen_toks (or max_new_tokens), greedy unless
+  do_sample.
 
   do_sample=True without a temperature samples at temperature 1 (transformers' default); top_k / top_p pass
   through; other keys are ignored with a warning.
@@ -227,14 +231,14 @@ def _pow2_at_most(n: int, cap: int) -> int:
   return min(cap, 1 << max(n - 1, 0).bit_length())
 
 
-# ---- the harness model -----------------------------------------------------------------------------------------
+# ---- the harness model -------------------------------------------------------------------------------------
 @register_model(MODEL_NAME)
 class HybridJaxLM(TemplateLM):
   """lm-eval model over a hybrid_jax checkpoint directory (or a loaded (params, cfg, tokenizer) triple).
 
   model_args: path=DIR (alias pretrained=DIR), dtype=bfloat16|float32|... (params and compute; default: the
-  checkpoint's), tokenizer=DIR_OR_HUB_ID (when the checkpoint has none), chat_template_args (dict, Python API),
-  and HarnessOptions' fields. Values given in model_args win over the CLI's --batch_size default.
+  checkpoint's), tokenizer=DIR_OR_HUB_ID (when the checkpoint has none), chat_template_args (a dict; Python
+  API only), and HarnessOptions' fields. Values given in model_args win over the CLI's --batch_size default.
   """
 
   def __init__(self, path: str | None = None, *, pretrained: str | None = None, model: tuple | None = None,
@@ -245,8 +249,8 @@ class HybridJaxLM(TemplateLM):
     fields = {f.name for f in dataclasses.fields(HarnessOptions)}
     unknown = sorted(set(options) - fields)
     if unknown:
-      raise ValueError(f"{MODEL_NAME} model_args: unknown argument(s) {', '.join(unknown)} (known: path, dtype, "
-                       f"tokenizer, {', '.join(sorted(fields))})")
+      raise ValueError(f"{MODEL_NAME} model_args: unknown argument(s) {', '.join(unknown)} (known: path, "
+                       f"dtype, tokenizer, {', '.join(sorted(fields))})")
     if isinstance(batch_size, str) and batch_size.startswith("auto"):
       log.warning("%s: batch_size=%s is not supported; using 16", MODEL_NAME, batch_size)
       batch_size = 16
@@ -256,7 +260,7 @@ class HybridJaxLM(TemplateLM):
     if model is not None:
       params, cfg, tok = model
     elif path is not None:
-      params, cfg, tok = _load(os.fspath(path), dtype)
+      params, cfg, tok = load_checkpoint(os.fspath(path), dtype)
     else:
       raise ValueError(f"{MODEL_NAME} model_args: give path=CHECKPOINT_DIR")
     if tokenizer is not None:
@@ -268,17 +272,17 @@ class HybridJaxLM(TemplateLM):
     self.chat_template_args = dict(chat_template_args or {})
 
   @classmethod
-  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "HybridJaxLM":
+  def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> HybridJaxLM:
     return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
   @classmethod
-  def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "HybridJaxLM":
+  def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> HybridJaxLM:
     # The CLI always passes batch_size (default 1): model_args given by the user take precedence.
     merged = {k: v for k, v in (additional_config or {}).items() if v is not None}
     merged.update(arg_dict)
     return cls(**merged)
 
-  # ---- properties the harness reads ---------------------------------------------------------------------------
+  # ---- properties the harness reads ------------------------------------------------------------------------
   @property
   def eot_token_id(self) -> int:
     if self.tokenizer.eos_token_id is not None:
@@ -314,9 +318,9 @@ class HybridJaxLM(TemplateLM):
     return {"model_num_parameters": n, "model_dtype": self.cfg.param_dtype, "model_path": self.path,
             "model_mamba_layers": list(self.cfg.ssm_layers)}
 
-  # ---- text <-> tokens (HFLM's rules) ---------------------------------------------------------------------------
-  def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
-                 **kwargs) -> list[int]:
+  # ---- text <-> tokens (HFLM's rules) ----------------------------------------------------------------------
+  def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                 left_truncate_len: int | None = None, **kwargs) -> list[int]:
     if add_special_tokens is not None:
       special = {"add_special_tokens": add_special_tokens}
     elif self.options.add_bos_token is not None:
@@ -332,11 +336,13 @@ class HybridJaxLM(TemplateLM):
   def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
-  def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+  def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+                          ) -> str:
     import jinja2
 
     def render(history):
-      return self.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
+      return self.tokenizer.apply_chat_template(history, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt,
                                                 continue_final_message=not add_generation_prompt,
                                                 **self.chat_template_args)
     try:
@@ -345,7 +351,7 @@ class HybridJaxLM(TemplateLM):
       log.warning("chat template failed; retrying without the system message")
       return render([m for m in chat_history if m["role"] != "system"])
 
-  # ---- loglikelihood ----------------------------------------------------------------------------------------------
+  # ---- loglikelihood ---------------------------------------------------------------------------------------
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
     """requests: ((context, continuation) or None, context tokens, continuation tokens) triples."""
     seqs, n_scored = [], []
@@ -399,7 +405,8 @@ class HybridJaxLM(TemplateLM):
         targets[row, start:start + lengths[i]] = seq[1:]
         segments[row, start:start + lengths[i]] = next_segment[row]
         next_segment[row] += 1
-      out = score_rows(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(targets))
+      out = score_rows(self.params, self.cfg, jnp.asarray(tokens), jnp.asarray(segments),
+                       jnp.asarray(targets))
       if pending is not None:  # read the previous batch back while this one runs
         collect(*pending)
       pending = (batch, out)
@@ -411,7 +418,8 @@ class HybridJaxLM(TemplateLM):
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
     windows, owner = [], []
     for k, (text,) in enumerate(req.args for req in requests):
-      pairs = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+      pairs = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(text),
+                                                 prefix_token=self.prefix_token_id,
                                                  max_seq_len=self.max_length, context_len=1)
       for ctx, cont in map(lm_utils.make_disjoint_window, pairs):
         windows.append((None, ctx, cont))
@@ -424,7 +432,7 @@ class HybridJaxLM(TemplateLM):
       self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
     return totals
 
-  # ---- generation --------------------------------------------------------------------------------------------------
+  # ---- generation ------------------------------------------------------------------------------------------
   def _stop_token_ids(self, until: Sequence[str]) -> tuple[int, ...]:
     """EOS ids plus every stop string that is exactly one token: generation halts on them on the device."""
     ids = set(self.cfg.eos_token_id) | {self.eot_token_id}
@@ -478,7 +486,7 @@ def _load_tokenizer(name_or_path: Any):
   return AutoTokenizer.from_pretrained(os.fspath(name_or_path))
 
 
-def _load(path: str, dtype: str | None) -> tuple[dict, ModelConfig, Any]:
+def load_checkpoint(path: str, dtype: str | None = None) -> tuple[dict, ModelConfig, Any]:
   """(params, cfg, tokenizer) of a checkpoint; dtype casts the parameters and sets the compute dtype."""
   from hybrid_jax.checkpoint import load_model
   if dtype in (None, "", "auto"):
@@ -486,6 +494,7 @@ def _load(path: str, dtype: str | None) -> tuple[dict, ModelConfig, Any]:
   try:
     dt = jnp.dtype(dtype)
   except TypeError:
-    raise ValueError(f"{MODEL_NAME} model_args: dtype={dtype!r} is not a dtype (e.g. bfloat16, float32)") from None
+    raise ValueError(f"{MODEL_NAME} model_args: dtype={dtype!r} is not a dtype (e.g. bfloat16, float32)"
+                     ) from None
   params, cfg, tok = load_model(path, dtype=dt)
   return params, cfg.replace(dtype=dt.name), tok

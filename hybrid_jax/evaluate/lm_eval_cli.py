@@ -13,8 +13,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-  import hybrid_jax.evaluate.harness  # noqa: F401  (registers the model)
   from lm_eval.__main__ import cli_evaluate
+
+  import hybrid_jax.evaluate.harness  # noqa: F401  (registers the model)
   sys.argv = ["lm_eval"] + (sys.argv[1:] if argv is None else list(argv))
   cli_evaluate()
 
