@@ -180,14 +180,34 @@ def test_tiny_hybrid_evaluates(tiny_hybrid):
 
 def test_cli_prints_table_and_writes_json(tiny_hybrid, tmp_path, capsys):
   ckpt, include = tiny_hybrid
-  out = tmp_path / "results.json"
+  out, data = tmp_path / "results.json", tmp_path / "held_out.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in ROLLING_ROWS))
   rc = cli.main(["--model", ckpt, "--tasks", "tiny_mc", "--include-path", include, "--batch-size", "4",
-                 "--limit", "2", "--output", str(out)])
+                 "--limit", "2", "--output", str(out), "--perplexity", str(data),
+                 "--perplexity-seq-len", "64"])
   assert rc == 0
   printed = capsys.readouterr().out
-  assert "tiny_mc" in printed and "acc" in printed
+  assert "tiny_mc" in printed and "acc" in printed and "perplexity on" in printed
   saved = json.loads(out.read_text())
   assert 0.0 <= saved["results"]["tiny_mc"]["acc,none"] <= 1.0
+  assert saved["perplexity"]["student_ppl"] > 1 and saved["perplexity"]["n_tokens"] > 100
+
+
+def test_chat_template_requests(tiny_hybrid):
+  ckpt, include = tiny_hybrid
+  lm = HybridJaxLM(path=ckpt, batch_size=4, max_length=64)
+  chat = [{"role": "user", "content": "Two plus two equals"}]
+  text = lm.apply_chat_template(chat)
+  assert text == lm.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+  assert lm.chat_template(True) == lm.tokenizer.chat_template and lm.tokenizer_name
+  bos = lm.tokenizer.decode([lm.prefix_token_id])
+  # The templated text starts with BOS already: encoding it adds no second one.
+  assert text.startswith(bos) and lm.tok_encode(text).count(lm.prefix_token_id) == text.count(bos)
+  tm = TaskManager(include_path=include, include_defaults=False)
+  results = simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=tm, apply_chat_template=True, limit=2,
+                            log_samples=True, bootstrap_iters=0)
+  contexts = [s["arguments"][0][0] for s in results["samples"]["tiny_mc"]]
+  assert contexts and all(c.startswith(bos) and "<|im_start|>assistant" in c for c in contexts), contexts
 
 
 def test_cli_bad_input(tiny_hybrid, tmp_path, capsys):
