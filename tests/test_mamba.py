@@ -6,9 +6,10 @@ import pytest
 import torch
 from mamba_torch_ref import TorchMamba1, TorchMamba2
 
+from hybrid_jax import pallas
 from hybrid_jax.config import ModelConfig, SSMConfig
 from hybrid_jax.convert.mambainllama import mixer_to_torch
-from hybrid_jax.model import mamba, mamba2, ssm
+from hybrid_jax.model import mamba, mamba2
 
 B, T = 2, 7
 
@@ -107,13 +108,13 @@ def test_single_step_scan_is_plain_elementwise(variant):
     inp = {"x": rn(ks[0], (B, 1, d)), "dt": rn(ks[1], (B, 1, d)), "A": -jnp.exp(rn(ks[2], (d, n))),
            "B": rn(ks[3], (B, 1, g, n)), "C": rn(ks[4], (B, 1, g, n)), "D": rn(ks[5], (d,)),
            "dt_bias": rn(ks[6], (d,)), "z": rn(ks[7], (B, 1, d)), "h0": rn(ks[0], (B, d, n))}
-    fn, ref = ssm.selective_scan, ssm.selective_scan_ref
+    fn, ref = pallas.selective_scan, pallas.selective_scan_ref
   else:
     h, n = 2, 3
     inp = {"x": rn(ks[0], (B, 1, h, n)), "dt": rn(ks[1], (B, 1, h)), "A": -jnp.exp(rn(ks[2], (h,))),
            "B": rn(ks[3], (B, 1, 1, n)), "C": rn(ks[4], (B, 1, 1, n)), "D": rn(ks[5], (h,)),
            "dt_bias": rn(ks[6], (h,)), "h0": rn(ks[7], (B, h, n, n))}
-    fn, ref = ssm.ssd_scan, ssm.ssd_scan_ref
+    fn, ref = pallas.ssd_scan, pallas.ssd_scan_ref
   want = ref(**inp)  # the one-step path (checked against the lax.scan path below)
   for impl in ("auto", "pallas", "chunked", "reference"):
     jaxpr = str(jax.make_jaxpr(lambda inp, impl=impl: fn(**inp, impl=impl))(inp))

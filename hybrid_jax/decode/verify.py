@@ -33,7 +33,7 @@ from hybrid_jax.model.cache import Cache
 from hybrid_jax.model.conv import causal_conv
 from hybrid_jax.model.hybrid import logits_from_hidden
 from hybrid_jax.model.layers import dense, mlp, rms_norm
-from hybrid_jax.pallas.multistep import multistep_scan
+from hybrid_jax.pallas import multistep_scan
 
 Array = jax.Array
 
@@ -79,10 +79,6 @@ def _ssm_params(p: dict, cfg: ModelConfig) -> tuple[Array, Array, Array]:
   if cfg.ssm.variant == "mamba":
     return A, p["D"], p["dt_proj"]["bias"]
   return A, p["D"], p["dt_bias"]
-
-
-def _multistep_impl(cfg: ModelConfig) -> str:
-  return {"reference": "reference", "pallas": "pallas"}.get(cfg.ssm.scan_impl, "auto")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,7 +148,7 @@ def spec_mixer(p: dict, cfg: ModelConfig, u: Array, lc: dict, pos: Array, *, com
   A, D, dt_bias = _ssm_params(p, cfg)
   z = inp["z"] if cfg.ssm.variant == "mamba" else None
   y, ckpt, _ = multistep_scan(lc["ckpt"], lc["x"], lc["dt"], lc["B"], s, inp["x"], inp["dt"], inp["B"],
-                              inp["C"], A, D, dt_bias, z, impl=_multistep_impl(cfg))
+                              inp["C"], A, D, dt_bias, z, impl=cfg.ssm.scan_impl)
   out = mamba.output(p, cfg, y) if cfg.ssm.variant == "mamba" else mamba2.output(p, cfg, y, inp["z"])
   new = {"conv": _put(conv, xr, kc + slot),
          "x": _put(lc["x"], inp["x"], slot), "dt": _put(lc["dt"], inp["dt"], slot),

@@ -16,8 +16,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax import pallas
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.model import ssm
 from hybrid_jax.model.conv import causal_conv
 from hybrid_jax.model.layers import dense, init_linear
 
@@ -115,8 +115,8 @@ def scan(p: dict, cfg: ModelConfig, inp: dict, *, reset: Array | None = None,
          h0: Array | None = None) -> tuple[Array, Array]:
   """Selective scan with the z gate: -> y [b, t, d_inner] (compute dtype), final state [b, d_inner, N] fp32."""
   A = -jnp.exp(p["A_log"].astype(jnp.float32))
-  return ssm.selective_scan(inp["x"], inp["dt"], A, inp["B"], inp["C"], p["D"], p["dt_proj"]["bias"],
-                            z=inp["z"], reset=reset, h0=h0, impl=cfg.ssm.scan_impl)
+  return pallas.selective_scan(inp["x"], inp["dt"], A, inp["B"], inp["C"], p["D"], p["dt_proj"]["bias"],
+                               z=inp["z"], reset=reset, h0=h0, impl=cfg.ssm.scan_impl)
 
 
 def output(p: dict, cfg: ModelConfig, y: Array) -> Array:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax import pallas
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.model import ssm
 from hybrid_jax.model.conv import causal_conv
 from hybrid_jax.model.layers import dense, init_linear
 from hybrid_jax.model.mamba import init_conv, init_dt_bias, reset_from_segments
@@ -92,8 +92,8 @@ def scan(p: dict, cfg: ModelConfig, inp: dict, *, reset: Array | None = None,
          h0: Array | None = None) -> tuple[Array, Array]:
   """SSD recurrence: -> y [b, t, H, P] (compute dtype, before the gate), final state [b, H, P, N] fp32."""
   A = -jnp.exp(p["A_log"].astype(jnp.float32))
-  return ssm.ssd_scan(inp["x"], inp["dt"], A, inp["B"], inp["C"], p["D"], p["dt_bias"], reset=reset,
-                      h0=h0, impl=cfg.ssm.scan_impl)
+  return pallas.ssd_scan(inp["x"], inp["dt"], A, inp["B"], inp["C"], p["D"], p["dt_bias"], reset=reset,
+                         h0=h0, impl=cfg.ssm.scan_impl)
 
 
 def gated_rms_norm(y: Array, z: Array, weight: Array, group: int, eps: float = NORM_EPS) -> Array:
