@@ -188,15 +188,13 @@ for what in "$@"; do
     # Mamba-1 at batch 12 and 16 (then at (512, 4), between the (1024, 8) and (2048, 4) entries; now (1024, 8))
     verify-m1mid) run verify-m1mid timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 12,16 --ks 1,4,8 \
         --variants mamba --tiles-mamba 1024x8,2048x4,1024x4 ;;
-    # Mamba-1 training scan: the backward kernel (scan.BWD_IMPL = 'kernel') against the chunked-JAX backward, by tile
+    # Mamba-1 training scan: the backward kernel (KernelOptions.bwd_impl 'kernel') against the chunked-JAX one, by tile
     scan-bwd) run scan-bwd timeout 400 python3 bench/scan_bwd.py --tiles 256,512,1024,2048 ;;
-    # The Mamba-1 student's distill step with the backward kernel (the default), then with the chunked-JAX one
+    # The Mamba-1 student's distill step with the backward kernel (the default). (Its chunked-JAX backward
+    # counterpart, docs/BENCHMARKS.md's 'chunkedbwd' row, needs kernel options that the model passes to its scans.)
     train-mamba-bwd)
       B="python3 bench/bench_train.py --models llama1b --variants mamba --teacher-dtype bfloat16 --batch 2 --seq-len 2048 --steps 5"
-      run train-mamba $B --json "$OUT/train-mamba.json"
-      run train-mamba-chunkedbwd python3 -c "import sys; sys.argv = ['bench/bench_train.py', *sys.argv[1:]]; \
-sys.path.insert(0, '.'); import hybrid_jax.pallas.scan as s; s.BWD_IMPL = 'chunked'; import runpy; \
-runpy.run_path('bench/bench_train.py', run_name='__main__')" ${B#python3 bench/bench_train.py } ;;
+      run train-mamba $B --json "$OUT/train-mamba.json" ;;
     # Batch 8: row tiles beyond the sweep's candidates (its trend: more rows per program, faster at K = 8).
     verify-tiles) run verify-tiles timeout 200 python3 bench/verify_ratio.py --seeds 3 --batches 8 --ks 1,4,8 \
                     --tiles-mamba2 64x4,64x8,32x8 --tiles-mamba 1024x4,1024x8 ;;

@@ -6,9 +6,9 @@ import pytest
 import torch
 from mamba_torch_ref import TorchMamba1, TorchMamba2
 
+from hybrid_jax import pallas
 from hybrid_jax.config import ModelConfig, SSMConfig
 from hybrid_jax.convert.mambainllama import mixer_to_torch
-from hybrid_jax import pallas
 from hybrid_jax.model import hybrid
 from hybrid_jax.model.conv import causal_conv
 from hybrid_jax.model.hybrid import full_context

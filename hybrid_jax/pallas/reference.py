@@ -1,11 +1,9 @@
-"""The selective-scan functions the Mamba mixers call, with their plain `lax.scan` references.
+"""The plain `lax.scan` references of the SSM scans: what every kernel in this package is tested against.
 
-Each variant has one public function (`selective_scan` for Mamba-1, `ssd_scan` for Mamba-2) whose reference is
-sequential, fp32-state `lax.scan`; `hybrid_jax.pallas` registers faster implementations behind the same
-signature and `impl` picks one ('auto': a kernel on GPU/TPU when registered, the reference elsewhere).
-
-Shapes: b batch, l steps, d channels (Mamba-1), H heads of P channels (Mamba-2), N state size, G groups of B/C.
-`reset` [b, l] bool marks steps whose previous state is dropped (the first token of a packed document).
+Sequential, fp32 state. Shapes: b batch, l steps, d channels (Mamba-1), H heads of P channels (Mamba-2),
+N state size, G groups of B/C. `reset` [b, l] bool marks steps whose previous state is dropped (the first
+token of a packed document). `multistep_scan_ref` is the reference of the speculative-verification update
+(`hybrid_jax.pallas.multistep`, whose docstring has its shapes).
 """
 from __future__ import annotations
 
@@ -15,31 +13,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-
-# name -> {variant: fn}; filled by hybrid_jax.pallas (and other backends) at import time.
-_IMPLS: dict[str, dict[str, Callable]] = {}
-
-
-def register(impl: str, variant: str, fn: Callable) -> None:
-  _IMPLS.setdefault(impl, {})[variant] = fn
-
-
-def _pick(variant: str, impl: str) -> Callable | None:
-  if impl == "reference":
-    return None
-  if impl == "auto":
-    try:  # importing registers the kernels; optional so the reference works without GPU extras
-      import hybrid_jax.pallas
-    except ImportError:
-      return None
-    if jax.default_backend() not in ("gpu", "tpu"):
-      return None
-    return _IMPLS.get("auto", {}).get(variant) or _IMPLS.get("pallas", {}).get(variant)
-  import hybrid_jax.pallas  # noqa: F401
-  fn = _IMPLS.get(impl, {}).get(variant)
-  if fn is None:
-    raise ValueError(f"no {impl!r} implementation of the {variant} scan is registered")
-  return fn
+f32 = jnp.float32
 
 
 def _scan_steps(step: Callable, h: Array, xs: tuple) -> tuple[Array, Array]:
@@ -65,7 +39,6 @@ def selective_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Arr
   """
   b, l, d = x.shape
   g, n = B.shape[-2:]
-  f32 = jnp.float32
   delta = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))
   Bc = jnp.repeat(B.astype(f32), d // g, axis=2)  # [b, l, d, N]
   Cc = jnp.repeat(C.astype(f32), d // g, axis=2)
@@ -87,14 +60,6 @@ def selective_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Arr
   return y.astype(x.dtype), h
 
 
-def selective_scan(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=None, *, impl: str = "auto"):
-  """Dispatching front of `selective_scan_ref` (same signature and semantics). A single step (l = 1, every
-  cached decode step) always takes the reference: it is a few fused elementwise ops, while a scan kernel
-  would add launches and time padding (the Pallas kernel pads l to its 32-step chunk)."""
-  fn = (None if x.shape[1] == 1 else _pick("mamba", impl)) or selective_scan_ref
-  return fn(x, dt, A, B, C, D, dt_bias, z=z, reset=reset, h0=h0)
-
-
 # ------------------------------------------------------------------------------------------------
 # Mamba-2
 def ssd_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array, dt_bias: Array,
@@ -107,7 +72,6 @@ def ssd_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array, dt
   """
   b, l, nh, p = x.shape
   g, n = B.shape[-2:]
-  f32 = jnp.float32
   delta = jax.nn.softplus(dt.astype(f32) + dt_bias.astype(f32))  # [b, l, H]
   Bh = jnp.repeat(B.astype(f32), nh // g, axis=2)  # [b, l, H, N]
   Ch = jnp.repeat(C.astype(f32), nh // g, axis=2)
@@ -127,8 +91,32 @@ def ssd_scan_ref(x: Array, dt: Array, A: Array, B: Array, C: Array, D: Array, dt
   return y.astype(x.dtype), h
 
 
-def ssd_scan(x, dt, A, B, C, D, dt_bias, reset=None, h0=None, *, impl: str = "auto"):
-  """Dispatching front of `ssd_scan_ref` (same signature and semantics). A single step (l = 1) always takes
-  the reference, as in `selective_scan` (the chunked SSD form would run ~10 small matmuls for one step)."""
-  fn = (None if x.shape[1] == 1 else _pick("mamba2", impl)) or ssd_scan_ref
-  return fn(x, dt, A, B, C, D, dt_bias, reset=reset, h0=h0)
+# ------------------------------------------------------------------------------------------------
+# Multistep verification
+def multistep_scan_ref(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z=None):
+  """Plain lax.scan reference of `multistep_scan` (same arguments and results): the sequential single-step
+  updates."""
+  mamba1 = state.ndim == 3
+  kc = cache_x.shape[1]
+  # replay: step k applies only while k < n_accept; a skipped step is expressed as a reset-free no-op by
+  # keeping the old state (jnp.where), so this is exactly the sequential single-step update.
+  def replay(h, k):
+    xk, dtk, bk = cache_x[:, k], cache_dt[:, k], cache_B[:, k]
+    if mamba1:
+      zero_c = jnp.zeros_like(bk)
+      _, h_new = selective_scan_ref(xk[:, None], dtk[:, None], A, bk[:, None], zero_c[:, None], D, dt_bias,
+                                    h0=h)
+    else:
+      _, h_new = ssd_scan_ref(xk[:, None], dtk[:, None], A, bk[:, None], jnp.zeros_like(bk)[:, None], D,
+                              dt_bias, h0=h)
+    on = (k < n_accept).reshape((-1,) + (1,) * (h.ndim - 1))
+    return jnp.where(on, h_new, h), None
+
+  ckpt, _ = jax.lax.scan(replay, state.astype(f32), jnp.arange(kc))
+  if mamba1:
+    y, _ = selective_scan_ref(x, dt, A, B, C, D, dt_bias, z=z, h0=ckpt)
+  else:
+    y, _ = ssd_scan_ref(x, dt, A, B, C, D, dt_bias, h0=ckpt)
+    if z is not None:
+      y = (y.astype(f32) * jax.nn.silu(z.astype(f32))).astype(x.dtype)
+  return y, ckpt, (x, dt, B)
