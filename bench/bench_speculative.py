@@ -39,7 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ModelConfig, SSMConfig
-from hybrid_jax.decode import verify
 from hybrid_jax.decode.generate import generate
 from hybrid_jax.decode.speculative import controlled_acceptance_hook, speculative_generate
 from hybrid_jax.model import hybrid
@@ -108,14 +107,14 @@ def verify_step_time(params, cfg, batch: int, ctx: int, iters: int, k: int) -> f
   """MEASURED seconds per verification call of k+1 tokens (Mamba layers replay ~half the cached steps)."""
   keep = max(1, (k + 1) // 2)
   cache = hybrid.init_cache(cfg, batch, ctx + iters * keep + k + 2).replace(pos=jnp.full((batch,), ctx, jnp.int32))
-  cache = verify.to_spec_cache(cfg, cache, k)
+  cache = hybrid.speculative_cache(cfg, cache, k)
 
   @jax.jit
   def run(params, cache):
     def body(_, carry):
       toks, c = carry
       pos = c.pos
-      logits, c = verify.spec_forward(params, cfg, toks, c, commit=True)
+      logits, c = hybrid.forward(params, cfg, toks, cache=c, speculative="commit")
       return jnp.argmax(logits, axis=-1).astype(jnp.int32), c.replace(pos=pos + keep)  # roll back to keep
     return jax.lax.fori_loop(0, iters, body, (jnp.ones((batch, k + 1), jnp.int32), cache))
   return timeit(run, params, cache) / iters

@@ -9,12 +9,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax.pallas import tpu_multistep, tpu_scan
-from hybrid_jax.pallas.multistep import multistep_scan_ref
-
-try:
-  from hybrid_jax.pallas.reference import selective_scan_ref, ssd_scan_ref
-except ImportError:
-  from hybrid_jax.model.ssm import selective_scan_ref, ssd_scan_ref
+from hybrid_jax.pallas.reference import multistep_scan_ref, selective_scan_ref, ssd_scan_ref
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 1e-5, BF16: 1e-2}
