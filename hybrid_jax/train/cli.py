@@ -77,7 +77,8 @@ def _target_attn(cfg: tcfg.TrainConfig, n_layers: int) -> tuple[int, ...]:
 
 
 def _with_dtypes(mcfg: ModelConfig, cfg: tcfg.TrainConfig, params):
-  mcfg = mcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  mcfg = mcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                      attention_impl=cfg.model.attention_impl)
   if mcfg.ssm is not None and cfg.model.scan_impl != mcfg.ssm.scan_impl:
     import dataclasses
     mcfg = mcfg.replace(ssm=dataclasses.replace(mcfg.ssm, scan_impl=cfg.model.scan_impl))

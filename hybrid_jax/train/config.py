@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from hybrid_jax.config import ConfigError
+from hybrid_jax.config import ATTENTION_IMPLS, REMAT_POLICIES, ConfigError
 from hybrid_jax.errors import describe
 from hybrid_jax.model.init import MIXER_INITS
+from hybrid_jax.pallas import ScanImpl
 
 STAGES = ("align", "distill", "sft", "dpo")
 
@@ -36,7 +37,9 @@ class ModelSection:
   attn_layers: tuple[int, ...] | None = None
   dtype: str = "float32"              # compute dtype (bfloat16 on accelerators)
   param_dtype: str = "float32"
-  scan_impl: str = "auto"
+  scan_impl: str = "auto"             # Mamba scans: auto | reference | pallas | chunked
+  remat: str = "none"                 # what each decoder layer keeps for the backward: none | dots | full
+  attention_impl: str = "auto"        # cache-free attention: auto | xla | pallas | cudnn
   mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (SPEC 2.3) | 'random'
   num_layers: int | None = None       # keep the teacher's first N layers only (a small draft); None: all
 
@@ -54,6 +57,10 @@ class ModelSection:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.{name} must be float32|bfloat16|float16, got {getattr(self, name)!r}")
+    for name, allowed in (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
+                          ("scan_impl", tuple(v.value for v in ScanImpl))):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f"model.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
