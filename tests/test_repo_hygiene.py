@@ -5,11 +5,12 @@ import re
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCANNED = ("README.md", "docs", "bench", "hybrid_jax", "configs")
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
-FORBIDDEN = re.compile(r"session|device time\b|nvidia-h[0-9]+-x|issue [0-9]|\.xfer|tmp.stash|shared/SPEC", re.I)
-SPEC_CITE = re.compile(r"\bSPEC\b")  # the build's private specification; docs/DESIGN.md is the public one
+FORBIDDEN = re.compile(r"session|device time\b|nvidia-h[0-9]+-x|issue [0-9]|\.xfer|tmp.stash|shared/SPEC",
+                       re.IGNORECASE)
+SPEC_CITE = re.compile(r"\bSPEC\b")  # numerics are cited as docs/DESIGN.md sections
 MD_LINK = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 DOC_PATH = re.compile(r"(?<![\w/.])docs/[\w.-]+\.md\b")
-EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # http:, https:, mailto:, ...
+EXTERNAL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)  # http:, https:, mailto:, ...
 
 
 def _text_files(root: str):
