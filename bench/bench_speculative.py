@@ -1,4 +1,4 @@
-"""Speculative decoding benchmark (SPEC section 4). Meant for a GPU; `--tiny` runs a small smoke version on CPU.
+"""Speculative decoding benchmark (docs/DESIGN.md §5). Meant for a GPU; `--tiny` runs a small smoke version on CPU.
 
 Part A (only with --target DIR [--draft DIR]): real checkpoints. End-to-end tokens/s of plain greedy decoding
   vs speculative decoding for each k, the measured mean accepted length and the measured speedup.

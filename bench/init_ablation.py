@@ -1,4 +1,4 @@
-"""Init ablation (SPEC 2.3, the paper's attention-init vs random-init comparison), before any training.
+"""Init ablation (docs/DESIGN.md §3.3, the paper's attention-init vs random-init comparison), before any training.
 
 Perplexity of teacher-generated chat answers under
   - the teacher,
@@ -93,14 +93,14 @@ def main(argv=None) -> int:
       (f"Teacher: `{args.teacher}` ({tcfg.num_hidden_layers} layers). Hybrid keeps attention in layers "
       f"{list(attn)} ({len(attn)}/{tcfg.num_hidden_layers}); the other layers' attention is replaced by a "
       "Mamba mixer. Both hybrids share the teacher's embeddings, norms, MLPs and head; they differ only in the "
-      "mixer init (SPEC 2.3)."), "",
+      "mixer init (docs/DESIGN.md §3.3)."), "",
       (f"Data: the teacher's greedy answers (up to {args.max_new_tokens} tokens) to {len(PROMPTS)} fixed chat "
       f"prompts ({n} answer tokens), scored on the answer tokens only. Seed {args.seed}. Produced by "
       "`.venv/bin/python bench/init_ablation.py` on CPU, fp32, reference scans."), "",
       "| model | variant | answer NLL / token | perplexity |", "|---|---|---|---|",
   ]
   lines += [f"| {name} | {v} | {nll:.3f} | {np.exp(nll):.1f} |" for name, v, nll in rows]
-  lines += ["", ("These numbers are before any distillation training. SPEC 2.3 states that the attention init is "
+  lines += ["", ("These numbers are before any distillation training. docs/DESIGN.md §3.3 states that the attention init is "
             "much better than random init in the paper's ablation, which compares models after distillation; "
             "untrained, neither init is usable (perplexities in the thousands), so this table does not test that "
             "claim. Comparing the two inits after a short stepwise-alignment run (train.py) is what would."), ""]

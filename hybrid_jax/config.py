@@ -26,7 +26,7 @@ REMAT_POLICIES = ("none", "dots", "full")
 
 @dataclasses.dataclass(frozen=True)
 class SSMConfig:
-  """Mamba mixer settings (SPEC section 2.1 / 2.2).
+  """Mamba mixer settings (docs/DESIGN.md §3.1-3.2).
 
   variant: 'mamba' (Mamba-1 layer of MambaInLlama) or 'mamba2'.
   d_inner / d_xb: 0 means derive from the model (expand * D, and Hkv * hd).

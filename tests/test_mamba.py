@@ -1,4 +1,4 @@
-"""Mamba-1 / Mamba-2 mixers against the independent PyTorch loops of SPEC 2.1 / 2.2 (tests/mamba_torch_ref.py)."""
+"""Mamba-1 / Mamba-2 mixers against the independent PyTorch loops of docs/DESIGN.md §3.1-3.2 (tests/mamba_torch_ref.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -428,7 +428,7 @@ def checkpoint_to_mambainllama(ckpt: str, output: str, dtype: str | None = None,
 
 def init_hybrid_checkpoint(teacher: str, output: str, *, variant: str, attn_layers=None,
                            attn_fraction: float | None = None, seed: int = 0, dtype: str | None = None) -> str:
-  """hybrid_jax teacher checkpoint -> hybrid checkpoint initialised from attention (SPEC 2.3)."""
+  """hybrid_jax teacher checkpoint -> hybrid checkpoint initialised from attention (docs/DESIGN.md §3.3)."""
   import jax
 
   from hybrid_jax.checkpoint import load_model, read_metadata, save_model

@@ -1,4 +1,4 @@
-"""Speculative decoding (SPEC section 4): a draft model proposes k tokens, the target verifies them in one call.
+"""Speculative decoding (docs/DESIGN.md §5): a draft model proposes k tokens, the target verifies them in one call.
 
 One round, per sequence (L = tokens in the target's cache; `pending` = the last emitted token, not yet in any
 cache; `prev` = the token at L - 1):

@@ -7,7 +7,7 @@ Where the student comes from:
   --init DIR    a model dir from a previous stage (checkpoint.save_model); its attention layout is kept, except
                 in `align`, where a different layout in the config converts it progressively: layers that were Mamba keep their mixers, newly
                 replaced layers are initialised from the teacher's attention.
-  otherwise     the teacher, turned into the configured hybrid by init_from_teacher (SPEC 2.3).
+  otherwise     the teacher, turned into the configured hybrid by init_from_teacher (docs/DESIGN.md §3.3).
 The frozen model: the teacher (align / distill / sft with KL) or, for dpo, the starting model itself.
 """
 from __future__ import annotations

@@ -40,7 +40,7 @@ class ModelSection:
   scan_impl: str = "auto"             # Mamba scans: auto | reference | pallas | chunked
   remat: str = "none"                 # what each decoder layer keeps for the backward: none | dots | full
   attention_impl: str = "auto"        # cache-free attention: auto | xla | pallas | cudnn
-  mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (SPEC 2.3) | 'random'
+  mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (docs/DESIGN.md §3.3) | 'random'
   num_layers: int | None = None       # keep the teacher's first N layers only (a small draft); None: all
 
   def __post_init__(self):
