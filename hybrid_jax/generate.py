@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     print("error: give --prompt TEXT, or --chat for an interactive conversation", file=sys.stderr)
     return 2
   from hybrid_jax.checkpoint import CheckpointError
+  from hybrid_jax.compile_cache import enable_compilation_cache
   from hybrid_jax.config import ConfigError
+  enable_compilation_cache()  # a second run of the same shapes skips compilation
   try:
     answer = make_answer_fn(args)
   except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
