@@ -23,8 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
   ap.add_argument("--draft", default=None,
-                  help="draft checkpoint directory: speculative decoding (the same answer when greedy)")
+                  help="draft checkpoint directory, or 'ngram' (prompt lookup, no draft model): speculative "
+                       "decoding (the same answer when greedy)")
   ap.add_argument("--k", type=int, default=4, help="draft tokens proposed per target call (with --draft)")
+  ap.add_argument("--ngram-n", type=int, default=3,
+                  help="with --draft ngram: the longest n-gram looked up (falls back to shorter ones)")
   ap.add_argument("--stats", action="store_true",
                   help="with --draft: print acceptance rate and tokens/s to stderr")
   return ap
@@ -37,8 +40,8 @@ def make_answer_fn(args):
   sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
   if args.draft:
     from hybrid_jax.checkpoint import load_model
-    from hybrid_jax.decode.speculative import speculative_generate_text
-    draft = load_model(args.draft)
+    from hybrid_jax.decode.speculative import NgramDraft, speculative_generate_text
+    draft = NgramDraft(args.ngram_n) if args.draft == "ngram" else load_model(args.draft)
 
     def answer_speculative(messages):
       text, st = speculative_generate_text(model, draft, messages, max_new_tokens=args.max_new_tokens, k=args.k,

@@ -12,8 +12,10 @@ from hybrid_jax.config import ModelConfig, SSMConfig
 from hybrid_jax.decode.generate import generate
 from hybrid_jax.decode.sampling import processed_logprobs
 from hybrid_jax.decode.speculative import (
+  NgramDraft,
   controlled_acceptance_hook,
   greedy_accept,
+  ngram_propose,
   sampling_accept,
   speculative_generate,
 )
@@ -212,3 +214,55 @@ def test_sampling_matches_target_distribution(sampling):
   control, _ = speculative_generate(draft, cfg, draft, cfg, [prompt] * samples, n_tok, 2, seed=3,
                                     eos_ids=(), **sampling)
   assert chi_square_pvalue(counts(control), probs) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt lookup (n-gram) draft
+def test_ngram_propose_rules():
+  """Longest match first, then the latest; the continuation repeats the matched pattern where it reaches the
+  end; padding (-1) and tokens past `end` never match; no match proposes the last token."""
+  rows = [  # (history, n, min_n, expected proposals for k = 3, matched length)
+      ([1, 2, 3, 4, 9, 1, 2, 3], 3, 1, [4, 9, 1], 3),  # plain continuation of a full match
+      ([7, 2, 3, 5, 8, 2, 3], 3, 1, [5, 8, 2], 2),  # falls back to the last 2 tokens
+      ([2, 3, 4, 2, 3, 5, 1, 2, 3], 3, 1, [5, 1, 2], 2),  # two 2-matches: the latest
+      ([1, 2, 3, 4, 0, 2, 3, 6, 1, 2, 3], 3, 1, [4, 0, 2], 3),  # an older 3-match beats a later 2-match
+      ([4, 5, 4, 5, 4, 5], 3, 1, [4, 5, 4], 3),  # period 2: the pattern repeats past the end
+      ([1, 2, 3], 3, 1, [3, 3, 3], 0),  # nothing earlier matches
+      ([-1, -1, 7], 3, 1, [7, 7, 7], 0),  # padding is no token
+      ([1, 2, 1], 2, 1, [2, 1, 2], 1),  # a 1-match (the earlier 1), period 2
+      ([1, 2, 1], 2, 2, [1, 1, 1], 0),  # ... which min_n = 2 refuses
+  ]
+  t = max(len(r[0]) for r in rows) + 4
+  for hist, n, min_n, want, want_m in rows:
+    buf = np.full((1, t), -1, np.int32)
+    buf[0, :len(hist)] = hist
+    buf[0, len(hist):] = 1  # not -1: tokens past `end` must be ignored by position, not by value
+    prop, m = ngram_propose(jnp.asarray(buf), jnp.asarray([len(hist)], jnp.int32), 3, n, min_n)
+    assert prop[0].tolist() == want and int(m[0]) == want_m, (hist, prop, m)
+
+
+REPEATING = [[1, 2, 3, 1, 2, 3, 1, 2], [7, 8], [9, 10, 11, 9, 10, 11, 12, 9, 10]]
+
+
+def test_ngram_greedy_equals_target(target, k=3):
+  cfg, params = target
+  want = generate(params, cfg, REPEATING, 20)
+  got, stats = speculative_generate(params, cfg, NgramDraft(3), None, REPEATING, 20, k)
+  assert got == want
+  assert stats["draft_calls"] == 0 and stats["acceptance_rate"] > 0.0, stats  # some lookups paid off
+
+
+def test_ngram_sampling_matches_target_distribution():
+  """Deterministic proposals (one-hot q) under speculative sampling: the emitted tokens are distributed as the
+  target's, while proposals are both accepted and rejected."""
+  v, n_tok, samples = 8, 3, 20000
+  sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+  cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(11), std=0.5)
+  prompt = [1, 2, 3, 1, 2]  # the lookup proposes 3, 1, 2, ... from the start
+  probs = exact_joint(params, cfg, prompt, n_tok, **sampling)
+  got, stats = speculative_generate(params, cfg, NgramDraft(2), None, [prompt] * samples, n_tok, 2, seed=3,
+                                    eos_ids=(), **sampling)
+  assert 0.05 < stats["acceptance_rate"] < 0.95, stats
+  counts = np.bincount([np.ravel_multi_index(t[:n_tok], (v,) * n_tok) for t in got], minlength=v ** n_tok)
+  assert chi_square_pvalue(counts, probs) > 1e-3

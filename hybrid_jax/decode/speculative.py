@@ -10,6 +10,8 @@ cache; `prev` = the token at L - 1):
      token comes from the target (its correction, a residual resample, or the bonus token when n = k).
   4. rollback: both caches' pos are set per sequence (target L + n + 1, draft L + n); Mamba layers replay the
      valid cached steps at their next call (hybrid_jax/model/mixer.py).
+Model-free draft: `NgramDraft` (prompt lookup) replaces step 1 by a search of the sequence so far for the last
+n tokens; its proposals are deterministic (a one-hot q), so greedy and sampled outputs stay exact.
 Everything, prefill included, runs in one jitted function; the rounds are a lax.while_loop (no host round trip
 per token). Sequences advance by different amounts; a finished sequence keeps running with no advance.
 
@@ -21,6 +23,7 @@ proposes a known continuation with probability alpha per token: measured speedup
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +107,54 @@ def controlled_acceptance_hook(logits: Array, gen_idx: Array, key: Array, hook_a
 
 
 # ------------------------------------------------------------------------------------------------
+# Prompt lookup: a draft without a model
+@dataclasses.dataclass(frozen=True)
+class NgramDraft:
+  """Prompt-lookup (n-gram) draft: costs no model call. Each round proposes the k tokens that followed the most
+  recent earlier occurrence of the last n tokens of the sequence (prompt + generated so far); without one, of
+  the last n - 1 tokens, ... down to min_n. Pays off where answers copy from the prompt or repeat themselves
+  (code edits, summaries, extraction, lists). Pass it as the draft: `speculative_generate(params, cfg,
+  NgramDraft(3), None, ...)`."""
+  n: int = 3
+  min_n: int = 1
+
+  def __post_init__(self):
+    if not 1 <= self.min_n <= self.n:
+      raise ValueError(f"NgramDraft needs 1 <= min_n <= n, got n={self.n}, min_n={self.min_n}")
+
+
+def ngram_propose(hist: Array, end: Array, k: int, n: int = 3, min_n: int = 1) -> tuple[Array, Array]:
+  """The proposals of `NgramDraft(n, min_n)`.
+
+  hist [b, T] int32: each row's tokens, -1 where there is none (left padding, not generated yet); end [b]: the
+  row's length (its last token at end - 1). A match ends at some j <= end - 2 and agrees with the last m tokens
+  (min_n <= m <= n); the longest m wins, then the latest j. The proposal continues after j with period
+  s = end - 1 - j: token i is hist[j + 1 + i % s] (the plain continuation, or the matched pattern repeated where
+  the continuation reaches the end of the sequence). Without a match: the last token, k times.
+  Returns (proposals [b, k] int32, matched length m [b], 0 when nothing matched).
+  """
+  b, t = hist.shape
+  idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+  agree = jnp.ones((b, t), bool)  # hist[j - i'] == hist[end - 1 - i'] for every i' <= i
+  run = jnp.zeros((b, t), jnp.int32)  # length of the agreement ending at j, capped at n
+  for i in range(n):
+    q_pos = end - 1 - i
+    q = jnp.take_along_axis(hist, jnp.clip(q_pos, 0, t - 1)[:, None], axis=1)  # [b, 1]
+    shifted = jnp.pad(hist, ((0, 0), (i, 0)), constant_values=-1)[:, :t]  # shifted[:, j] = hist[:, j - i]
+    agree = agree & (shifted == q) & ((q_pos >= 0) & (q[:, 0] >= 0))[:, None]
+    run = run + agree.astype(jnp.int32)
+  score = jnp.where((idx <= end[:, None] - 2) & (run >= min_n), run * t + idx, -1)
+  best = jnp.argmax(score, axis=1).astype(jnp.int32)
+  found = jnp.max(score, axis=1) >= 0
+  period = jnp.maximum(end - 1 - best, 1)
+  src = best[:, None] + 1 + jnp.arange(k, dtype=jnp.int32)[None, :] % period[:, None]
+  prop = jnp.take_along_axis(hist, jnp.clip(src, 0, t - 1), axis=1)
+  last = jnp.take_along_axis(hist, jnp.clip(end - 1, 0, t - 1)[:, None], axis=1)
+  prop = jnp.maximum(jnp.where(found[:, None], prop, last), 0)  # always a valid token id
+  return prop, jnp.where(found, jnp.take_along_axis(run, best[:, None], axis=1)[:, 0], 0)
+
+
+# ------------------------------------------------------------------------------------------------
 # The jitted loop
 def _is_eos(tok: Array, eos: Array) -> Array:
   if eos.shape[0] == 0:
@@ -113,17 +164,19 @@ def _is_eos(tok: Array, eos: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "k", "max_new_tokens", "max_len", "temperature",
                                              "top_k", "top_p", "draft_hook"))
-def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: ModelConfig, tokens: Array,
-                     offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
+def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcfg: ModelConfig | NgramDraft,
+                     tokens: Array, offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
                      max_new_tokens: int, max_len: int, temperature: float, top_k: int, top_p: float,
                      draft_hook: DraftHook | None = None) -> tuple[Array, Array, dict]:
   """Prefill + speculative rounds until every row has max_new_tokens tokens or an EOS.
 
-  tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32. draft_hook (static)
-  and hook_args (traced pytree): see the module docstring.
+  tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32. dparams / dcfg: the
+  draft model, or None / an NgramDraft (no model: proposals looked up in the sequence). draft_hook (static)
+  and hook_args (traced pytree, model drafts only): see the module docstring.
   Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
   """
   b, plen = tokens.shape
+  ngram = isinstance(dcfg, NgramDraft)
   greedy = is_greedy(temperature)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   logp_of = functools.partial(processed_logprobs, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -132,10 +185,13 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
   # starts at L - 1 with [prev, pending]).
   tcache = hybrid.init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
   logits, tcache = hybrid.forward(tparams, tcfg, tokens, cache=tcache)
-  dcache = hybrid.init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
-  if plen > 1:
-    _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
-  tcache, dcache = hybrid.speculative_cache(tcfg, tcache, k), hybrid.speculative_cache(dcfg, dcache, k)
+  tcache, dcache = hybrid.speculative_cache(tcfg, tcache, k), None
+  if not ngram:
+    dcache = hybrid.init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
+    if plen > 1:
+      _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
+    dcache = hybrid.speculative_cache(dcfg, dcache, k)
+  prompt_hist = jnp.where(jnp.arange(plen)[None, :] >= offsets[:, None], tokens.astype(jnp.int32), -1)
   key, sub = jax.random.split(key)
   first = sample(logits[:, -1], sub)
   out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
@@ -154,10 +210,8 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     lp = logp_of(logits)
     return jax.random.categorical(key, lp, axis=-1).astype(jnp.int32), lp
 
-  def body(st):
-    key, k_first, k_draft, k_acc = jax.random.split(st["key"], 4)
-    L = st["tcache"].pos
-    # 1. draft k tokens
+  def model_draft(st, k_first, k_draft):
+    """-> draft [b, k], q [b, k, V] (None when greedy), the draft's cache."""
     dl, dcache = hybrid.forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
                                 cache=st["dcache"], speculative="commit")
     d1, q1 = draft_pick(dl[:, -1], k_first, st["n_out"])
@@ -172,6 +226,22 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     (_, dcache), (ds, qs) = jax.lax.scan(draft_step, (d1, dcache),
                                          (jax.random.split(k_draft, k - 1), jnp.arange(1, k, dtype=jnp.int32)))
     draft = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [b, k]
+    q = None if greedy else jnp.concatenate([q1[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
+    return draft, q, dcache
+
+  def ngram_draft(st):
+    """-> draft [b, k], q [b, k, V] (a deterministic proposal: one-hot; None when greedy), no cache."""
+    hist = jnp.concatenate([prompt_hist, st["out"]], axis=1)  # out is -1 past each row's n_out
+    draft, _ = ngram_propose(hist, plen + st["n_out"], k, dcfg.n, dcfg.min_n)
+    v = tcfg.vocab_size
+    q = None if greedy else jnp.where(jnp.arange(v) == draft[..., None], 0.0, -jnp.inf)
+    return draft, q, None
+
+  def body(st):
+    key, k_first, k_draft, k_acc = jax.random.split(st["key"], 4)
+    L = st["tcache"].pos
+    # 1. draft k tokens
+    draft, q, dcache = ngram_draft(st) if ngram else model_draft(st, k_first, k_draft)
     # 2. verify all k in one target call
     tl, tcache = hybrid.forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
                                 cache=st["tcache"], speculative="commit")
@@ -179,7 +249,6 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     if greedy:
       n, nxt = greedy_accept(draft, tl)
     else:
-      q = jnp.concatenate([q1[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
       n, nxt = sampling_accept(k_acc, draft, q, logp_of(tl))
     # emit d_1..d_n, next; stop at EOS / max_new_tokens
     j = jnp.arange(k + 1)[None, :]
@@ -198,7 +267,8 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     prev = jnp.where(adv == 0, st["prev"], jnp.where(n == 0, st["pending"], last_acc))
     pending = jnp.where(adv == 0, st["pending"], nxt)
     active = ~st["done"]
-    return {"tcache": tcache.replace(pos=L + adv), "dcache": dcache.replace(pos=L + adv - 1), "out": out,
+    dcache = None if ngram else dcache.replace(pos=L + adv - 1)
+    return {"tcache": tcache.replace(pos=L + adv), "dcache": dcache, "out": out,
             "n_out": n_out, "done": done, "prev": prev, "pending": pending, "key": key,
             "rounds": st["rounds"] + 1, "accepted": st["accepted"] + jnp.sum(jnp.where(active, n, 0)),
             "seq_rounds": st["seq_rounds"] + jnp.sum(active.astype(jnp.int32))}
@@ -210,14 +280,15 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
 
 # ------------------------------------------------------------------------------------------------
 # API
-def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_params: dict,
-                         draft_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_params: dict | NgramDraft,
+                         draft_cfg: ModelConfig | None, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                          k: int = 4, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          seed: int = 0, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
                          pad_multiple: int = 16, draft_hook: DraftHook | None = None, hook_args: Any = None
                          ) -> tuple[list[list[int]], dict]:
   """Generates like `hybrid_jax.decode.generate.generate` (same output: the new tokens of each prompt, cut
   before the first EOS; identical tokens when greedy), with a draft model proposing k tokens per target call.
+  draft_params / draft_cfg: the draft model; or an `NgramDraft` and None (prompt lookup, no model).
   draft_hook / hook_args: benchmarking and research only (module docstring); one compilation serves all
   hook_args of the same shapes.
 
@@ -228,7 +299,12 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
   """
   if k < 1:
     raise ValueError(f"k must be >= 1, got {k}")
-  if draft_cfg.vocab_size != target_cfg.vocab_size:
+  ngram = isinstance(draft_params, NgramDraft)
+  if ngram:
+    if draft_hook is not None:
+      raise ValueError("draft_hook rewrites a draft model's logits; an NgramDraft has none")
+    draft_params, draft_cfg = None, draft_params
+  elif draft_cfg.vocab_size != target_cfg.vocab_size:
     raise ValueError(f"draft vocab {draft_cfg.vocab_size} != target vocab {target_cfg.vocab_size}: the two "
                      "models must share a tokenizer")
   if max_new_tokens <= 0:
@@ -257,7 +333,7 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
   per_step = accepted / max(seq_rounds, 1)
   stats = {"accepted_per_step": per_step, "tokens_per_step": per_step + 1.0,
            "acceptance_rate": accepted / max(seq_rounds * k, 1), "target_calls": rounds + 1,
-           "draft_calls": rounds * k + 1, "rounds": rounds, "generated_tokens": int(np.sum(n_out)), "k": k,
+           "draft_calls": 0 if ngram else rounds * k + 1, "rounds": rounds, "generated_tokens": int(np.sum(n_out)), "k": k,
            "compile_seconds": t1 - t0, "seconds": t2 - t1, "tokens_per_s": int(np.sum(n_out)) / (t2 - t1)}
   return results, stats
 
@@ -283,13 +359,15 @@ def speculative_generate_text(model, draft, messages, max_new_tokens: int = 256,
   """`generate_text` with speculative decoding: (answer, stats of `speculative_generate`).
 
   model / draft: checkpoint directories or (params, cfg, tokenizer) tuples; the draft needs no tokenizer
-  of its own (it must share the target's vocabulary).
+  of its own (it must share the target's vocabulary). draft may also be an `NgramDraft` (no model).
   """
   import os
 
   from hybrid_jax.decode.generate import chat_ids, load_for_generation
   params, cfg, tok = load_for_generation(model)
-  if isinstance(draft, (str, os.PathLike)):
+  if isinstance(draft, NgramDraft):
+    dparams, dcfg = draft, None
+  elif isinstance(draft, (str, os.PathLike)):
     from hybrid_jax.checkpoint import load_model
     dparams, dcfg, _ = load_model(os.fspath(draft))
   else:
