@@ -26,7 +26,7 @@ def compilation_cache_dir() -> str | None:
 
 
 def enable_compilation_cache(min_compile_seconds: float = 0.5) -> str | None:
-  """Turns on the persistent compilation cache (once per process). Returns its directory, or None when it is off.
+  """Turns on the persistent compilation cache (once per process). Returns its directory (None: off).
 
   min_compile_seconds: only executables that took at least this long to compile are written (the many tiny
   ones cost more disk reads than they save). Never raises: a directory that cannot be created only warns.

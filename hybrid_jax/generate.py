@@ -11,6 +11,15 @@ import argparse
 import sys
 
 
+def _k_arg(value: str) -> int | str:
+  if value == "auto":
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", required=True, help="hybrid_jax checkpoint directory")
@@ -25,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--draft", default=None,
                   help="draft checkpoint directory, or 'ngram' (prompt lookup, no draft model): speculative "
                        "decoding (the same answer when greedy)")
-  ap.add_argument("--k", type=int, default=4, help="draft tokens proposed per target call (with --draft)")
+  ap.add_argument("--k", type=_k_arg, default=4,
+                  help="draft tokens proposed per target call (with --draft), or 'auto': chosen each round "
+                       "(up to 8) from the acceptance measured so far")
   ap.add_argument("--ngram-n", type=int, default=3,
                   help="with --draft ngram: the longest n-gram looked up (falls back to shorter ones)")
   ap.add_argument("--stats", action="store_true",
@@ -47,10 +58,11 @@ def make_answer_fn(args):
       text, st = speculative_generate_text(model, draft, messages, max_new_tokens=args.max_new_tokens, k=args.k,
                                            **sampling)
       if args.stats:
-        print(f"[speculative k={args.k}] acceptance rate {st['acceptance_rate']:.3f}, accepted per target call "
-              f"{st['accepted_per_step']:.2f}, target calls {st['target_calls']}, {st['generated_tokens']} tokens "
-              f"in {st['seconds']:.2f} s = {st['tokens_per_s']:.1f} tokens/s (+ {st['compile_seconds']:.1f} s "
-              "compilation)", file=sys.stderr)
+        print(f"[speculative k={args.k}, mean {st['mean_k']:.1f}] acceptance rate "
+              f"{st['acceptance_rate']:.3f}, "
+              f"accepted per target call {st['accepted_per_step']:.2f}, target calls {st['target_calls']}, "
+              f"{st['generated_tokens']} tokens in {st['seconds']:.2f} s = {st['tokens_per_s']:.1f} tokens/s "
+              f"(+ {st['compile_seconds']:.1f} s compilation)", file=sys.stderr)
       return text
     return answer_speculative
 
