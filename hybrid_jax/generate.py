@@ -13,6 +13,11 @@ import sys
 from hybrid_jax.argtypes import non_negative_float, non_negative_int, positive_int, probability_mass
 
 
+def _k_arg(value: str) -> int | str:
+  """--k: a positive integer or 'auto'."""
+  return value if value == "auto" else positive_int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", required=True, help="hybrid_jax checkpoint directory")
@@ -25,9 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
   ap.add_argument("--draft", default=None,
-                  help="draft checkpoint directory: speculative decoding (the same answer when greedy)")
-  ap.add_argument("--k", type=positive_int, default=4,
-                  help="draft tokens proposed per target call (with --draft)")
+                  help="draft checkpoint directory, or 'ngram' (prompt lookup, no draft model): speculative "
+                       "decoding (the same answer when greedy)")
+  ap.add_argument("--k", type=_k_arg, default=4,
+                  help="draft tokens proposed per target call (with --draft), or 'auto': chosen each round "
+                       "(up to 8) from the acceptance measured so far")
+  ap.add_argument("--ngram-n", type=positive_int, default=3,
+                  help="with --draft ngram: the longest n-gram looked up (falls back to shorter ones)")
   ap.add_argument("--stats", action="store_true",
                   help="with --draft: print acceptance rate and tokens/s to stderr")
   return ap
@@ -40,17 +49,18 @@ def make_answer_fn(args):
   sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
   if args.draft:
     from hybrid_jax.checkpoint import load_model
-    from hybrid_jax.decode.speculative import speculative_generate_text
-    draft = load_model(args.draft)
+    from hybrid_jax.decode.speculative import NgramDraft, speculative_generate_text
+    draft = NgramDraft(args.ngram_n) if args.draft == "ngram" else load_model(args.draft)
 
     def answer_speculative(messages):
       text, st = speculative_generate_text(model, draft, messages, max_new_tokens=args.max_new_tokens, k=args.k,
                                            **sampling)
       if args.stats:
-        print(f"[speculative k={args.k}] acceptance rate {st['acceptance_rate']:.3f}, accepted per target call "
-              f"{st['accepted_per_step']:.2f}, target calls {st['target_calls']}, {st['generated_tokens']} tokens "
-              f"in {st['seconds']:.2f} s = {st['tokens_per_s']:.1f} tokens/s (+ {st['compile_seconds']:.1f} s "
-              "compilation)", file=sys.stderr)
+        print(f"[speculative k={args.k}, mean {st['mean_k']:.1f}] acceptance rate "
+              f"{st['acceptance_rate']:.3f}, "
+              f"accepted per target call {st['accepted_per_step']:.2f}, target calls {st['target_calls']}, "
+              f"{st['generated_tokens']} tokens in {st['seconds']:.2f} s = {st['tokens_per_s']:.1f} tokens/s "
+              f"(+ {st['compile_seconds']:.1f} s compilation)", file=sys.stderr)
       return text
     return answer_speculative
 
@@ -85,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
   if not args.chat and args.prompt is None:
     print("error: give --prompt TEXT, or --chat for an interactive conversation", file=sys.stderr)
     return 2
+  from hybrid_jax.compile_cache import enable_compilation_cache
   from hybrid_jax.errors import error_line
+  enable_compilation_cache()  # a second run of the same shapes skips compilation
   try:
     answer = make_answer_fn(args)
   except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors; both name the file

@@ -229,8 +229,10 @@ def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from hybrid_jax.checkpoint import CheckpointError
+  from hybrid_jax.compile_cache import enable_compilation_cache
   from hybrid_jax.data import DataError
   from hybrid_jax.errors import error_line
+  enable_compilation_cache()
   try:
     res = run(args)
   except (ConfigError, DataError, CheckpointError, OSError) as e:  # each names its file
