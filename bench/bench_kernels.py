@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -21,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, ".")
-from hybrid_jax.model import ssm  # noqa: E402
-from hybrid_jax.pallas import multistep as ms  # noqa: E402
+from hybrid_jax import pallas  # noqa: E402
+from hybrid_jax.pallas import KernelOptions  # noqa: E402
 from hybrid_jax.pallas import scan as m1  # noqa: E402
 from hybrid_jax.pallas import ssd as m2  # noqa: E402
 
@@ -86,9 +87,9 @@ def verify_inputs(key, variant: str, b: int, k: int):
               A=-jnp.exp(rn(ks[8], (h,), F32)), D=rn(ks[9], (h,), F32), dt_bias=rn(ks[10], (h,), F32), z=None)
 
 
-def multistep_fn(impl):
+def multistep_fn(impl, options: KernelOptions | None = None):
   def f(layers):
-    return [ms.multistep_scan(**a, impl=impl)[:2] for a in layers]
+    return [pallas.multistep_scan(**a, impl=impl, options=options)[:2] for a in layers]
   return jax.jit(f)
 
 
@@ -109,29 +110,37 @@ def device_loop(step_fn):
   return jax.jit(f)
 
 
-def verify_step(impl):
-  return lambda layers: [ms.multistep_scan(**a, impl=impl)[:2] for a in layers]
+def verify_step(impl, options: KernelOptions | None = None):
+  """All layers' verify calls with `options` (None: the library's defaults)."""
+  return lambda layers: [pallas.multistep_scan(**a, impl=impl, options=options)[:2] for a in layers]
 
 
-def with_settings(module, settings: dict, fn):
-  """`fn` run (and so traced) with module.<name> = value for each setting: the kernels read their switches at
-  trace time. Wrap the whole traced function: a custom VJP's backward rule is traced inside value_and_grad,
-  after the primal function has returned."""
-  def f(*args, **kw):
-    old = {name: getattr(module, name) for name in settings}
-    for name, value in settings.items():
-      setattr(module, name, value)
-    try:
-      return fn(*args, **kw)
-    finally:
-      for name, value in old.items():
-        setattr(module, name, value)
-  return f
+def with_options(settings: dict, base: KernelOptions | None = None) -> KernelOptions:
+  """`base` (None: the defaults) with fields replaced; a name may be the field's or its old capitalised
+  switch name (FAST_MATH = fast_math). ValueError for a name that is not a field."""
+  fields = {f.name for f in dataclasses.fields(KernelOptions)}
+  changes = {}
+  for name, value in settings.items():
+    if name.lower() not in fields:
+      raise ValueError(f"unknown kernel option {name!r}: one of {', '.join(sorted(fields))}")
+    changes[name.lower()] = value
+  return dataclasses.replace(base or KernelOptions(), **changes)
 
 
-def with_setting(name: str, value, step):
-  """`step` traced with the module setting multistep.<name> = value."""
-  return with_settings(ms, {name: value}, step)
+def parse_switches(spec: str, base: KernelOptions | None = None) -> KernelOptions:
+  """A --set value 'NAME=0|1[,NAME=0|1...]' (boolean options: ACC_Y, FAST_MATH, BITS_BF16, FMA, PTX_RCP,
+  LANE_SCALARS, any case) applied to `base`. ValueError naming the item for anything else."""
+  switches = [f.name for f in dataclasses.fields(KernelOptions) if isinstance(f.default, bool)]
+  settings = {}
+  for item in spec.split(","):
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep or value.strip() not in ("0", "1"):
+      raise ValueError(f"--set {spec!r}: expected NAME=0|1[,NAME=0|1...], got {item!r}")
+    if name.lower() not in switches:
+      raise ValueError(f"--set {spec!r}: {name!r} is not a switch (one of {', '.join(map(str.upper, switches))})")
+    settings[name] = value.strip() == "1"
+  return with_options(settings, base)
 
 
 def single_step_loop(variant):
@@ -139,17 +148,18 @@ def single_step_loop(variant):
     outs = []
     for a in layers:
       if variant == "mamba":
-        y, h = ssm.selective_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1], a["D"],
-                                      a["dt_bias"], z=a["z"][:, :1], h0=a["state"])
+        y, h = pallas.selective_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1],
+                                         a["D"], a["dt_bias"], z=a["z"][:, :1], h0=a["state"])
       else:
-        y, h = ssm.ssd_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1], a["D"],
-                                a["dt_bias"], h0=a["state"])
+        y, h = pallas.ssd_scan_ref(a["x"][:, :1], a["dt"][:, :1], a["A"], a["B"][:, :1], a["C"][:, :1],
+                                   a["D"], a["dt_bias"], h0=a["state"])
       outs.append((y, h))
     return outs
   return step
 
 
-# (tile, warps) candidates of hybrid_jax.pallas.multistep (tile = Mamba-1 state elements / Mamba-2 rows of P);
+# (tile, warps) candidates of the verify kernel (KernelOptions.tile_override; tile = Mamba-1 state elements /
+# Mamba-2 rows of P);
 # batches >= 16 (bytes enough for a bandwidth reading) also try larger tiles with more warps.
 VERIFY_CONFIGS = {"mamba2": [(1, 1), (4, 4), (8, 4), (16, 4), (32, 4), (8, 1)],
                   "mamba": [(32, 1), (64, 2), (128, 4), (256, 2), (256, 4), (512, 4)]}
@@ -165,10 +175,9 @@ def sweep_verify(sweep_rows, batches=(1, 8)):
     for b in batches:
       totals = {}
       for cfg in (VERIFY_CONFIGS_LARGE if b >= 16 else VERIFY_CONFIGS)[variant]:
-        ms.TILE_OVERRIDE = cfg
         total, parts = 0.0, []
         for k in (1, 8):
-          t = _verify_time(variant, b, k)
+          t = _verify_time(variant, b, k, KernelOptions(tile_override=cfg))
           sweep_rows.append({"variant": variant, "cfg": cfg, "batch": b, "K": k, "us": t * 1e6})
           total += t
           parts.append(f"K{k} {t * 1e6:.1f}")
@@ -176,7 +185,6 @@ def sweep_verify(sweep_rows, batches=(1, 8)):
         print(f"sweep {variant} b={b} (tile, warps) {cfg}: sum {total * 1e6:.1f} us ({', '.join(parts)})")
       best[variant, b] = min(totals, key=totals.get)
       print(f"sweep {variant} b={b}: best {best[variant, b]}")
-  ms.TILE_OVERRIDE = None
   for variant in VERIFY_CONFIGS:
     name = "M1_TILES" if variant == "mamba" else "M2_TILES"
     print(f"pick: {name} for batches {list(batches)}: {[best[variant, b] for b in batches]}")
@@ -190,27 +198,26 @@ def _swept_pick(best, variant, b):
   return best[variant, below[-1] if below else swept[0]]
 
 
-def _verify_time(variant, b, k):
+def _verify_time(variant, b, k, options: KernelOptions | None = None):
   layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
-  return timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
+  return timeit(device_loop(verify_step("pallas", options)), layers, calls=3) / LAYERS / REPEAT
 
 
 def bench_verify(ceiling: float, ks, batches, rows, best=None, with_ref=True, variants=("mamba2", "mamba")):
   for variant in variants:
     for b in batches:
-      if best:
-        ms.TILE_OVERRIDE = _swept_pick(best, variant, b)
-      print(f"verify {variant} b={b}: (tile, warps) = {ms.TILE_OVERRIDE or 'library default'}")
+      opts = KernelOptions(tile_override=_swept_pick(best, variant, b)) if best else None
+      print(f"verify {variant} b={b}: (tile, warps) = {opts.tile_override if opts else 'library default'}")
       base_layers = [verify_inputs(jax.random.PRNGKey(100 + i), variant, b, 1) for i in range(LAYERS)]
       t_single = timeit(device_loop(single_step_loop(variant)), base_layers, calls=3) / LAYERS / REPEAT
-      t_single_k1 = timeit(device_loop(verify_step("pallas")), base_layers, calls=3) / LAYERS / REPEAT
+      t_single_k1 = timeit(device_loop(verify_step("pallas", opts)), base_layers, calls=3) / LAYERS / REPEAT
       for k in ks:
         layers = [verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(LAYERS)]
-        f = multistep_fn("pallas")
+        f = multistep_fn("pallas", opts)
         out = f(layers)
         ref = multistep_fn("reference")(layers)
         err = max(max(relerr(o[0], r[0]), relerr(o[1], r[1])) for o, r in zip(out, ref))
-        t = timeit(device_loop(verify_step("pallas")), layers, calls=3) / LAYERS / REPEAT
+        t = timeit(device_loop(verify_step("pallas", opts)), layers, calls=3) / LAYERS / REPEAT
         t_ref = (timeit(device_loop(verify_step("reference")), layers, calls=3) / LAYERS / REPEAT if with_ref
                  else float("nan"))
         byts = nbytes(layers[0]) + nbytes(out[0])
@@ -247,9 +254,10 @@ def scan_value_and_grad(fn, kw):
 
 
 def bench_scan(b, l, rows):
-  impls = {"mamba": {"reference": ssm.selective_scan_ref, "pallas": m1.selective_scan_pallas,
+  impls = {"mamba": {"reference": pallas.selective_scan_ref, "pallas": m1.selective_scan_pallas,
                      "chunked": m1.selective_scan_chunked},
-           "mamba2": {"reference": ssm.ssd_scan_ref, "pallas": m2.ssd_scan_pallas, "chunked": m2.ssd_scan_chunked}}
+           "mamba2": {"reference": pallas.ssd_scan_ref, "pallas": m2.ssd_scan_pallas,
+                      "chunked": m2.ssd_scan_chunked}}
   for variant, fns in impls.items():
     args, kw = scan_inputs(variant, b, l)
     res = {}

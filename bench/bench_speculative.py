@@ -1,4 +1,4 @@
-"""Speculative decoding benchmark (SPEC section 4). Meant for a GPU; `--tiny` runs a small smoke version on CPU.
+"""Speculative decoding benchmark (docs/DESIGN.md §5). Meant for a GPU; `--tiny` runs a small smoke version on CPU.
 
 Part A (only with --target DIR [--draft DIR]): real checkpoints. End-to-end tokens/s of plain greedy decoding
   vs speculative decoding for each k, the measured mean accepted length and the measured speedup.
@@ -39,11 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ModelConfig, SSMConfig
-from hybrid_jax.decode import verify
 from hybrid_jax.decode.generate import generate
 from hybrid_jax.decode.speculative import controlled_acceptance_hook, speculative_generate
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import init_cache
 
 # (hidden, ffn, layers, heads, kv heads, vocab)
 SHAPES = {"1b": (2048, 8192, 16, 32, 8, 128256), "3b": (3072, 8192, 28, 24, 8, 128256),
@@ -93,7 +91,7 @@ def timeit(fn, *args, repeats: int = 3) -> float:
 
 def plain_step_time(params, cfg, batch: int, ctx: int, iters: int) -> float:
   """MEASURED seconds per ordinary one-token decode step at context ctx."""
-  cache = init_cache(cfg, batch, ctx + iters + 1).replace(pos=jnp.full((batch,), ctx, jnp.int32))
+  cache = hybrid.init_cache(cfg, batch, ctx + iters + 1).replace(pos=jnp.full((batch,), ctx, jnp.int32))
 
   @jax.jit
   def run(params, cache):
@@ -108,15 +106,15 @@ def plain_step_time(params, cfg, batch: int, ctx: int, iters: int) -> float:
 def verify_step_time(params, cfg, batch: int, ctx: int, iters: int, k: int) -> float:
   """MEASURED seconds per verification call of k+1 tokens (Mamba layers replay ~half the cached steps)."""
   keep = max(1, (k + 1) // 2)
-  cache = init_cache(cfg, batch, ctx + iters * keep + k + 2).replace(pos=jnp.full((batch,), ctx, jnp.int32))
-  cache = verify.to_spec_cache(cfg, cache, k)
+  cache = hybrid.init_cache(cfg, batch, ctx + iters * keep + k + 2).replace(pos=jnp.full((batch,), ctx, jnp.int32))
+  cache = hybrid.speculative_cache(cfg, cache, k)
 
   @jax.jit
   def run(params, cache):
     def body(_, carry):
       toks, c = carry
       pos = c.pos
-      logits, c = verify.spec_forward(params, cfg, toks, c, commit=True)
+      logits, c = hybrid.forward(params, cfg, toks, cache=c, speculative="commit")
       return jnp.argmax(logits, axis=-1).astype(jnp.int32), c.replace(pos=pos + keep)  # roll back to keep
     return jax.lax.fori_loop(0, iters, body, (jnp.ones((batch, k + 1), jnp.int32), cache))
   return timeit(run, params, cache) / iters

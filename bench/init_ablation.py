@@ -1,4 +1,4 @@
-"""Init ablation (SPEC 2.3, the paper's attention-init vs random-init comparison), before any training.
+"""Init ablation (docs/DESIGN.md §3.3, the paper's attention-init vs random-init comparison), before any training.
 
 Perplexity of teacher-generated chat answers under
   - the teacher,
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hybrid_jax.checkpoint import load_model
 from hybrid_jax.decode.generate import chat_ids, generate
-from hybrid_jax.model import hybrid, mamba, mamba2
+from hybrid_jax.model import hybrid
 from hybrid_jax.model.init import attn_layers_for_fraction, hybrid_config, init_from_teacher
 
 PROMPTS = [
@@ -82,10 +82,7 @@ def main(argv=None) -> int:
     cfg = hybrid_config(tcfg, attn, variant)
     key = jax.random.PRNGKey(args.seed)
     kqvo = init_from_teacher(tparams, tcfg, cfg, key)
-    mod = mamba if variant == "mamba" else mamba2
-    rand = dict(kqvo, layers=[
-        dict(lp, mamba=mod.init_mixer(k, cfg)) if "mamba" in lp else lp
-        for lp, k in zip(kqvo["layers"], jax.random.split(key, cfg.num_hidden_layers))])
+    rand = init_from_teacher(tparams, tcfg, cfg, key, mixer_init="random")
     for name, p in (("attention init (kqvo)", kqvo), ("random init", rand)):
       nll, n = answer_nll(p, cfg, seqs, plens)
       rows.append((name, variant, nll / n))
@@ -96,14 +93,14 @@ def main(argv=None) -> int:
       (f"Teacher: `{args.teacher}` ({tcfg.num_hidden_layers} layers). Hybrid keeps attention in layers "
       f"{list(attn)} ({len(attn)}/{tcfg.num_hidden_layers}); the other layers' attention is replaced by a "
       "Mamba mixer. Both hybrids share the teacher's embeddings, norms, MLPs and head; they differ only in the "
-      "mixer init (SPEC 2.3)."), "",
+      "mixer init (docs/DESIGN.md §3.3)."), "",
       (f"Data: the teacher's greedy answers (up to {args.max_new_tokens} tokens) to {len(PROMPTS)} fixed chat "
       f"prompts ({n} answer tokens), scored on the answer tokens only. Seed {args.seed}. Produced by "
       "`.venv/bin/python bench/init_ablation.py` on CPU, fp32, reference scans."), "",
       "| model | variant | answer NLL / token | perplexity |", "|---|---|---|---|",
   ]
   lines += [f"| {name} | {v} | {nll:.3f} | {np.exp(nll):.1f} |" for name, v, nll in rows]
-  lines += ["", ("These numbers are before any distillation training. SPEC 2.3 states that the attention init is "
+  lines += ["", ("These numbers are before any distillation training. docs/DESIGN.md §3.3 states that the attention init is "
             "much better than random init in the paper's ablation, which compares models after distillation; "
             "untrained, neither init is usable (perplexities in the thousands), so this table does not test that "
             "claim. Comparing the two inits after a short stepwise-alignment run (train.py) is what would."), ""]

@@ -25,7 +25,7 @@ def dump_ttir(variant: str, b: int, k: int, tile: tuple, warps: int, settings: d
   import jax
   from jax._src.pallas.triton import lowering
 
-  from hybrid_jax.pallas import multistep as ms
+  from hybrid_jax import pallas
 
   lower = lowering.lower_jaxpr_to_triton_module
 
@@ -36,11 +36,9 @@ def dump_ttir(variant: str, b: int, k: int, tile: tuple, warps: int, settings: d
     return result
 
   lowering.lower_jaxpr_to_triton_module = keep_ir
-  ms.TILE_OVERRIDE = (tile[0], warps, *tile[1:])
-  for name, value in settings.items():
-    setattr(ms, name, value)
+  options = bk.with_options(dict(settings, tile_override=(tile[0], warps, *tile[1:])))
   inputs = bk.verify_inputs(jax.random.PRNGKey(0), variant, b, k)
-  f = jax.jit(lambda a: ms.multistep_scan(**a, impl="pallas", interpret=False)[:2])
+  f = jax.jit(lambda a: pallas.multistep_scan(**a, impl="pallas", interpret=False, options=options)[:2])
   f.trace(inputs).lower(lowering_platforms=("cuda",))
 
 
@@ -76,7 +74,8 @@ def main() -> None:
   ap.add_argument("warps", type=int)
   ap.add_argument("--cols", type=int, default=0, help="Mamba-2: columns of N per chunk (default: all of N)")
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1",
-                  help="a multistep switch (ACC_Y, FAST_MATH, BITS_BF16, FMA, PTX_RCP, LANE_SCALARS) for this compile")
+                  help="a verify-kernel switch (KernelOptions: ACC_Y, FAST_MATH, BITS_BF16, FMA, PTX_RCP, "
+                  "LANE_SCALARS) for this compile")
   ap.add_argument("--triton-python", help="interpreter with the triton wheel (step 2)")
   ap.add_argument("--fp-fusion", type=int, default=0, choices=(0, 1),
                   help="let Triton contract a * b + c into FMAs (Triton's default; 0 = as XLA's pipeline compiles "
@@ -84,7 +83,10 @@ def main() -> None:
   ap.add_argument("--out", default="/tmp/inspect_verify")
   ap.add_argument("--compile", metavar="TTIR", help=argparse.SUPPRESS)  # step 2, run by --triton-python
   a = ap.parse_args()
-  settings = {n: bool(int(v)) for n, v in (kv.split("=") for kv in a.set)}
+  try:
+    settings = {n: {"0": False, "1": True}[v] for n, v in (kv.split("=") for kv in a.set)}
+  except (ValueError, KeyError):
+    ap.error(f"--set takes NAME=0|1, got {a.set}")
   tag = "".join(f"_{n}{int(v)}" for n, v in sorted(settings.items()))
   tile = (a.tile, a.cols) if a.cols else (a.tile,)
   tag += f"_c{a.cols}" if a.cols else ""
@@ -95,7 +97,10 @@ def main() -> None:
   if not a.triton_python:
     ap.error("--triton-python is needed for the compile step")
   os.makedirs(a.out, exist_ok=True)
-  dump_ttir(a.variant, a.batch, a.k, tile, a.warps, settings, out + ".ttir")
+  try:
+    dump_ttir(a.variant, a.batch, a.k, tile, a.warps, settings, out + ".ttir")
+  except ValueError as e:  # an option that KernelOptions does not have, or rejects
+    ap.error(str(e))
   argv = [a.variant, str(a.batch), str(a.k), str(a.tile), str(a.warps), "--out", a.out, f"--cols={a.cols}",
           f"--fp-fusion={a.fp_fusion}",
           *(f"--set={kv}" for kv in a.set)]

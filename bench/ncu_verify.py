@@ -15,13 +15,13 @@ import jax
 sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
 
-from hybrid_jax.pallas import multistep as ms
+from hybrid_jax import pallas
 
 
 def main() -> None:
   variant, b, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
   inputs = bk.verify_inputs(jax.random.PRNGKey(0), variant, b, k)
-  f = jax.jit(lambda a: ms.multistep_scan(**a, impl="pallas")[:2])
+  f = jax.jit(lambda a: pallas.multistep_scan(**a, impl="pallas")[:2])
   for _ in range(8):
     jax.block_until_ready(f(inputs))
   print("ran", variant, b, k)

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import bench_kernels as bk
 import profile_summary
 
+from hybrid_jax.pallas import KernelOptions
+
 
 def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
   """Total GPU kernel time (us) on the busiest stream line of the trace, and its four largest kernel kinds."""
@@ -36,7 +38,7 @@ def main() -> None:
   ap.add_argument("--out", default="/tmp/prof_verify")
   ap.add_argument("--ks", default="1,2,4,8")
   ap.add_argument("--ab", action="store_true", help="also the kernel with libdevice exp/log1p for the "
-                  "per-step scalars (multistep.FAST_MATH = False), next to the default")
+                  "per-step scalars (KernelOptions(fast_math=False)), next to the default")
   a = ap.parse_args()
   ks = [int(k) for k in a.ks.split(",")]
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
@@ -47,7 +49,7 @@ def main() -> None:
       for k in ks:
         cases.append((f"kernel K={k}", k, bk.verify_step("pallas")))
         if a.ab:
-          libdevice = bk.with_setting("FAST_MATH", False, bk.verify_step("pallas"))
+          libdevice = bk.verify_step("pallas", KernelOptions(fast_math=False))
           cases.append((f"libdevice K={k}", k, libdevice))
       for name, k, step in cases:
         layers = [bk.verify_inputs(jax.random.PRNGKey(10 * k + i), variant, b, k) for i in range(bk.LAYERS)]

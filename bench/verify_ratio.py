@@ -29,12 +29,16 @@ def main() -> None:
                   help="extra (rows x warps [x columns of N per chunk]) to time, e.g. 64x4,32x4x32")
   ap.add_argument("--tiles-mamba", default="", help="extra (elements x warps) to time, e.g. 1024x4")
   ap.add_argument("--set", action="append", default=[], metavar="NAME=0|1[,NAME=0|1]",
-                  help="also time the library and extra tiles with multistep switches set (ACC_Y, FAST_MATH, "
-                  "BITS_BF16, FMA, PTX_RCP, LANE_SCALARS)")
+                  help="also time the library and extra tiles with the verify kernel's switches set (KernelOptions: "
+                  "ACC_Y, FAST_MATH, BITS_BF16, FMA, PTX_RCP, LANE_SCALARS)")
   ap.add_argument("--bandwidth", action="store_true",
-                  help="also print each case's bytes (step inputs, state, y, checkpoint) over its time, in % of the "
+                  help="also print each case's bytes (step inputs, state, y, checkpoint) over its time, in %% of the "
                   "copy ceiling measured first")
   a = ap.parse_args()
+  try:
+    switch_sets = [(kv, bk.parse_switches(kv)) for kv in a.set]
+  except ValueError as e:
+    ap.error(str(e))
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
   ceiling = bk.copy_ceiling() if a.bandwidth else None
   if ceiling:
@@ -43,7 +47,7 @@ def main() -> None:
   print("| variant | batch | what | median us | min-max us | x 1-step (medians) | rel. err |\n"
         "|---|---|---|---|---|---|---|")
   step = bk.verify_step("pallas")
-  tiled = lambda t: bk.with_setting("TILE_OVERRIDE", t, step)
+  tiled = lambda t, base=None: bk.verify_step("pallas", bk.with_options({"tile_override": t}, base))
   for variant in a.variants.split(","):
     extra = getattr(a, f"tiles_{variant}")
     tiles = [tuple(int(v) for v in t.split("x")) for t in extra.split(",")] if extra else []
@@ -51,13 +55,9 @@ def main() -> None:
       cases = [("1-step XLA", 1, bk.single_step_loop(variant))]
       cases += [(f"kernel K={k}", k, step) for k in ks]
       cases += [(f"tile {'x'.join(map(str, t))} K={k}", k, tiled(t)) for t in tiles for k in ks]
-      for kv in a.set:  # the switches (NAME=0|1[,NAME=0|1...]) at the library's tiles and at each extra tile
-        def switched(fn, kv=kv):
-          for name, value in (item.split("=") for item in kv.split(",")):
-            fn = bk.with_setting(name, bool(int(value)), fn)
-          return fn
-        cases += [(f"{kv} K={k}", k, switched(step)) for k in ks]
-        cases += [(f"tile {'x'.join(map(str, t))} {kv} K={k}", k, switched(tiled(t))) for t in tiles for k in ks]
+      for kv, opts in switch_sets:  # the switches (NAME=0|1[,...]) at the library's tiles and at each extra tile
+        cases += [(f"{kv} K={k}", k, bk.verify_step("pallas", opts)) for k in ks]
+        cases += [(f"tile {'x'.join(map(str, t))} {kv} K={k}", k, tiled(t, opts)) for t in tiles for k in ks]
       loops = {name: bk.device_loop(fn) for name, _, fn in cases}
       times = {name: [] for name, _, _ in cases}
       errs, refs, nbytes = {}, {}, {}  # refs: the reference's outputs per K (seed 0), shared by that K's cases

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -23,10 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hybrid_jax.config import ModelConfig
+from hybrid_jax.config import ConfigError, ModelConfig
+from hybrid_jax.errors import describe, read_json, read_json_object, reading
+from hybrid_jax.model.hybrid import from_layer_list
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
+# Orbax's plain JSON files inside PARAMS_DIR (read before the tensor store, so a bad one is named).
+ORBAX_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA")
+# A directory holds a tokenizer when one of these exists; all of TOKENIZER_FILES present are checked.
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json",
+                   "vocab.json", "chat_template.json", "chat_template.jinja")
 
 
 class CheckpointError(ValueError):
@@ -100,14 +109,51 @@ def write_params(directory: str, params: Any) -> None:
 
 
 def read_params(directory: str) -> Any:
-  """Restores a param pytree saved by `write_params` as host numpy arrays (independent of devices)."""
+  """Restores a param pytree saved by `write_params` as host numpy arrays (independent of devices).
+
+  A missing or corrupt file raises CheckpointError naming it (its metadata file) or the directory and array.
+  """
   import orbax.checkpoint as ocp
-  ckptr = ocp.PyTreeCheckpointer()
+  from etils import epath
   directory = os.path.abspath(directory)
-  meta = ckptr.metadata(directory)
-  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return ckptr.restore(directory, restore_args=restore_args)
+  for name in ORBAX_JSON_FILES:
+    if os.path.exists(os.path.join(directory, name)):
+      read_json(os.path.join(directory, name), CheckpointError)
+  with _reading_tensors(directory):
+    # the handler's own metadata(): the checkpointer's would log a warning and return None on a bad file
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      return ckptr.restore(directory, restore_args=restore_args)
+
+
+@contextlib.contextmanager
+def _reading_tensors(directory: str) -> Iterator[None]:
+  """reading() for Orbax / tensorstore reads (their messages name the array and the file).
+
+  When one array fails, the reads still in flight complete later into Orbax's already closed event loop, and
+  each reports 'RuntimeError: Event loop is closed' as an unraisable exception (a traceback on stderr, even
+  at exit): after a failure those reports, and only those, are dropped.
+  """
+  try:
+    yield
+  except Exception as e:  # Orbax / tensorstore raise many types for a bad tensor store
+    _drop_closed_loop_reports()
+    problem = describe(e).split(" [tensorstore_spec=")[0]  # the spec dump is hundreds of characters
+    raise CheckpointError(f"{directory}: {problem}") from e
+
+
+def _drop_closed_loop_reports() -> None:
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_reports", False):
+    return
+
+  def hook(report):
+    if isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed":
+      return
+    previous(report)
+  hook.drops_closed_loop_reports = True
+  sys.unraisablehook = hook
 
 
 def save_model(directory: str | os.PathLike, params: Any, cfg: ModelConfig, tokenizer: Any = None,
@@ -140,13 +186,48 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
 
 
 def load_tokenizer(directory: str | os.PathLike):
-  """The HF tokenizer saved in a checkpoint directory, or None when the directory has none."""
+  """The HF tokenizer saved in a checkpoint directory, or None when the directory has none.
+
+  Each tokenizer file present is checked first (JSON parses, tokenizer.json builds, the chat template
+  compiles), so a corrupt one raises CheckpointError naming that file rather than a library traceback later.
+  """
   d = os.fspath(directory)
-  names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-  if not any(os.path.exists(os.path.join(d, n)) for n in names):
+  if not any(os.path.exists(os.path.join(d, n)) for n in TOKENIZER_MARKERS):
     return None
+  for name in TOKENIZER_FILES:
+    path = os.path.join(d, name)
+    if not os.path.exists(path):
+      continue
+    if name == "tokenizer.json":  # parsed and built by the tokenizers library (the large one: read once)
+      import tokenizers
+      with reading(path, CheckpointError):
+        tokenizers.Tokenizer.from_file(path)
+    elif name.endswith(".json"):
+      read_json(path, CheckpointError)
+    elif name == "chat_template.jinja":
+      with reading(path, CheckpointError), open(path, encoding="utf-8") as f:
+        f.read()
   from transformers import AutoTokenizer
-  return AutoTokenizer.from_pretrained(d)
+  with reading(d, CheckpointError):  # what is left: files that are each valid but do not make a tokenizer
+    tok = AutoTokenizer.from_pretrained(d)
+  _check_chat_template(tok, d)
+  return tok
+
+
+def _check_chat_template(tok, directory: str) -> None:
+  """Renders a one-message chat: a template with a syntax error raises CheckpointError naming its file."""
+  if getattr(tok, "chat_template", None) is None:
+    return
+  import jinja2
+  try:
+    tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+  except jinja2.TemplateSyntaxError as e:
+    where = next((n for n in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+                  if os.path.isfile(os.path.join(directory, n))), "")
+    raise CheckpointError(f"{os.path.join(directory, where)}: chat template does not compile "
+                          f"({describe(e)})") from e
+  except Exception:  # noqa: BLE001 - a template may refuse this conversation (e.g. want a system turn)
+    return
 
 
 def load_model(directory: str | os.PathLike, dtype=None, with_tokenizer: bool = True
@@ -158,21 +239,17 @@ def load_model(directory: str | os.PathLike, dtype=None, with_tokenizer: bool = 
   """
   d = os.fspath(directory)
   if not os.path.exists(d):
-    raise FileNotFoundError(f"checkpoint directory not found: {d}")
+    raise FileNotFoundError(f"{d}: checkpoint directory not found")
   if not os.path.isdir(d):
-    raise CheckpointError(f"{d} is not a directory (expected a hybrid_jax checkpoint directory)")
+    raise CheckpointError(f"{d}: not a directory (expected a hybrid_jax checkpoint directory)")
   cfg_path = os.path.join(d, CONFIG_FILE)
   if not os.path.isfile(cfg_path):
-    raise CheckpointError(f"{d} has no {CONFIG_FILE}: not a (complete) hybrid_jax checkpoint")
+    raise CheckpointError(f"{d}: no {CONFIG_FILE}: not a (complete) hybrid_jax checkpoint")
   params_path = os.path.join(d, PARAMS_DIR)
   if not os.path.isdir(params_path):
-    raise CheckpointError(f"{d} has no {PARAMS_DIR}/ directory: the checkpoint's parameters are missing")
-  try:
-    cfg = ModelConfig.load(cfg_path)
-  except (KeyError, TypeError) as e:
-    raise CheckpointError(f"{cfg_path} is not a hybrid_jax model config ({e}); "
-                          "a Hugging Face directory must be converted first (convert_torch.py)") from None
-  params = read_params(params_path)
+    raise CheckpointError(f"{d}: no {PARAMS_DIR}/ directory: the checkpoint's parameters are missing")
+  cfg = read_config(cfg_path)
+  params = from_layer_list(read_params(params_path))  # checkpoints of earlier releases load too
 
   def cast(x):
     x = np.asarray(x)
@@ -186,10 +263,21 @@ def load_model(directory: str | os.PathLike, dtype=None, with_tokenizer: bool = 
   return params, cfg, tokenizer
 
 
+def read_config(path: str | os.PathLike) -> ModelConfig:
+  """A checkpoint's config.json; CheckpointError naming the file when it is unreadable or not a config."""
+  raw = read_json_object(path, CheckpointError)
+  try:
+    return ModelConfig.from_dict(raw)
+  except ConfigError as e:
+    raise CheckpointError(f"{os.fspath(path)}: {e}") from None
+  except (KeyError, TypeError) as e:
+    raise CheckpointError(f"{os.fspath(path)}: not a hybrid_jax model config ({describe(e)}); "
+                          "a Hugging Face directory must be converted first (convert_torch.py)") from None
+
+
 def read_metadata(directory: str | os.PathLike, name: str) -> dict | None:
   """An extra metadata JSON file of a checkpoint (see save_model's `extra`), or None if absent."""
   p = os.path.join(os.fspath(directory), name)
-  if not os.path.isfile(p):
+  if not os.path.exists(p):
     return None
-  with open(p) as f:
-    return json.load(f)
+  return read_json(p, CheckpointError)

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from hybrid_jax.pallas import ScanImpl
+
 
 class ConfigError(ValueError):
   """A configuration that cannot work; the message names the field."""
@@ -24,7 +26,7 @@ REMAT_POLICIES = ("none", "dots", "full")
 
 @dataclasses.dataclass(frozen=True)
 class SSMConfig:
-  """Mamba mixer settings (SPEC section 2.1 / 2.2).
+  """Mamba mixer settings (docs/DESIGN.md §3.1-3.2).
 
   variant: 'mamba' (Mamba-1 layer of MambaInLlama) or 'mamba2'.
   d_inner / d_xb: 0 means derive from the model (expand * D, and Hkv * hd).
@@ -47,7 +49,7 @@ class SSMConfig:
   def __post_init__(self):
     if self.variant not in ("mamba", "mamba2"):
       raise ConfigError(f"ssm.variant must be 'mamba' or 'mamba2', got {self.variant!r}")
-    if self.scan_impl not in ("auto", "reference", "pallas", "chunked"):
+    if self.scan_impl not in tuple(v.value for v in ScanImpl):
       raise ConfigError(f"ssm.scan_impl must be auto|reference|pallas|chunked, got {self.scan_impl!r}")
     if self.d_conv < 1 or self.d_state < 1 or self.expand < 1:
       raise ConfigError("ssm.d_conv, ssm.d_state and ssm.expand must be positive")

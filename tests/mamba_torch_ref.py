@@ -1,4 +1,4 @@
-"""Independent PyTorch references of the MambaInLlama mixers, written from SPEC 2.1 / 2.2 as plain loops.
+"""Independent PyTorch references of the MambaInLlama mixers, written from docs/DESIGN.md §3.1-3.2 as plain loops.
 
 Parameter names and shapes follow the reference modules (so `load_state_dict(strict=True)` checks the
 converter's key names); the maths is a sequential per-step loop in float64, deliberately unlike the JAX code

@@ -212,7 +212,7 @@ def test_cli_convert_and_errors(tmp_path, hf_dir, capsys):
   assert os.path.isfile(tmp_path / "hf2" / "model.safetensors")
   capsys.readouterr()
   os.remove(hf_dir / "model.safetensors")
-  assert convert_torch.main([str(hf_dir), "--output", str(tmp_path / "bad")]) == 1
+  assert convert_torch.main([str(hf_dir), "--output", str(tmp_path / "bad")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: no weights in") and err.count("\n") == 1
   assert no_leftovers(tmp_path / "bad")
@@ -224,8 +224,8 @@ def test_cli_subprocess_one_line_error(tmp_path):
   r = subprocess.run([sys.executable, os.path.join(REPO, "convert_torch.py"), str(tmp_path / "missing"),
                       "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, check=False,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert r.returncode == 1
-  assert r.stderr.strip().splitlines() == [f"error: source path does not exist: {tmp_path / 'missing'}"]
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: source path does not exist"]
   assert "Traceback" not in r.stderr
   assert no_leftovers(tmp_path / "out")
 
@@ -244,7 +244,7 @@ def test_refuses_to_replace_unrelated_dir(tmp_path, hf_dir, capsys):
   other = tmp_path / "mine"
   other.mkdir()
   (other / "notes.txt").write_text("keep me")
-  assert convert_torch.main([str(hf_dir), "--output", str(other)]) == 1
+  assert convert_torch.main([str(hf_dir), "--output", str(other)]) == 2
   assert "refusing to replace" in capsys.readouterr().err
   assert (other / "notes.txt").read_text() == "keep me"
   with pytest.raises(ConversionError, match="source itself"):

@@ -19,6 +19,7 @@ from hybrid_jax.data import (
   DataError,
   RecordSource,
   chat_tokens,
+  document_end_id,
   load_eval_batches,
   load_records,
   make_dataset,
@@ -282,6 +283,35 @@ def test_dpo_pairs(tmp_path, tiny_tok):
       assert tiny_tok.decode(tok[r, :n]) == prompt + answer + "<|im_end|>\n"
       assert tiny_tok.decode(tok[r, 1:][mask[r, :-1] == 1]) == answer + "<|im_end|>"  # prompt masked out
       assert mask[r, n - 1:].sum() == 0
+
+
+def chat_tokenizer_with_separator():
+  """Like tiny_tok (eos = the turn end <|im_end|>) with a document separator <|endoftext|> in its vocabulary."""
+  specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|endoftext|>"]
+  vocab = {t: i for i, t in enumerate(specials + sorted(set(string.printable)))}
+  backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+  backend.decoder = tokenizers.decoders.Fuse()
+  tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>",
+                                             unk_token="<unk>")
+  tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|endoftext|>"]})
+  return tok
+
+
+def test_text_documents_end_with_the_document_separator(tmp_path, tiny_tok, smol_tok):
+  tok = chat_tokenizer_with_separator()
+  f = write_jsonl(tmp_path / "t.jsonl", [{"text": f"doc{i}"} for i in range(4)])
+  docs = documents(next(iter(make_dataset(cfg_for(f, shuffle=False), tok, process_index=0, process_count=1))), tok)
+  assert set(docs) == {f"doc{i}<|endoftext|>" for i in range(4)}  # not the chat turn end <|im_end|>
+  over = cfg_for(f, shuffle=False, text_eos_token="<|im_end|>")  # the data option overrides the choice
+  docs = documents(next(iter(make_dataset(over, tok, process_index=0, process_count=1))), tok)
+  assert set(docs) == {f"doc{i}<|im_end|>" for i in range(4)}
+  with pytest.raises(ConfigError, match="text_eos_token '<|nope|>'"):
+    make_dataset(cfg_for(f, text_eos_token="<|nope|>"), tok, process_index=0, process_count=1)
+  with pytest.raises(ConfigError, match="text_eos_token"):
+    cfg_for(f, text_eos_token="")
+  # SmolLM2-Instruct: eos <|im_end|>, separator <|endoftext|> (also its unk token); no separator: the eos
+  assert smol_tok.convert_ids_to_tokens(document_end_id(smol_tok)) == "<|endoftext|>" != smol_tok.eos_token
+  assert document_end_id(tiny_tok) == tiny_tok.eos_token_id
 
 
 # ---- Grain state and sharding -----------------------------------------------------------------------

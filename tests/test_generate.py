@@ -8,7 +8,6 @@ from hybrid_jax.config import ModelConfig
 from hybrid_jax.decode.generate import generate, left_pad
 from hybrid_jax.decode.sampling import processed_logprobs, sample_logits
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import init_cache
 
 V = 97
 
@@ -47,7 +46,7 @@ def test_cached_prefill_and_steps_match_full_forward():
   cont = rng.randint(4, V, (3, 5))  # tokens fed one at a time after the prompts
   tokens, offsets = left_pad(prompts, pad_id=0)
   L = tokens.shape[1]
-  cache = init_cache(cfg, 3, L + cont.shape[1]).replace(offset=jnp.asarray(offsets))
+  cache = hybrid.init_cache(cfg, 3, L + cont.shape[1]).replace(offset=jnp.asarray(offsets))
   step = jax.jit(lambda p, t, c: hybrid.forward(p, cfg, t, cache=c))
   pre, cache = step(params, jnp.asarray(tokens), cache)
   steps = []
@@ -167,9 +166,9 @@ def test_chat_loop_keeps_conversation(monkeypatch, capsys):
 
 def test_generate_cli_missing_model(tmp_path, capsys):
   from hybrid_jax import generate as cli
-  assert cli.main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 1
+  assert cli.main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
   err = capsys.readouterr().err
-  assert err.startswith("error: checkpoint directory not found") and err.count("\n") == 1
+  assert err == f"error: {tmp_path / 'nope'}: checkpoint directory not found\n"
 
 
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])

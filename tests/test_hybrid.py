@@ -6,7 +6,6 @@ import pytest
 
 from hybrid_jax.config import ConfigError, ModelConfig
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import init_cache
 from hybrid_jax.model.init import attn_layers_for_fraction, hybrid_config, init_from_teacher
 
 TEACHER = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
@@ -31,7 +30,7 @@ def test_cached_decoding_equals_full_forward(variant, attn):
   prompt = np.zeros((2, total), np.int32)
   for i, n in enumerate(lens):
     prompt[i, total - n:] = seqs[i][:n]
-  cache = init_cache(cfg, 2, total + steps)
+  cache = hybrid.init_cache(cfg, 2, total + steps)
   cache = cache.replace(offset=jnp.array([total - n for n in lens], jnp.int32))
   fwd = jax.jit(lambda p, t, c: hybrid.forward(p, cfg, t, cache=c))
   logits, cache = fwd(params, jnp.asarray(prompt), cache)
@@ -74,12 +73,12 @@ def test_all_attention_hybrid_equals_teacher(variant):
 def test_grad_matches_finite_differences(variant):
   cfg, _, params = make(variant, (0,))
   # Steps of order 1 (the init's dt ~ 0.001-0.1 makes d loss / d A_log vanish below fp32 resolution).
-  m = dict(params["layers"][1]["mamba"])
+  m = dict(params["layers_1"]["mamba"])
   if variant == "mamba":
     m["dt_proj"] = {**m["dt_proj"], "bias": m["dt_proj"]["bias"] * 0 + 0.3}
   else:
     m["dt_bias"] = m["dt_bias"] * 0 + 0.5
-  params["layers"][1] = {**params["layers"][1], "mamba": m}
+  params["layers_1"] = {**params["layers_1"], "mamba": m}
   toks = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 6)))
 
   def loss(p):
@@ -91,8 +90,8 @@ def test_grad_matches_finite_differences(variant):
   f = jax.jit(loss)
   names = ["A_log", "conv1d", "out_proj", "dt_proj" if variant == "mamba" else "dt_bias"]
   for j, name in enumerate(names):
-    leaf = params["layers"][1]["mamba"][name]
-    gl = g["layers"][1]["mamba"][name]
+    leaf = params["layers_1"]["mamba"][name]
+    gl = g["layers_1"]["mamba"][name]
     if isinstance(leaf, dict):
       leaf, gl, sub = leaf["weight"], gl["weight"], "weight"
     else:
@@ -102,12 +101,12 @@ def test_grad_matches_finite_differences(variant):
 
     def shifted(eps, name=name, sub=sub, leaf=leaf, v=v):
       p = jax.tree.map(lambda x: x, params)
-      m = dict(p["layers"][1]["mamba"])
+      m = dict(p["layers_1"]["mamba"])
       if sub:
         m[name] = {**m[name], sub: leaf + eps * v}
       else:
         m[name] = leaf + eps * v
-      p["layers"][1] = {**p["layers"][1], "mamba": m}
+      p["layers_1"] = {**p["layers_1"], "mamba": m}
       return f(p)
 
     # Richardson-extrapolated central differences: O(eps^4) truncation with steps large enough that fp32
@@ -124,8 +123,8 @@ def test_init_copies_attention_into_mixers():
   for variant in ("mamba", "mamba2"):
     _cfg, teacher, params = make(variant, (0, 2))
     for i in (1, 3):
-      a, m = teacher["layers"][i]["self_attn"], params["layers"][i]["mamba"]
-      assert "self_attn" not in params["layers"][i]
+      a, m = teacher[f"layers_{i}"]["self_attn"], params[f"layers_{i}"]["mamba"]
+      assert "self_attn" not in params[f"layers_{i}"]
       if variant == "mamba":
         pairs = [("in_proj_x", "v_proj"), ("B_proj", "k_proj"), ("C_proj", "q_proj"), ("out_proj", "o_proj")]
         for mn, an in pairs:
@@ -137,11 +136,11 @@ def test_init_copies_attention_into_mixers():
         np.testing.assert_array_equal(w[:, 64:96], np.asarray(a["q_proj"]))
         np.testing.assert_array_equal(np.asarray(m["out_proj"]), np.asarray(a["o_proj"]))
       for k in ("input_layernorm", "post_attention_layernorm"):
-        np.testing.assert_array_equal(np.asarray(params["layers"][i][k]), np.asarray(teacher["layers"][i][k]))
+        np.testing.assert_array_equal(np.asarray(params[f"layers_{i}"][k]), np.asarray(teacher[f"layers_{i}"][k]))
     np.testing.assert_array_equal(np.asarray(params["embed_tokens"]), np.asarray(teacher["embed_tokens"]))
     for i in (0, 2):
-      np.testing.assert_array_equal(np.asarray(params["layers"][i]["self_attn"]["q_proj"]),
-                                    np.asarray(teacher["layers"][i]["self_attn"]["q_proj"]))
+      np.testing.assert_array_equal(np.asarray(params[f"layers_{i}"]["self_attn"]["q_proj"]),
+                                    np.asarray(teacher[f"layers_{i}"]["self_attn"]["q_proj"]))
 
 
 def test_random_mixer_init_keeps_the_teachers_rest():
@@ -150,11 +149,11 @@ def test_random_mixer_init_keeps_the_teachers_rest():
   cfg, teacher, kqvo = make("mamba", (0, 2))
   rand = init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(1), mixer_init="random")
   assert jax.tree.structure(rand) == jax.tree.structure(kqvo)
-  m, a = rand["layers"][1]["mamba"], teacher["layers"][1]["self_attn"]
+  m, a = rand["layers_1"]["mamba"], teacher["layers_1"]["self_attn"]
   assert not np.array_equal(np.asarray(m["in_proj_x"]), np.asarray(a["v_proj"]))
-  np.testing.assert_array_equal(np.asarray(m["A_log"]), np.asarray(kqvo["layers"][1]["mamba"]["A_log"]))
-  np.testing.assert_array_equal(np.asarray(rand["layers"][1]["mlp"]["gate_proj"]),
-                                np.asarray(teacher["layers"][1]["mlp"]["gate_proj"]))
+  np.testing.assert_array_equal(np.asarray(m["A_log"]), np.asarray(kqvo["layers_1"]["mamba"]["A_log"]))
+  np.testing.assert_array_equal(np.asarray(rand["layers_1"]["mlp"]["gate_proj"]),
+                                np.asarray(teacher["layers_1"]["mlp"]["gate_proj"]))
   with pytest.raises(ConfigError, match="mixer init"):
     init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(1), mixer_init="zeros")
 

@@ -1,4 +1,4 @@
-"""Mamba-1 / Mamba-2 mixers against the independent PyTorch loops of SPEC 2.1 / 2.2 (tests/mamba_torch_ref.py)."""
+"""Mamba-1 / Mamba-2 mixers against the independent PyTorch loops of docs/DESIGN.md §3.1-3.2 (tests/mamba_torch_ref.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,9 +6,14 @@ import pytest
 import torch
 from mamba_torch_ref import TorchMamba1, TorchMamba2
 
+from hybrid_jax import pallas
 from hybrid_jax.config import ModelConfig, SSMConfig
 from hybrid_jax.convert.mambainllama import mixer_to_torch
-from hybrid_jax.model import mamba, mamba2, ssm
+from hybrid_jax.model import hybrid
+from hybrid_jax.model.conv import causal_conv
+from hybrid_jax.model.hybrid import full_context
+from hybrid_jax.model.mamba import Mamba
+from hybrid_jax.model.mamba2 import Mamba2
 
 B, T = 2, 7
 
@@ -23,12 +28,12 @@ def tiny_cfg(variant: str, **ssm) -> ModelConfig:
                      num_attention_heads=4, num_key_value_heads=2, attn_layers=(0,), ssm=s)
 
 
-def _mod(variant):
-  return mamba if variant == "mamba" else mamba2
+def _mod(variant, cfg):
+  return (Mamba if variant == "mamba" else Mamba2)(cfg)
 
 
 def _params(variant, cfg, seed=0):
-  p = _mod(variant).init_mixer(jax.random.PRNGKey(seed), cfg)
+  p = hybrid.init_mixer_params(cfg, 1, jax.random.PRNGKey(seed))
   # Non-trivial values for everything the init leaves at constants (D = 1, norm = 1, A_log rows equal).
   leaves, tree = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
@@ -48,8 +53,7 @@ def _torch(variant, cfg, p, **kw):
 
 
 def _run_jax(variant, cfg, p, u, seg=None):
-  seg = jnp.ones(u.shape[:2], jnp.int32) if seg is None else seg
-  y, _ = _mod(variant).mixer(p, cfg, u, segment_ids=seg)
+  y = _mod(variant, cfg).apply({"params": p}, u, full_context(cfg, u.shape[:2], seg))
   return np.asarray(y)
 
 
@@ -84,14 +88,14 @@ def test_mamba1_dt_bias_counts_twice():
 def test_state_carry_equals_full(variant):
   """Chunked calls carrying {'conv', 'ssm'} (prefill 3, then 1-token steps) == one full call."""
   cfg = tiny_cfg(variant)
-  mod = _mod(variant)
+  mod = _mod(variant, cfg)
   p = _params(variant, cfg)
   u = jax.random.normal(jax.random.PRNGKey(5), (B, T, cfg.hidden_size))
   full = _run_jax(variant, cfg, p, u)
-  state = mod.init_state(cfg, B, jnp.float32)
+  state = mod.init_state(B, T, jnp.float32)
   outs = []
   for lo, hi in [(0, 3)] + [(i, i + 1) for i in range(3, T)]:
-    y, state = mod.mixer(p, cfg, u[:, lo:hi], segment_ids=jnp.ones((B, hi - lo), jnp.int32), state=state)
+    y, state = mod.apply({"params": p}, u[:, lo:hi], full_context(cfg, (B, hi - lo)), state, method="cached")
     outs.append(np.asarray(y))
   np.testing.assert_allclose(np.concatenate(outs, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -107,13 +111,13 @@ def test_single_step_scan_is_plain_elementwise(variant):
     inp = {"x": rn(ks[0], (B, 1, d)), "dt": rn(ks[1], (B, 1, d)), "A": -jnp.exp(rn(ks[2], (d, n))),
            "B": rn(ks[3], (B, 1, g, n)), "C": rn(ks[4], (B, 1, g, n)), "D": rn(ks[5], (d,)),
            "dt_bias": rn(ks[6], (d,)), "z": rn(ks[7], (B, 1, d)), "h0": rn(ks[0], (B, d, n))}
-    fn, ref = ssm.selective_scan, ssm.selective_scan_ref
+    fn, ref = pallas.selective_scan, pallas.selective_scan_ref
   else:
     h, n = 2, 3
     inp = {"x": rn(ks[0], (B, 1, h, n)), "dt": rn(ks[1], (B, 1, h)), "A": -jnp.exp(rn(ks[2], (h,))),
            "B": rn(ks[3], (B, 1, 1, n)), "C": rn(ks[4], (B, 1, 1, n)), "D": rn(ks[5], (h,)),
            "dt_bias": rn(ks[6], (h,)), "h0": rn(ks[7], (B, h, n, n))}
-    fn, ref = ssm.ssd_scan, ssm.ssd_scan_ref
+    fn, ref = pallas.ssd_scan, pallas.ssd_scan_ref
   want = ref(**inp)  # the one-step path (checked against the lax.scan path below)
   for impl in ("auto", "pallas", "chunked", "reference"):
     jaxpr = str(jax.make_jaxpr(lambda inp, impl=impl: fn(**inp, impl=impl))(inp))
@@ -140,22 +144,25 @@ def test_segments_isolated(variant):
 
 
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])
-def test_split_pieces_replay(variant):
-  """scan_inputs -> scan -> output composes to mixer, and scanning cached inputs from a saved state
-  replays the later steps exactly (what a speculative verifier does)."""
+def test_pieces_compose_and_replay(variant):
+  """conv_input -> conv -> scan_inputs -> scan -> output composes to the mixer, and scanning cached inputs
+  from a saved state replays the later steps exactly (what the speculative path does)."""
   cfg = tiny_cfg(variant)
-  mod = _mod(variant)
   p = _params(variant, cfg)
   u = jax.random.normal(jax.random.PRNGKey(7), (B, T, cfg.hidden_size))
-  seg = jnp.ones((B, T), jnp.int32)
-  inp, _ = mod.scan_inputs(p, cfg, u, segment_ids=seg)
-  y, h = mod.scan(p, cfg, inp)
-  out = mod.output(p, cfg, y) if variant == "mamba" else mod.output(p, cfg, y, inp["z"])
+  no_reset = jnp.zeros((B, T), bool)
+
+  def pieces(m):
+    xr, rest = m.conv_input(u)
+    xc, _ = causal_conv(xr, m.conv1d.weight, m.conv1d.bias)
+    inp = m.scan_inputs(xc, rest)
+    y, h = m.scan(inp, no_reset, None)
+    _, h4 = m.scan(jax.tree.map(lambda a: a[:, :4], inp), no_reset[:, :4], None)
+    y2, h2 = m.scan(jax.tree.map(lambda a: a[:, 4:], inp), no_reset[:, 4:], h4)
+    return m.output(y, inp), y, h, y2, h2
+
+  out, y, h, y2, h2 = _mod(variant, cfg).apply({"params": p}, method=pieces)
   np.testing.assert_allclose(np.asarray(out), _run_jax(variant, cfg, p, u), atol=1e-6)
-  first = jax.tree.map(lambda a: a[:, :4], inp)
-  rest = jax.tree.map(lambda a: a[:, 4:], inp)
-  _, h4 = mod.scan(p, cfg, first)
-  y2, h2 = mod.scan(p, cfg, rest, h0=h4)
   np.testing.assert_allclose(np.asarray(y2), np.asarray(y[:, 4:]), atol=1e-6)
   np.testing.assert_allclose(np.asarray(h2), np.asarray(h), atol=1e-6)
 
@@ -163,7 +170,7 @@ def test_split_pieces_replay(variant):
 def test_init_follows_reference():
   for variant in ("mamba", "mamba2"):
     cfg = tiny_cfg(variant)
-    p = _mod(variant).init_mixer(jax.random.PRNGKey(0), cfg)
+    p = hybrid.init_mixer_params(cfg, 1, jax.random.PRNGKey(0))
     bias = p["dt_proj"]["bias"] if variant == "mamba" else p["dt_bias"]
     dt = np.asarray(jax.nn.softplus(bias))
     assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6 and dt.min() < dt.max()

@@ -150,5 +150,5 @@ def test_cli_init_hybrid_export_and_reimport(tmp_path, capsys):
     with open(os.path.join(out, "config.json")) as fh:
       assert json.load(fh)["_name_or_path"] == str(tmp_path / "teacher")
   assert cli.main(["--init-hybrid", str(tmp_path / "teacher"), "--attn-layers", "0,x",
-                   "--output", str(tmp_path / "bad")]) == 1
+                   "--output", str(tmp_path / "bad")]) == 2
   assert "attn-layers" in capsys.readouterr().err

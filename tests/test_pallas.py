@@ -2,13 +2,16 @@
 
 CPU only: the Pallas kernels run in interpret mode (automatic when the backend is cpu).
 """
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hybrid_jax.model import ssm
-from hybrid_jax.pallas import common, multistep, scan, ssd
+from hybrid_jax import pallas
+from hybrid_jax.pallas import KernelOptions, ScanImpl, common, multistep, ops, reference, scan, ssd
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 1e-5, BF16: 1e-2}
@@ -52,7 +55,7 @@ def test_interpret_on_cpu():
 def test_selective_scan_matches_reference(impl, dtype, shape):
   inp = m1_inputs(jax.random.PRNGKey(sum(shape)), *shape, dtype=dtype)
   y, h = M1[impl](**inp)
-  y_ref, h_ref = ssm.selective_scan_ref(**inp)
+  y_ref, h_ref = reference.selective_scan_ref(**inp)
   assert y.dtype == dtype and h.dtype == F32 and y.shape == y_ref.shape and h.shape == h_ref.shape
   assert rel(y, y_ref) <= TOL[dtype] and rel(h, h_ref) <= TOL[dtype]
 
@@ -63,7 +66,7 @@ def test_selective_scan_matches_reference(impl, dtype, shape):
 def test_ssd_scan_matches_reference(impl, dtype, shape):
   inp = m2_inputs(jax.random.PRNGKey(sum(shape)), *shape, dtype=dtype)
   y, h = M2[impl](**inp)
-  y_ref, h_ref = ssm.ssd_scan_ref(**inp)
+  y_ref, h_ref = reference.ssd_scan_ref(**inp)
   assert y.dtype == dtype and h.dtype == F32 and y.shape == y_ref.shape and h.shape == h_ref.shape
   assert rel(y, y_ref) <= TOL[dtype] and rel(h, h_ref) <= TOL[dtype]
 
@@ -78,50 +81,49 @@ def _grads(fn, inp, names):
 
 
 @pytest.mark.parametrize("impl", ["pallas", "chunked"])
-def test_selective_scan_grads(impl, monkeypatch):
-  monkeypatch.setattr(scan, "BWD_CHUNK", 4)  # several checkpointed chunks, the last one padded
+def test_selective_scan_grads(impl):
+  # pallas: several checkpointed chunks, the last one padded
+  fn = functools.partial(M1[impl], options=KernelOptions(bwd_chunk=4)) if impl == "pallas" else M1[impl]
   inp = m1_inputs(jax.random.PRNGKey(3), 2, 9, 6, 2, 3)
   names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "z", "h0"]
-  for g, r, name in zip(_grads(M1[impl], inp, names), _grads(ssm.selective_scan_ref, inp, names), names):
+  for g, r, name in zip(_grads(fn, inp, names), _grads(reference.selective_scan_ref, inp, names), names):
     assert rel(g, r) <= 1e-5, name
 
 
 @pytest.mark.parametrize("bwd,tile", [("kernel", 2048), ("kernel", 8), ("chunked", 8)])
-def test_selective_scan_pallas_backward(bwd, tile, monkeypatch):
-  """impl 'pallas' with either backward (BWD_IMPL: the kernel, the chunk-parallel JAX one): outputs and
+def test_selective_scan_pallas_backward(bwd, tile):
+  """impl 'pallas' with either backward (bwd_impl: the kernel, the chunk-parallel JAX one): outputs and
   gradients against the reference, with whole groups per program (2048) and a group's channels split over
   programs (8: 2 of 4 padded channels, so the kernel's dB / dC are summed over channel blocks), several
   checkpointed chunks, the last one padded, and resets."""
-  monkeypatch.setattr(scan, "BWD_CHUNK", 4)
-  monkeypatch.setattr(scan, "BWD_IMPL", bwd)
-  monkeypatch.setattr(scan, "FWD_TILE", tile)
-  monkeypatch.setattr(scan, "BWD_TILE", tile)
+  fn = functools.partial(scan.selective_scan_pallas,
+                         options=KernelOptions(bwd_chunk=4, bwd_impl=bwd, fwd_tile=tile, bwd_tile=tile))
   inp = m1_inputs(jax.random.PRNGKey(3), 2, 9, 6, 2, 3)
-  y, h = scan.selective_scan_pallas(**inp)
-  y_ref, h_ref = ssm.selective_scan_ref(**inp)
+  y, h = fn(**inp)
+  y_ref, h_ref = reference.selective_scan_ref(**inp)
   assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
   names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "z", "h0"]
-  for g, r, name in zip(_grads(M1["pallas"], inp, names), _grads(ssm.selective_scan_ref, inp, names), names):
+  for g, r, name in zip(_grads(fn, inp, names), _grads(reference.selective_scan_ref, inp, names), names):
     assert rel(g, r) <= 1e-5, name
 
 
-def test_selective_scan_backward_kernel_cuda_lowering(monkeypatch):
+def test_selective_scan_backward_kernel_cuda_lowering():
   """The backward kernel lowers for CUDA (on this CPU host), with its CTA barriers around the state scratch
   (and the chunked backward has neither)."""
-  monkeypatch.setattr(scan, "BWD_IMPL", "kernel")
   inp = m1_inputs(jax.random.PRNGKey(5), 1, 8, 8, 2, 4, dtype=BF16)
   names = ["x", "dt", "B", "C"]
 
-  def loss(*vals):
-    y, h = scan.selective_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False)
-    return jnp.sum(y.astype(F32)) + jnp.sum(h)
-  lowered = lambda: jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).trace(
-      *[inp[k] for k in names]).lower(lowering_platforms=("cuda",)).as_text()  # a new jit: no cached trace
-  text = lowered()
+  def lowered(bwd_impl):
+    def loss(*vals):
+      y, h = scan.selective_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False,
+                                        options=KernelOptions(bwd_impl=bwd_impl))
+      return jnp.sum(y.astype(F32)) + jnp.sum(h)
+    return jax.jit(jax.grad(loss, argnums=tuple(range(len(names))))).trace(
+        *[inp[k] for k in names]).lower(lowering_platforms=("cuda",)).as_text()
+  text = lowered("kernel")
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # the forward and the backward kernel
   assert "gpu.barrier_scope" in text  # the serialized Triton module carries the barriers
-  monkeypatch.setattr(scan, "BWD_IMPL", "chunked")
-  text = lowered()
+  text = lowered("chunked")
   assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "gpu.barrier_scope" not in text
 
 
@@ -129,7 +131,7 @@ def test_selective_scan_backward_kernel_cuda_lowering(monkeypatch):
 def test_ssd_scan_grads(impl):
   inp = m2_inputs(jax.random.PRNGKey(4), 2, 9, 4, 3, 2, 5)
   names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "h0"]
-  for g, r, name in zip(_grads(M2[impl], inp, names), _grads(ssm.ssd_scan_ref, inp, names), names):
+  for g, r, name in zip(_grads(M2[impl], inp, names), _grads(reference.ssd_scan_ref, inp, names), names):
     assert rel(g, r) <= 1e-5, name
 
 
@@ -154,18 +156,34 @@ def test_reset_and_h0_honoured(variant, impl):
 
 # -- dispatch --------------------------------------------------------------------------------------------
 def test_dispatch():
+  """Every impl (enum or string) gives the reference's values; 'pallas' runs a kernel, the others none (on
+  CPU 'auto' is the reference); a bad impl is a one-line error."""
   inp = m1_inputs(jax.random.PRNGKey(8), 1, 5, 4, 2, 3)
-  assert "mamba" in ssm._IMPLS["auto"] and ssm._pick("mamba", "auto") is None  # cpu: the reference
-  ref = ssm.selective_scan_ref(**inp)
-  for impl in ("auto", "reference", "pallas", "chunked"):
-    out = ssm.selective_scan(**inp, impl=impl)
-    assert rel(out[0], ref[0]) <= 1e-5, impl
   inp2 = m2_inputs(jax.random.PRNGKey(9), 1, 5, 2, 3, 1, 4)
-  ref2 = ssm.ssd_scan_ref(**inp2)
-  for impl in ("auto", "reference", "pallas", "chunked"):
-    assert rel(ssm.ssd_scan(**inp2, impl=impl)[0], ref2[0]) <= 1e-5, impl
-  assert ssm._IMPLS["pallas"]["mamba"] is scan.selective_scan_pallas
-  assert ssm._IMPLS["chunked"]["mamba2"] is ssd.ssd_scan_chunked
+  for fn, ref_fn, args in ((pallas.selective_scan, reference.selective_scan_ref, inp),
+                           (pallas.ssd_scan, reference.ssd_scan_ref, inp2)):
+    ref = ref_fn(**args)
+    for impl in (*ScanImpl, "auto", "reference", "pallas", "chunked"):
+      assert rel(fn(**args, impl=impl)[0], ref[0]) <= 1e-5, impl
+      jaxpr = str(jax.make_jaxpr(lambda a, fn=fn, impl=impl: fn(**a, impl=impl))(args))
+      assert ("pallas_call" in jaxpr) == (ScanImpl(impl) is ScanImpl.PALLAS), impl
+    with pytest.raises(ValueError, match="scan impl must be one of auto"):
+      fn(**args, impl="triton")
+
+
+def test_auto_by_backend(monkeypatch):
+  """AUTO: on GPU the options' per-variant pick (by default Mamba-1 'pallas', Mamba-2 'chunked'), on TPU
+  'chunked', elsewhere the reference; any other impl as given."""
+  opts = KernelOptions()
+  picks = {}
+  for backend in ("gpu", "tpu", "cpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    picks[backend] = (ops._training_impl("auto", opts.gpu_mamba), ops._training_impl("auto", opts.gpu_mamba2),
+                      ops._training_impl("pallas", opts.gpu_mamba2))
+  assert picks["gpu"] == (ScanImpl.PALLAS, ScanImpl.CHUNKED, ScanImpl.PALLAS)
+  assert picks["tpu"] == (ScanImpl.CHUNKED, ScanImpl.CHUNKED, ScanImpl.PALLAS)
+  assert picks["cpu"] == (ScanImpl.REFERENCE, ScanImpl.REFERENCE, ScanImpl.PALLAS)
+  assert KernelOptions(gpu_mamba2="pallas").gpu_mamba2 is ScanImpl.PALLAS
 
 
 # -- multistep verification ------------------------------------------------------------------------------
@@ -208,8 +226,9 @@ def sequential(inp, variant):
 
 def _one(variant, step, c, z, inp, h):
   if variant == "mamba":
-    return ssm.selective_scan_ref(step["x"], step["dt"], inp["A"], step["B"], c, inp["D"], inp["dt_bias"], z=z, h0=h)
-  y, h = ssm.ssd_scan_ref(step["x"], step["dt"], inp["A"], step["B"], c, inp["D"], inp["dt_bias"], h0=h)
+    return reference.selective_scan_ref(step["x"], step["dt"], inp["A"], step["B"], c, inp["D"], inp["dt_bias"],
+                                        z=z, h0=h)
+  y, h = reference.ssd_scan_ref(step["x"], step["dt"], inp["A"], step["B"], c, inp["D"], inp["dt_bias"], h0=h)
   if z is not None:
     y = (y.astype(F32) * jax.nn.silu(z.astype(F32))).astype(y.dtype)
   return y, h
@@ -221,8 +240,8 @@ def _one(variant, step, c, z, inp, h):
 def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
   inp = ms_inputs(jax.random.PRNGKey(kc * 10 + k), variant, 3, kc, k)
   inp["n_accept"] = jnp.array(n_accept, jnp.int32)
-  y, ck, cache = multistep.multistep_scan(**inp, impl="pallas")
-  y_ref, ck_ref, cache_ref = multistep.multistep_scan_ref(**inp)
+  y, ck, cache = pallas.multistep_scan(**inp, impl="pallas")
+  y_ref, ck_ref, cache_ref = reference.multistep_scan_ref(**inp)
   y_seq, ck_seq = sequential(inp, variant)
   assert y.shape == inp["x"].shape and ck.shape == inp["state"].shape and ck.dtype == F32
   assert rel(y, y_ref) <= 1e-5 and rel(ck, ck_ref) <= 1e-5
@@ -233,20 +252,19 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
 
 @pytest.mark.parametrize("m1_tile,m2_tile,acc_y,fast_math", [((256, 4), (16, 4), True, True),
                                                              ((32, 1), (1, 1), False, False)])
-def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
+def test_multistep_tilings(m1_tile, m2_tile, acc_y, fast_math):
   """Both ends of the tiling: large tiles (Mamba-1: several groups per program and padded groups; Mamba-2:
   more rows than P has) and small ones (a group's channels split over programs); y gathered in registers
   or stored per step; the per-step scalars with the fast or the libdevice math."""
-  monkeypatch.setattr(multistep, "ACC_Y", acc_y)
-  monkeypatch.setattr(multistep, "FAST_MATH", fast_math)
+  switches = KernelOptions(acc_y=acc_y, fast_math=fast_math)
   ks = jax.random.split(jax.random.PRNGKey(21), 13)
   rn = lambda kk, s: jax.random.normal(kk, s, F32)
   b, kc, k = 2, 2, 4
   n_acc = jnp.array([2, 1], jnp.int32)
 
-  def check(inp):
-    y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
-    y_ref, ck_ref, _ = multistep.multistep_scan_ref(**inp)
+  def check(inp, opts):
+    y, ck, _ = pallas.multistep_scan(**inp, impl="pallas", options=opts)
+    y_ref, ck_ref, _ = reference.multistep_scan_ref(**inp)
     assert rel(y, y_ref) <= 1e-5 and rel(ck, ck_ref) <= 1e-5
 
   # Mamba-1: d 48 = 3 groups x 16 channels, N 5 (-> 8): a group is 128 state elements
@@ -255,32 +273,32 @@ def test_multistep_tilings(monkeypatch, m1_tile, m2_tile, acc_y, fast_math):
             cache_B=rn(ks[3], (b, kc, g, n)), n_accept=n_acc, x=rn(ks[4], (b, k, d)), dt=rn(ks[5], (b, k, d)),
             B=rn(ks[6], (b, k, g, n)), C=rn(ks[7], (b, k, g, n)), A=-jnp.exp(rn(ks[8], (d, n))),
             D=rn(ks[9], (d,)), dt_bias=rn(ks[10], (d,)), z=rn(ks[11], (b, k, d)))
-  monkeypatch.setattr(multistep, "TILE_OVERRIDE", m1_tile)
-  assert multistep._m1_tiling(b, g, 16, 8) == ((2, 16, 4) if m1_tile[0] == 256 else (1, 4, 1))
-  check(m1)
+  opts = dataclasses.replace(switches, tile_override=m1_tile)
+  assert multistep._m1_tiling(b, g, 16, 8, opts) == ((2, 16, 4) if m1_tile[0] == 256 else (1, 4, 1))
+  check(m1, opts)
   # Mamba-2: 2 heads, P 12, N 6: the row tile is capped at next_pow2(P) = 16
   h, p, g2, n2 = 2, 12, 1, 6
   m2 = dict(state=rn(ks[0], (b, h, p, n2)), cache_x=rn(ks[1], (b, kc, h, p)), cache_dt=rn(ks[2], (b, kc, h)),
             cache_B=rn(ks[3], (b, kc, g2, n2)), n_accept=n_acc, x=rn(ks[4], (b, k, h, p)),
             dt=rn(ks[5], (b, k, h)), B=rn(ks[6], (b, k, g2, n2)), C=rn(ks[7], (b, k, g2, n2)),
             A=-jnp.exp(rn(ks[8], (h,))), D=rn(ks[9], (h,)), dt_bias=rn(ks[10], (h,)), z=None)
-  monkeypatch.setattr(multistep, "TILE_OVERRIDE", m2_tile)
-  assert multistep._m2_tiling(b, p, 8) == (*m2_tile, 8)  # 16 rows > P = 12: a padded tile
-  check(m2)
+  opts = dataclasses.replace(switches, tile_override=m2_tile)
+  assert multistep._m2_tiling(b, p, 8, opts) == (*m2_tile, 8)  # 16 rows > P = 12: a padded tile
+  check(m2, opts)
 
 
 @pytest.mark.parametrize("width", [2, 4, 8])
-def test_multistep_mamba2_column_chunks(monkeypatch, width):
+def test_multistep_mamba2_column_chunks(width):
   """Mamba-2's state held as chunks of N columns (N 8: four, two or one chunk), per head against the
   reference; heads with mild to total decays over the steps."""
-  monkeypatch.setattr(multistep, "TILE_OVERRIDE", (4, 1, width))
+  opts = KernelOptions(tile_override=(4, 1, width))
   inp = ms_inputs(jax.random.PRNGKey(31), "mamba2", 2, 3, 4)
   tile = lambda v: jnp.concatenate([v, v[..., :3]], -1)  # N 5 -> 8
   inp.update(n_accept=jnp.array([3, 1], jnp.int32), state=tile(inp["state"]), cache_B=tile(inp["cache_B"]),
              B=tile(inp["B"]), C=tile(inp["C"]), A=-jnp.array([0.1, 1.0, 3.0, 300.0]))
-  assert multistep._m2_tiling(2, 3, 8) == (4, 1, width)
-  y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
-  y_ref, ck_ref, _ = multistep.multistep_scan_ref(**inp)
+  assert multistep._m2_tiling(2, 3, 8, opts) == (4, 1, width)
+  y, ck, _ = pallas.multistep_scan(**inp, impl="pallas", options=opts)
+  y_ref, ck_ref, _ = reference.multistep_scan_ref(**inp)
   for hh in range(4):
     assert rel(y[:, :, hh], y_ref[:, :, hh]) <= 1e-5 and rel(ck[:, hh], ck_ref[:, hh]) <= 1e-5, hh
 
@@ -303,16 +321,14 @@ def test_softplus_fast_accuracy():
 
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])
 @pytest.mark.parametrize("ptx", [True, False])
-def test_multistep_cuda_lowering_explicit_fma(monkeypatch, variant, ptx):
+def test_multistep_cuda_lowering_explicit_fma(variant, ptx):
   """The kernel lowered for CUDA (on this CPU host) carries its FMAs, the softplus reciprocal and (Mamba-2)
   the per-lane scalars' shuffles as inline PTX (XLA's Triton pipeline would not contract a * b + c), and
   none with the switches off."""
-  monkeypatch.setattr(multistep, "FMA", ptx)
-  monkeypatch.setattr(multistep, "PTX_RCP", ptx)
-  monkeypatch.setattr(multistep, "LANE_SCALARS", ptx)
+  opts = KernelOptions(fma=ptx, ptx_rcp=ptx, lane_scalars=ptx)
   inp = ms_inputs(jax.random.PRNGKey(12), variant, 1, 2, 2, dtype=BF16, z=variant == "mamba")
   inp["n_accept"] = jnp.array([1], jnp.int32)
-  f = jax.jit(lambda a: multistep.multistep_scan(**a, impl="pallas", interpret=False))
+  f = jax.jit(lambda a: pallas.multistep_scan(**a, impl="pallas", interpret=False, options=opts))
   text = f.trace(inp).lower(lowering_platforms=("cuda",)).as_text()
   assert ("fma.rn.f32" in text) == ptx and ("rcp.approx.ftz.f32" in text) == ptx
   # the per-lane scalars and their shuffles: Mamba-2 only (Mamba-1's dt is per channel)
@@ -329,8 +345,8 @@ def test_ptx_helpers_plain_outside_a_kernel():
 def test_multistep_bf16_no_z(variant):
   inp = ms_inputs(jax.random.PRNGKey(11), variant, 2, 3, 4, dtype=BF16, z=False)
   inp["n_accept"] = jnp.array([1, 3], jnp.int32)
-  y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
-  y_ref, ck_ref, _ = multistep.multistep_scan_ref(**inp)
+  y, ck, _ = pallas.multistep_scan(**inp, impl="pallas")
+  y_ref, ck_ref, _ = reference.multistep_scan_ref(**inp)
   assert y.dtype == BF16 and rel(y, y_ref) <= 1e-2 and rel(ck, ck_ref) <= 1e-2
 
 
@@ -339,11 +355,11 @@ def test_multistep_k1_is_single_step(variant):
   """K = 1, n_accept = 1: the cached step is applied, then one plain step from there."""
   inp = ms_inputs(jax.random.PRNGKey(12), variant, 2, 1, 1)
   inp["n_accept"] = jnp.ones((2,), jnp.int32)
-  y, ck, _ = multistep.multistep_scan(**inp, impl="pallas")
+  y, ck, _ = pallas.multistep_scan(**inp, impl="pallas")
   cached = dict(x=inp["cache_x"], dt=inp["cache_dt"], B=inp["cache_B"])
   _, h1 = _one(variant, cached, jnp.zeros_like(inp["cache_B"]), None, inp, inp["state"])
   y1, _ = _one(variant, dict(x=inp["x"], dt=inp["dt"], B=inp["B"]), inp["C"], inp["z"], inp, h1)
   assert rel(ck, h1) <= 1e-5 and rel(y, y1) <= 1e-5
   # and the next call with nothing accepted starts from that checkpoint unchanged
   nxt = dict(inp, state=ck, n_accept=jnp.zeros((2,), jnp.int32))
-  assert rel(multistep.multistep_scan(**nxt, impl="pallas")[1], ck) == 0.0
+  assert rel(pallas.multistep_scan(**nxt, impl="pallas")[1], ck) == 0.0

@@ -39,7 +39,7 @@ def test_mesh_resolution_and_rules():
   p = hybrid.init_params(STUDENT, jax.random.key(0))
   specs = jax.tree.map(lambda s: s.spec, shd.param_shardings(p, STUDENT, mesh8()))
   assert specs["embed_tokens"] == P("tensor", "fsdp")
-  attn, mam = specs["layers"][1], specs["layers"][0]
+  attn, mam = specs["layers_1"], specs["layers_0"]
   assert attn["self_attn"]["q_proj"] == P("fsdp", "tensor")
   assert attn["self_attn"]["o_proj"] == P("tensor", "fsdp")
   assert attn["mlp"]["gate_proj"] == P("fsdp", "tensor") and attn["mlp"]["down_proj"] == P("tensor", "fsdp")
@@ -77,7 +77,7 @@ def test_sharded_step_matches_single_device():
   s8, m8, _ = _step_on(mesh8())
   s1, m1, _ = _step_on(mesh1())
   # the params really are spread over the 8 devices
-  q = s8.params["layers"][1]["self_attn"]["q_proj"]
+  q = s8.params["layers_1"]["self_attn"]["q_proj"]
   assert len(q.sharding.device_set) == 8 and q.addressable_shards[0].data.shape == (16, 16)
   for k in ("loss", "kl", "ce", "grad_norm"):
     np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6, err_msg=k)

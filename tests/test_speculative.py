@@ -9,17 +9,18 @@ import numpy as np
 import pytest
 
 from hybrid_jax.config import ModelConfig, SSMConfig
-from hybrid_jax.decode import verify
 from hybrid_jax.decode.generate import generate
 from hybrid_jax.decode.sampling import processed_logprobs
 from hybrid_jax.decode.speculative import (
+  NgramDraft,
+  choose_k,
   controlled_acceptance_hook,
   greedy_accept,
+  ngram_propose,
   sampling_accept,
   speculative_generate,
 )
 from hybrid_jax.model import hybrid, mamba, mamba2
-from hybrid_jax.model.cache import init_cache
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]  # batch 3, different lengths
 
@@ -71,27 +72,7 @@ def test_sampling_accept_rule_edges():
 
 
 # ------------------------------------------------------------------------------------------------
-# The speculative-mode mixer pieces and caches
-@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
-def test_split_scan_inputs_match_mixer(variant):
-  cfg = tiny_cfg(variant)
-  params = hybrid.init_params(cfg, jax.random.PRNGKey(1))
-  p = params["layers"][0]["mamba"]
-  mod = mamba if variant == "mamba" else mamba2
-  u = jax.random.normal(jax.random.PRNGKey(2), (2, 5, cfg.hidden_size))
-  state = mod.init_state(cfg, 2, jnp.float32)
-  state["conv"] = jax.random.normal(jax.random.PRNGKey(3), state["conv"].shape)
-  want, want_conv = mod.scan_inputs(p, cfg, u, segment_ids=jnp.ones((2, 5), jnp.int32),
-                                    conv_state=state["conv"])
-  xr, rest = verify._conv_input(p, cfg, u)
-  xc, conv = verify.causal_conv(xr, p["conv1d"]["weight"], p["conv1d"]["bias"], None, state["conv"])
-  got = verify._scan_inputs_from_conv(cfg, xc, rest)
-  assert set(got) == set(want)
-  for name in want:
-    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-  np.testing.assert_array_equal(conv, want_conv)
-
-
+# The speculative-mode caches
 def test_spec_forward_rollback_matches_full_forward(target):
   """Verify k+1 tokens, keep a different prefix per sequence, verify again: the logits of the kept tokens
   equal a plain forward over the kept sequence (attention: pos rollback; Mamba: checkpoint + replay)."""
@@ -99,15 +80,15 @@ def test_spec_forward_rollback_matches_full_forward(target):
   k, b = 3, 3
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, 4)), jnp.int32)
-  cache = init_cache(cfg, b, 32)
+  cache = hybrid.init_cache(cfg, b, 32)
   _, cache = hybrid.forward(params, cfg, prompt, cache=cache)
-  cache = verify.to_spec_cache(cfg, cache, k)
+  cache = hybrid.speculative_cache(cfg, cache, k)
   seqs = [list(map(int, r)) for r in prompt]
   keep_plan = [[0, 3, 1], [4, 2, 0], [1, 4, 4]]  # tokens kept after each call, per sequence (<= k + 1)
   for keep in keep_plan:
     new = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, k + 1)), jnp.int32)
     pos0 = cache.pos
-    logits, cache = verify.spec_forward(params, cfg, new, cache, commit=True)
+    logits, cache = hybrid.forward(params, cfg, new, cache=cache, speculative="commit")
     for i in range(b):
       full = jnp.asarray([seqs[i] + list(map(int, new[i]))], jnp.int32)
       want, _ = hybrid.forward(params, cfg, full)
@@ -234,3 +215,121 @@ def test_sampling_matches_target_distribution(sampling):
   control, _ = speculative_generate(draft, cfg, draft, cfg, [prompt] * samples, n_tok, 2, seed=3,
                                     eos_ids=(), **sampling)
   assert chi_square_pvalue(counts(control), probs) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt lookup (n-gram) draft
+def test_ngram_propose_rules():
+  """Longest match first, then the latest; the continuation repeats the matched pattern where it reaches the
+  end; padding (-1) and tokens past `end` never match; no match proposes the last token."""
+  rows = [  # (history, n, min_n, expected proposals for k = 3, matched length)
+      ([1, 2, 3, 4, 9, 1, 2, 3], 3, 1, [4, 9, 1], 3),  # plain continuation of a full match
+      ([7, 2, 3, 5, 8, 2, 3], 3, 1, [5, 8, 2], 2),  # falls back to the last 2 tokens
+      ([2, 3, 4, 2, 3, 5, 1, 2, 3], 3, 1, [5, 1, 2], 2),  # two 2-matches: the latest
+      ([1, 2, 3, 4, 0, 2, 3, 6, 1, 2, 3], 3, 1, [4, 0, 2], 3),  # an older 3-match beats a later 2-match
+      ([4, 5, 4, 5, 4, 5], 3, 1, [4, 5, 4], 3),  # period 2: the pattern repeats past the end
+      ([1, 2, 3], 3, 1, [3, 3, 3], 0),  # nothing earlier matches
+      ([-1, -1, 7], 3, 1, [7, 7, 7], 0),  # padding is no token
+      ([1, 2, 1], 2, 1, [2, 1, 2], 1),  # a 1-match (the earlier 1), period 2
+      ([1, 2, 1], 2, 2, [1, 1, 1], 0),  # ... which min_n = 2 refuses
+  ]
+  t = max(len(r[0]) for r in rows) + 4
+  for hist, n, min_n, want, want_m in rows:
+    buf = np.full((1, t), -1, np.int32)
+    buf[0, :len(hist)] = hist
+    buf[0, len(hist):] = 1  # not -1: tokens past `end` must be ignored by position, not by value
+    prop, m = ngram_propose(jnp.asarray(buf), jnp.asarray([len(hist)], jnp.int32), 3, n, min_n)
+    assert prop[0].tolist() == want and int(m[0]) == want_m, (hist, prop, m)
+
+
+REPEATING = [[1, 2, 3, 1, 2, 3, 1, 2], [7, 8], [9, 10, 11, 9, 10, 11, 12, 9, 10]]
+
+
+def test_ngram_greedy_equals_target(target, k=3):
+  cfg, params = target
+  want = generate(params, cfg, REPEATING, 20)
+  got, stats = speculative_generate(params, cfg, NgramDraft(3), None, REPEATING, 20, k)
+  assert got == want
+  assert stats["draft_calls"] == 0 and stats["acceptance_rate"] > 0.0, stats  # some lookups paid off
+
+
+def test_ngram_sampling_matches_target_distribution():
+  """Deterministic proposals (one-hot q) under speculative sampling: the emitted tokens are distributed as the
+  target's, while proposals are both accepted and rejected."""
+  v, n_tok, samples = 8, 3, 20000
+  sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+  cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(11), std=0.5)
+  prompt = [1, 2, 3, 1, 2]  # the lookup proposes 3, 1, 2, ... from the start
+  probs = exact_joint(params, cfg, prompt, n_tok, **sampling)
+  got, stats = speculative_generate(params, cfg, NgramDraft(2), None, [prompt] * samples, n_tok, 2, seed=3,
+                                    eos_ids=(), **sampling)
+  assert 0.05 < stats["acceptance_rate"] < 0.95, stats
+  counts = np.bincount([np.ravel_multi_index(t[:n_tok], (v,) * n_tok) for t in got], minlength=v ** n_tok)
+  assert chi_square_pvalue(counts, probs) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# k = "auto": the round length chosen from the measured acceptance
+def test_choose_k_cost_model():
+  ks = np.arange(1, 9)
+  for acc, rej, c in [(90, 10, 0.0), (900, 100, 0.3), (10, 90, 0.3), (0, 0, 0.1), (50, 50, 0.05)]:
+    a = (acc + 1) / (acc + rej + 2)
+    want = 1 + int(np.argmax((1 - a ** (ks + 1)) / ((1 - a) * (1 + c * ks))))
+    assert int(choose_k(jnp.int32(acc), jnp.int32(rej), 8, c)) == want, (acc, rej, c)
+  assert int(choose_k(jnp.int32(990), jnp.int32(10), 8, 0.0)) == 8  # free drafts, high acceptance: the longest
+  assert int(choose_k(jnp.int32(5), jnp.int32(95), 8, 0.5)) == 1  # costly drafts that miss: the shortest
+
+
+def test_accept_rules_with_limit():
+  """Only the first `limit` proposals count: never accepted past it; the next token then comes from p there."""
+  draft = jnp.array([[3, 1, 2], [3, 1, 2]])
+  best = jnp.array([[3, 1, 2, 5], [3, 0, 2, 5]])
+  n, nxt = greedy_accept(draft, jax.nn.one_hot(best, 8) * 5.0, limit=jnp.int32(2))
+  np.testing.assert_array_equal(n, [2, 1])
+  np.testing.assert_array_equal(nxt, [2, 0])  # the target's token after 2 proposals; a correction
+  # Sampling, k = 2, limit 1: d_1 = 1 is certain under p and q; p_2 is 50/50 on tokens 2 and 3 and the
+  # (unproposed) d_2 = 3 has q = 1. Without the limit d_2 would be accepted half of the time.
+  p = jnp.log(jnp.array([[[0, 1, 0, 0], [0, 0, .5, .5], [1, 0, 0, 0]]]) + 1e-30)
+  q = jnp.log(jnp.array([[[0, 1, 0, 0], [0, 0, 0, 1]]]) + 1e-30)
+  keys = jax.random.split(jax.random.PRNGKey(0), 400)
+  n, nxt = jax.vmap(lambda key: sampling_accept(key, jnp.array([[1, 3]]), q, p, limit=jnp.int32(1)))(keys)
+  assert np.all(np.asarray(n) == 1)
+  assert 150 < int(np.sum(np.asarray(nxt) == 2)) < 250 and set(np.asarray(nxt).ravel().tolist()) == {2, 3}
+
+
+def test_auto_k_greedy_equals_target(target):
+  cfg, params = target
+  draft = perturbed(params, jax.random.PRNGKey(7), 0.03)
+  want = generate(params, cfg, PROMPTS, 14)
+  got, stats = speculative_generate(params, cfg, draft, cfg, PROMPTS, 14, "auto", k_max=5, draft_cost=0.1)
+  assert got == want
+  assert stats["k"] == "auto" and 1 <= stats["k_final"] <= 5 and 0.0 < stats["acceptance_rate"] < 1.0, stats
+
+
+def test_auto_k_follows_acceptance():
+  """A draft equal to the target climbs to k_max; an unrelated, costly one settles at 1; outputs stay exact."""
+  cfg = tiny_cfg(None)
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  other = hybrid.init_params(cfg, jax.random.PRNGKey(9), std=0.3)
+  want = generate(params, cfg, PROMPTS, 24)
+  got, stats = speculative_generate(params, cfg, params, cfg, PROMPTS, 24, "auto", k_max=6, draft_cost=0.05)
+  assert got == want and stats["k_final"] == 6 and stats["acceptance_rate"] == 1.0, stats
+  got, stats = speculative_generate(params, cfg, other, cfg, PROMPTS, 24, "auto", k_max=6, draft_cost=0.5)
+  assert got == want and stats["k_final"] == 1 and stats["mean_k"] < 2, stats
+  assert stats["draft_calls"] < stats["rounds"] * 2 + 1  # short rounds skip the draft's later steps
+
+
+def test_auto_k_sampling_matches_target_distribution():
+  """Sampling with rounds shorter than k_max (the acceptance limit in use): still the target's distribution."""
+  v, n_tok, samples = 8, 3, 20000
+  sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+  cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(11), std=0.5)
+  draft = perturbed(params, jax.random.PRNGKey(12), 1.0)
+  probs = exact_joint(params, cfg, [1, 2, 3], n_tok, **sampling)
+  got, stats = speculative_generate(params, cfg, draft, cfg, [[1, 2, 3]] * samples, n_tok, "auto", seed=3,
+                                    eos_ids=(), k_max=4, draft_cost=0.1, **sampling)
+  assert 1 <= stats["mean_k"] < 4, stats  # the first round proposes 2 of at most 4
+  counts = np.bincount([np.ravel_multi_index(t[:n_tok], (v,) * n_tok) for t in got], minlength=v ** n_tok)
+  assert chi_square_pvalue(counts, probs) > 1e-3

@@ -188,15 +188,15 @@ def test_student_from_teacher_options(tmp_path):
   tp = hybrid.init_params(TEACHER, jax.random.key(0))
   draft = make_cfg("distill", model={"num_layers": 1, "attn_fraction": 1.0})
   sp, sc, _, _, frozen = cli.build_models(draft, tdir, None, log=lambda *_: None)
-  assert sc.num_hidden_layers == 1 and len(sp["layers"]) == 1 and not sc.is_hybrid
-  np.testing.assert_array_equal(np.asarray(sp["layers"][0]["self_attn"]["q_proj"]),
-                                np.asarray(tp["layers"][0]["self_attn"]["q_proj"]))
-  assert frozen[1].num_hidden_layers == 2 and len(frozen[0]["layers"]) == 2
+  assert sc.num_hidden_layers == 1 and hybrid.num_layers(sp) == 1 and not sc.is_hybrid
+  np.testing.assert_array_equal(np.asarray(sp["layers_0"]["self_attn"]["q_proj"]),
+                                np.asarray(tp["layers_0"]["self_attn"]["q_proj"]))
+  assert frozen[1].num_hidden_layers == 2 and hybrid.num_layers(frozen[0]) == 2
   rand = make_cfg("distill", model={"attn_layers": [0], "mixer_init": "random"})
   sp, sc, *_ = cli.build_models(rand, tdir, None, log=lambda *_: None)
   assert sc.attn_layers == (0,)
-  assert not np.array_equal(np.asarray(sp["layers"][1]["mamba"]["B_proj"]),
-                            np.asarray(tp["layers"][1]["self_attn"]["k_proj"]))
+  assert not np.array_equal(np.asarray(sp["layers_1"]["mamba"]["B_proj"]),
+                            np.asarray(tp["layers_1"]["self_attn"]["k_proj"]))
   with pytest.raises(ConfigError, match="num_layers 5"):
     cli.build_models(make_cfg("distill", model={"num_layers": 5}), tdir, None, log=lambda *_: None)
   with pytest.raises(ConfigError, match="num_layers"):

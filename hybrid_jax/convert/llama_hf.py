@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from hybrid_jax.config import ConfigError, ModelConfig
+from hybrid_jax.errors import describe, read_json, read_json_object, reading
 
 # Non-parameter buffers some older checkpoints contain; they are recomputed, never loaded.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -38,15 +39,15 @@ def tensor_specs(cfg: ModelConfig) -> list[tuple[str, tuple, tuple[int, ...], bo
   for i in range(cfg.num_hidden_layers):
     p = f"model.layers.{i}."
     specs += [
-        (p + "input_layernorm.weight", ("layers", i, "input_layernorm"), (d,), False),
-        (p + "post_attention_layernorm.weight", ("layers", i, "post_attention_layernorm"), (d,), False),
-        (p + "self_attn.q_proj.weight", ("layers", i, "self_attn", "q_proj"), (h * hd, d), True),
-        (p + "self_attn.k_proj.weight", ("layers", i, "self_attn", "k_proj"), (kv * hd, d), True),
-        (p + "self_attn.v_proj.weight", ("layers", i, "self_attn", "v_proj"), (kv * hd, d), True),
-        (p + "self_attn.o_proj.weight", ("layers", i, "self_attn", "o_proj"), (d, h * hd), True),
-        (p + "mlp.gate_proj.weight", ("layers", i, "mlp", "gate_proj"), (f, d), True),
-        (p + "mlp.up_proj.weight", ("layers", i, "mlp", "up_proj"), (f, d), True),
-        (p + "mlp.down_proj.weight", ("layers", i, "mlp", "down_proj"), (d, f), True),
+        (p + "input_layernorm.weight", (f"layers_{i}", "input_layernorm"), (d,), False),
+        (p + "post_attention_layernorm.weight", (f"layers_{i}", "post_attention_layernorm"), (d,), False),
+        (p + "self_attn.q_proj.weight", (f"layers_{i}", "self_attn", "q_proj"), (h * hd, d), True),
+        (p + "self_attn.k_proj.weight", (f"layers_{i}", "self_attn", "k_proj"), (kv * hd, d), True),
+        (p + "self_attn.v_proj.weight", (f"layers_{i}", "self_attn", "v_proj"), (kv * hd, d), True),
+        (p + "self_attn.o_proj.weight", (f"layers_{i}", "self_attn", "o_proj"), (d, h * hd), True),
+        (p + "mlp.gate_proj.weight", (f"layers_{i}", "mlp", "gate_proj"), (f, d), True),
+        (p + "mlp.up_proj.weight", (f"layers_{i}", "mlp", "up_proj"), (f, d), True),
+        (p + "mlp.down_proj.weight", (f"layers_{i}", "mlp", "down_proj"), (d, f), True),
     ]
   specs.append(("model.norm.weight", ("norm",), (d,), False))
   if not cfg.tie_word_embeddings:
@@ -154,7 +155,7 @@ def _numpy_to_torch(a: np.ndarray):
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import safe_open
   out = {}
-  with safe_open(path, framework="pt") as f:
+  with reading(path, ConversionError), safe_open(path, framework="pt") as f:
     for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
       out[k] = _torch_to_numpy(f.get_tensor(k))
   return out
@@ -165,7 +166,7 @@ def _read_bin(path: str) -> dict[str, np.ndarray]:
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt / unsafe pickles
-    raise ConversionError(f"cannot read {path} as a PyTorch state dict: {e}") from None
+    raise ConversionError(f"{path}: cannot read it as a PyTorch state dict ({describe(e)})") from None
   if not isinstance(sd, dict):
     raise ConversionError(f"{path} does not hold a state dict (got {type(sd).__name__})")
   return {k: _torch_to_numpy(v) for k, v in sd.items()}
@@ -177,8 +178,9 @@ def weight_files(directory: str) -> list[str]:
                             ("pytorch_model.bin.index.json", ".bin")):
     p = os.path.join(directory, index)
     if os.path.isfile(p):
-      with open(p) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      index_json = read_json(p, ConversionError)
+      with reading(p, ConversionError):  # a JSON of another shape
+        files = sorted(set(index_json["weight_map"].values()))
       missing = [x for x in files if not os.path.isfile(os.path.join(directory, x))]
       if missing:
         raise ConversionError(f"{p} lists shard {missing[0]!r}, which is not in {directory}")
@@ -217,8 +219,8 @@ def _generation_eos(directory: str) -> tuple[int, ...]:
   p = os.path.join(directory, "generation_config.json")
   if not os.path.isfile(p):
     return ()
-  with open(p) as f:
-    eos = json.load(f).get("eos_token_id")
+  gen = read_json(p, ConversionError)
+  eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
   if eos is None:
     return ()
   return (eos,) if isinstance(eos, int) else tuple(eos)
@@ -228,7 +230,7 @@ def _load_tokenizer(path: str, **kw):
   from transformers import AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(path, **kw)
-  except Exception:  # noqa: BLE001 - a checkpoint without tokenizer files still converts
+  except Exception:  # noqa: BLE001 - a GGUF without tokenizer metadata still converts
     return None
 
 
@@ -248,15 +250,17 @@ def load_hf_dir(directory: str, dtype=None, with_tokenizer: bool = True):
       raise ConversionError(f"{directory} looks like a hybrid_jax checkpoint without config.json "
                             "(incomplete); not a Hugging Face directory")
     raise ConversionError(f"{directory} has no config.json: not a Hugging Face model directory")
-  with open(cfg_path) as f:
-    hf = json.load(f)
+  hf = read_json_object(cfg_path, ConversionError)
   if "model_type" not in hf and "vocab_size" in hf and "hidden_size" in hf and "ssm" in hf:
     raise ConversionError(f"{directory} is already a hybrid_jax checkpoint, not a Hugging Face directory")
   cfg = config_from_hf_dict(hf, cfg_path, **({"param_dtype": np.dtype(dtype).name} if dtype else {}))
   cfg = _eos_union(cfg, _generation_eos(directory))
   sd = read_state_dict(directory)
   params = hf_to_params(sd, cfg, dtype=dtype, source=directory)
-  tok = _load_tokenizer(directory) if with_tokenizer else None
+  tok = None
+  if with_tokenizer:  # none when the directory has no tokenizer files; a corrupt one is an error naming it
+    from hybrid_jax.checkpoint import load_tokenizer
+    tok = load_tokenizer(directory)
   return params, cfg, tok
 
 
@@ -268,10 +272,11 @@ def load_gguf(path: str, dtype=None, with_tokenizer: bool = True):
   try:
     hf_cfg = AutoConfig.from_pretrained(directory, gguf_file=name)
   except Exception as e:  # noqa: BLE001 - gguf / transformers raise various errors for unsupported files
-    raise ConversionError(f"cannot read GGUF file {path}: {e}") from None
+    raise ConversionError(f"{path}: cannot read it as a GGUF file ({describe(e)})") from None
   hf = hf_cfg.to_dict()
   cfg = config_from_hf_dict(hf, path, **({"param_dtype": np.dtype(dtype).name} if dtype else {}))
-  model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+  with reading(path, ConversionError):  # e.g. a file cut short after a valid header
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
   sd = {k: _torch_to_numpy(v) for k, v in model.state_dict().items()}
   del model
   params = hf_to_params(sd, cfg, dtype=dtype, source=path)
@@ -298,7 +303,7 @@ def load_llama(src: str, dtype=None, with_tokenizer: bool = True):
     raise ConversionError(f"{src} is a file but not a .gguf file: pass a Hugging Face directory, a hub id or "
                           "a .gguf file")
   if not looks_like_hub_id(src):
-    raise ConversionError(f"source path does not exist: {src}")
+    raise ConversionError(f"{src}: source path does not exist")
   try:
     from huggingface_hub import snapshot_download
     local = snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from hybrid_jax.config import ConfigError, ModelConfig, SSMConfig
+from hybrid_jax.convert.llama_hf import ConversionError
+from hybrid_jax.errors import read_json_object, reading
 
 MAMBA_CONFIG = "mamba_config.json"
 _RAW = ("A_log", "D", "dt_bias")  # nn.Parameters stored under their own name
@@ -101,13 +103,13 @@ def mixer_from_torch(sd: dict[str, np.ndarray], template: dict) -> dict:
   return out
 
 
-def _mixer_template(cfg: ModelConfig) -> dict:
-  """Shapes of one mixer (jax.eval_shape: no compute)."""
+def _mixer_template(cfg: ModelConfig, layer: int | None = None) -> dict:
+  """Shapes of one layer's mixer (the first Mamba layer's by default; jax.eval_shape: no compute)."""
   import jax
 
-  from hybrid_jax.model import mamba, mamba2
-  mod = mamba if cfg.ssm.variant == "mamba" else mamba2
-  return jax.eval_shape(lambda: mod.init_mixer(jax.random.PRNGKey(0), cfg))
+  from hybrid_jax.model import hybrid
+  layer = cfg.ssm_layers[0] if layer is None else layer
+  return jax.eval_shape(lambda: hybrid.init_mixer_params(cfg, layer, jax.random.PRNGKey(0)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,7 +121,8 @@ def params_to_state_dict(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray
         "model.norm.weight": np.asarray(params["norm"])}
   sd["lm_head.weight"] = (np.asarray(params["embed_tokens"]) if cfg.tie_word_embeddings
                           else np.asarray(params["lm_head"]).T)
-  for i, lp in enumerate(params["layers"]):
+  for i in range(cfg.num_hidden_layers):
+    lp = params[f"layers_{i}"]
     pre = f"model.layers.{i}."
     sd[pre + "input_layernorm.weight"] = np.asarray(lp["input_layernorm"])
     sd[pre + "post_attention_layernorm.weight"] = np.asarray(lp["post_attention_layernorm"])
@@ -139,7 +142,6 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
   and shape mismatches (all of them at once)."""
   import jax
 
-  from hybrid_jax.model import llama
   sd = {k: v for k, v in sd.items() if not _IGNORED.match(k)}
   used: set[str] = set()
   missing: list[str] = []
@@ -165,9 +167,9 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
       raise ValueError("tie_word_embeddings is set but lm_head.weight differs from model.embed_tokens.weight")
   elif head is not None:
     params["lm_head"] = head.T
-  att_t = jax.eval_shape(lambda: llama.init_attention(jax.random.PRNGKey(0), cfg))
+  attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_attention(i)]
+  att_t = _mixer_template(cfg, attn[0]) if attn else None
   mix_t = _mixer_template(cfg) if cfg.is_hybrid else None
-  layers = []
   for i in range(cfg.num_hidden_layers):
     pre = f"model.layers.{i}."
     lp: dict[str, Any] = {"input_layernorm": get(pre + "input_layernorm.weight", (d,)),
@@ -191,8 +193,7 @@ def state_dict_to_params(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
           sub[k] = w
       if len(sub) == len(tsd):
         lp["mamba"] = mixer_from_torch(sub, mix_t)
-    layers.append(lp)
-  params["layers"] = layers
+    params[f"layers_{i}"] = lp
   unexpected = sorted(set(sd) - used)
   problems = []
   if missing:
@@ -307,14 +308,16 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   if st:
     from safetensors.torch import load_file
     for fn in st:
-      out.update({k: _to_numpy(t) for k, t in load_file(fn).items()})
+      with reading(fn, ConversionError):
+        out.update({k: _to_numpy(t) for k, t in load_file(fn).items()})
     return out
   bins = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
   if not bins:
     raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
   import torch
   for fn in bins:
-    out.update({k: _to_numpy(t) for k, t in torch.load(fn, map_location="cpu", weights_only=True).items()})
+    with reading(fn, ConversionError):
+      out.update({k: _to_numpy(t) for k, t in torch.load(fn, map_location="cpu", weights_only=True).items()})
   return out
 
 
@@ -324,10 +327,8 @@ def load(path: str, dtype: str | None = None) -> tuple[dict, ModelConfig]:
   for name in (MAMBA_CONFIG, "config.json"):
     if not os.path.isfile(os.path.join(path, name)):
       raise FileNotFoundError(f"{path} is not a MambaInLlama checkpoint: {name} missing")
-  with open(os.path.join(path, MAMBA_CONFIG)) as fh:
-    mcfg = json.load(fh)
-  with open(os.path.join(path, "config.json")) as fh:
-    hf = json.load(fh)
+  mcfg = read_json_object(os.path.join(path, MAMBA_CONFIG), ConversionError)
+  hf = read_json_object(os.path.join(path, "config.json"), ConversionError)
   sd = read_state_dict(path)
   variant = _detect_variant(sd)
   n_ssm = mcfg.get("n_layer", 0) - len(mcfg.get("attn_layers", []))
@@ -373,7 +374,6 @@ TEACHER_META = "mambainllama_teacher.json"  # {'name_or_path': str, 'config': te
 
 
 def _conversion_error(e: Exception):
-  from hybrid_jax.convert.llama_hf import ConversionError
   return ConversionError(str(e))
 
 
@@ -386,8 +386,7 @@ def mambainllama_to_checkpoint(src: str, output: str, dtype: str | None = None) 
     if isinstance(e, ConfigError):
       raise
     raise _conversion_error(e) from None
-  with open(os.path.join(src, "config.json")) as fh:
-    hf = json.load(fh)
+  hf = read_json_object(os.path.join(src, "config.json"), ConversionError)
   meta = {"name_or_path": hf.get("_name_or_path", ""), "config": hf}
   return save_model(output, params, cfg, tokenizer=load_tokenizer(src), extra={TEACHER_META: meta})
 
@@ -429,7 +428,7 @@ def checkpoint_to_mambainllama(ckpt: str, output: str, dtype: str | None = None,
 
 def init_hybrid_checkpoint(teacher: str, output: str, *, variant: str, attn_layers=None,
                            attn_fraction: float | None = None, seed: int = 0, dtype: str | None = None) -> str:
-  """hybrid_jax teacher checkpoint -> hybrid checkpoint initialised from attention (SPEC 2.3)."""
+  """hybrid_jax teacher checkpoint -> hybrid checkpoint initialised from attention (docs/DESIGN.md §3.3)."""
   import jax
 
   from hybrid_jax.checkpoint import load_model, read_metadata, save_model

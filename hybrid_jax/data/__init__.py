@@ -10,10 +10,10 @@ from hybrid_jax.data.pipeline import (
   merge_states,
 )
 from hybrid_jax.data.records import DataError, ReadReport, RecordSource, normalise, resolve_paths
-from hybrid_jax.data.tokenize import Tokenize, chat_tokens, shift_mask, text_tokens
+from hybrid_jax.data.tokenize import Tokenize, chat_tokens, document_end_id, shift_mask, text_tokens
 
 __all__ = [
   "DPO_KEYS", "SFT_KEYS", "DataConfig", "DataError", "ReadReport", "RecordSource", "Tokenize", "chat_tokens",
-  "load_eval_batches", "load_records", "make_dataset", "merge_states", "normalise", "resolve_paths", "shift_mask",
-  "text_tokens",
+  "document_end_id", "load_eval_batches", "load_records", "make_dataset", "merge_states", "normalise",
+  "resolve_paths", "shift_mask", "text_tokens",
 ]

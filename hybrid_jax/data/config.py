@@ -37,6 +37,9 @@ class DataConfig:
   num_threads / prefetch: > 0: the next batches are tokenised and packed in a background thread, up to
     `prefetch` rows ahead (the row streams share it); 0: in the training loop's thread.
   packing_bins: open bins of the first-fit packer (more bins -> fuller rows, more memory).
+  text_eos_token: the token that ends each plain-text document (`text` records, plain-text DPO completions);
+    null: the tokenizer's document separator (`<|endoftext|>`, `<|end_of_text|>` or `</s>`, whichever its
+    vocabulary holds), else its eos. A chat tokenizer's eos usually ends a turn (SmolLM2: `<|im_end|>`).
   """
   paths: tuple[str, ...] = ()
   format: str = "auto"
@@ -52,6 +55,7 @@ class DataConfig:
   num_threads: int = 4
   prefetch: int = 64
   packing_bins: int = 8
+  text_eos_token: str | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "paths", _as_paths(self.paths, "paths"))
@@ -72,6 +76,9 @@ class DataConfig:
         raise ConfigError(f"data.{name} must be a non-negative integer, got {v!r}")
     if self.seq_len < 2:
       raise ConfigError(f"data.seq_len must be >= 2 (next-token targets), got {self.seq_len}")
+    eos = self.text_eos_token
+    if eos is not None and (not isinstance(eos, str) or not eos):
+      raise ConfigError(f"data.text_eos_token must be a token string or null, got {eos!r}")
     if not isinstance(self.shuffle, bool):
       raise ConfigError(f"data.shuffle must be true or false, got {self.shuffle!r}")
     if isinstance(self.eval_fraction, bool) or not isinstance(self.eval_fraction, (int, float)) \

@@ -203,7 +203,7 @@ def make_dataset(cfg: DataConfig, tokenizer, *, seed: int | None = None, split: 
 def _row_stream(ds: grain.MapDataset, cfg: DataConfig, tokenizer, kind: str, seed: int,
                 train: bool) -> grain.IterDataset:
   """One batch row's records -> tokenised (and packed) rows of seq_len, one at a time."""
-  ds = ds.map(Tokenize(tokenizer, cfg.seq_len, cfg.too_long, cfg.on_error))
+  ds = ds.map(Tokenize(tokenizer, cfg.seq_len, cfg.too_long, cfg.on_error, cfg.text_eos_token))
   # read in the caller's thread: the batch-level prefetch (or the worker processes) runs all streams at once
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if kind != "dpo":

@@ -27,6 +27,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+from hybrid_jax.errors import describe
+
 log = logging.getLogger(__name__)
 
 JSONL_EXT = (".jsonl", ".json")
@@ -69,7 +71,7 @@ def resolve_paths(paths: tuple[str, ...] | list[str] | str) -> list[tuple[str, s
     if any(c in p for c in "*?["):
       matches = sorted(glob.glob(p, recursive=True))
       if not matches:
-        raise FileNotFoundError(f"no data files match the glob {p!r}")
+        raise FileNotFoundError(f"{p}: no data files match this glob")
       candidates = matches
     else:
       candidates = [p]
@@ -81,13 +83,13 @@ def resolve_paths(paths: tuple[str, ...] | list[str] | str) -> list[tuple[str, s
         found = sorted(os.path.join(r, f) for r, _, fs in os.walk(c) for f in fs
                        if f.endswith(JSONL_EXT + PARQUET_EXT))
         if not found:
-          raise FileNotFoundError(f"data directory {c!r} holds no .jsonl/.json/.parquet files and is not a "
+          raise FileNotFoundError(f"{c}: data directory without .jsonl/.json/.parquet files, and not a "
                                   "`datasets.save_to_disk` directory")
         out.extend(_file_kind(f) for f in found)
       elif os.path.isfile(c):
         out.append(_file_kind(c))
       else:
-        raise FileNotFoundError(f"data file not found: {c!r}")
+        raise FileNotFoundError(f"{c}: data file not found")
   return out
 
 
@@ -105,7 +107,10 @@ def _load_hf(path: str):
   except ImportError as e:
     raise ImportError(f"{path!r} is a Hugging Face `datasets.save_to_disk` directory, but the `datasets` "
                       "package is not installed: `pip install datasets`, or export the data to JSONL/Parquet") from e
-  ds = datasets.load_from_disk(path)
+  try:
+    ds = datasets.load_from_disk(path)
+  except Exception as e:  # datasets / pyarrow raise many types for a damaged directory
+    raise DataError(path, f"cannot load this `datasets` directory: {describe(e)}") from e
   if isinstance(ds, datasets.DatasetDict):
     if "train" not in ds:
       raise DataError(path, f"DatasetDict without a 'train' split (splits: {sorted(ds)}); point at one split")
@@ -237,7 +242,11 @@ class RecordSource:
 
   # -- up-front pass
   def _scan_jsonl(self, fi: int, kind: str, path: str) -> Iterator[tuple[tuple, str, Any]]:
-    with open(path, "rb") as f:
+    try:
+      f = open(path, "rb")  # noqa: SIM115 - closed below; only opening is guarded
+    except OSError as e:
+      raise DataError(path, describe(e)) from None
+    with f:
       offset, lineno = 0, 0
       for line in f:
         lineno += 1

@@ -13,6 +13,11 @@ The assistant spans are found by rendering the chat template on growing prefixes
 (prefix-diff): the span of assistant message i is the text between render(msgs[:i], add_generation_prompt)
 and render(msgs[:i+1]) (trailing whitespace excluded). This needs no {% generation %} markers, works with
 ChatML (SmolLM2), Llama 3 and similar templates, and fails loudly when a template is not prefix-stable.
+
+Plain text (and plain-text DPO completions) ends with the tokenizer's document separator, the token that
+separates documents in pretraining text: a chat tokenizer's eos is often the end of a turn instead (SmolLM2-
+Instruct: eos `<|im_end|>`, separator `<|endoftext|>`), which would teach the model to close a turn that was
+never opened. See `document_end_id`; `data.text_eos_token` overrides the choice.
 """
 from __future__ import annotations
 
@@ -21,11 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from hybrid_jax.config import ConfigError
 from hybrid_jax.data.records import DataError
 
 log = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_SKIPS = 1000
+# Document separators of the common tokenizer families, in order of preference: GPT-2 / SmolLM / Qwen / Phi,
+# Llama 3, Llama 2 / Mistral (there it is also the eos).
+DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
 def shift_mask(target: np.ndarray) -> np.ndarray:
@@ -66,10 +75,40 @@ def chat_tokens(tokenizer, messages: list[dict[str, str]], train_from: int = 0) 
   return ids, target
 
 
-def text_tokens(tokenizer, text: str, bos: bool = True, eos: bool = True) -> np.ndarray:
+def _token_id(tokenizer, token: str) -> int | None:
+  """The id of `token` when it is one token of the vocabulary, else None (unknown tokens map to unk)."""
+  tid = tokenizer.convert_tokens_to_ids(token)
+  if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+    return None
+  return int(tid)
+
+
+def document_end_id(tokenizer, token: str | None = None) -> int | None:
+  """The id appended to each plain-text document.
+
+  token: a token to use instead (data.text_eos_token); it must be a single token of the vocabulary.
+  Otherwise the first of DOCUMENT_SEPARATORS that the vocabulary holds, and failing those the tokenizer's eos
+  (None when it has none: documents then get no end token).
+  """
+  if token is not None:
+    tid = _token_id(tokenizer, token)
+    if tid is None:
+      raise ConfigError(f"data.text_eos_token {token!r} is not a token of the tokenizer's vocabulary")
+    return tid
+  for sep in DOCUMENT_SEPARATORS:
+    tid = _token_id(tokenizer, sep)
+    if tid is not None:
+      return tid
+  return tokenizer.eos_token_id
+
+
+def text_tokens(tokenizer, text: str, bos: bool = True, eos: bool = True, end_id: int | None = None
+                ) -> np.ndarray:
+  """[n] int32 ids of plain text; with eos, ending in `end_id` (default: document_end_id(tokenizer))."""
   ids = list(tokenizer(text, add_special_tokens=bos)["input_ids"])
-  if eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-    ids.append(tokenizer.eos_token_id)
+  end = (document_end_id(tokenizer) if end_id is None else end_id) if eos else None
+  if end is not None and (not ids or ids[-1] != end):
+    ids.append(end)
   return np.asarray(ids, np.int32)
 
 
@@ -87,8 +126,10 @@ class Tokenize:
   counts its own, and every event is logged as it happens.
   """
 
-  def __init__(self, tokenizer, seq_len: int, too_long: str = "truncate", on_error: str = "raise"):
+  def __init__(self, tokenizer, seq_len: int, too_long: str = "truncate", on_error: str = "raise",
+               text_eos_token: str | None = None):
     self.tokenizer, self.seq_len, self.too_long, self.on_error = tokenizer, seq_len, too_long, on_error
+    self.end_id = document_end_id(tokenizer, text_eos_token)  # resolved once: a missing token fails here
     self.skipped_too_long = self.truncated = self.skipped_bad = 0
     self._run_of_skips = 0  # consecutive skipped examples: an endless repeat of skips must not hang silently
 
@@ -108,7 +149,7 @@ class Tokenize:
       if ex["kind"] == "messages":
         ids, target = chat_tokens(self.tokenizer, ex["messages"])
       else:
-        ids = text_tokens(self.tokenizer, ex["text"])
+        ids = text_tokens(self.tokenizer, ex["text"], end_id=self.end_id)
         target = np.ones_like(ids)
     except DataError:
       raise
@@ -153,7 +194,7 @@ class Tokenize:
       p = int(np.argmax(target)) if target.any() else len(ids)
       return ids, target, p
     p_ids = text_tokens(self.tokenizer, ex["prompt"], bos=True, eos=False)
-    c_ids = text_tokens(self.tokenizer, ex[side], bos=False, eos=True)
+    c_ids = text_tokens(self.tokenizer, ex[side], bos=False, eos=True, end_id=self.end_id)
     ids = np.concatenate([p_ids, c_ids]).astype(np.int32)
     return ids, np.concatenate([np.zeros_like(p_ids), np.ones_like(c_ids)]), len(p_ids)
 

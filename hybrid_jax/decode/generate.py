@@ -18,7 +18,7 @@ import numpy as np
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.decode.sampling import sample_logits
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import Cache, init_cache
+from hybrid_jax.model.cache import Cache
 
 Array = jax.Array
 
@@ -40,23 +40,32 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 
   return tokens, offsets
 
 
+def last_logits(params: dict, cfg: ModelConfig, hidden: Array) -> Array:
+  """Final hidden states [b, t, D] -> fp32 logits of the last position [b, V]. The head runs on that position
+  only: a prompt's full logits [b, t, V] would dominate prefill memory (64 x 2048 x 128K fp32 = 67 GB)."""
+  return hybrid.HybridLM(cfg).apply({"params": params}, hidden[:, -1:], method=hybrid.HybridLM.logits)[:, 0]
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
 def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int
             ) -> tuple[Array, Cache]:
   """Runs the padded prompts [b, L] into a fresh cache of max_len. Returns last logits [b, V] and the cache."""
-  cache = init_cache(cfg, tokens.shape[0], max_len)
+  cache = hybrid.init_cache(cfg, tokens.shape[0], max_len)
   cache = cache.replace(offset=offsets.astype(jnp.int32))
-  logits, cache = hybrid.forward(params, cfg, tokens, cache=cache)
-  return logits[:, -1], cache
+  hidden, cache = hybrid.forward(params, cfg, tokens, cache=cache, return_hidden=True)
+  return last_logits(params, cfg, hidden), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"))
+# The cache is donated and returned: the loop updates it in place instead of holding a second copy.
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"),
+                   donate_argnames=("cache",))
 def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache, key: Array, eos: Array,
                 max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> tuple[Array, Array]:
   """Samples from last_logits [b, V], then feeds one token at a time until all rows hit EOS.
 
-  eos [n_eos] int32 (may be empty). Returns tokens [b, max_new_tokens] (-1 after a row's EOS / past the stop)
-  and the number of tokens generated (scalar).
+  eos [n_eos] int32 (may be empty). Returns tokens [b, max_new_tokens] (-1 after a row's EOS / past the stop),
+  the number of tokens generated (scalar) and the cache after them (the input `cache` is donated: unusable
+  after the call).
   """
   b = last_logits.shape[0]
 
@@ -86,10 +95,10 @@ def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache
 
   state = (jnp.int32(1), tok, cache, out, done, key)
   if eos.shape[0] == 0:  # no early stop: a fixed trip count, so no per-token device->host check of `cond`
-    i, _, _, out, _, _ = jax.lax.fori_loop(1, max(max_new_tokens, 1), lambda _, st: body(st), state)
-    return out, i
-  i, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
-  return out, i
+    i, _, cache, out, _, _ = jax.lax.fori_loop(1, max(max_new_tokens, 1), lambda _, st: body(st), state)
+    return out, i, cache
+  i, _, cache, out, _, _ = jax.lax.while_loop(cond, body, state)
+  return out, i, cache
 
 
 def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -106,7 +115,7 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
   tokens, offsets = left_pad(prompts, pad_id, pad_multiple)
   max_len = tokens.shape[1] + max_new_tokens
   last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), max_len)
-  out, _ = decode_loop(params, cfg, last, cache, jax.random.PRNGKey(seed), jnp.asarray(eos, jnp.int32),
+  out, _, _ = decode_loop(params, cfg, last, cache, jax.random.PRNGKey(seed), jnp.asarray(eos, jnp.int32),
                        max_new_tokens, float(temperature), int(top_k), float(top_p))
   results = []
   for row in np.asarray(out):

@@ -1,4 +1,4 @@
-"""Speculative decoding (SPEC section 4): a draft model proposes k tokens, the target verifies them in one call.
+"""Speculative decoding (docs/DESIGN.md §5): a draft model proposes k tokens, the target verifies them in one call.
 
 One round, per sequence (L = tokens in the target's cache; `pending` = the last emitted token, not yet in any
 cache; `prev` = the token at L - 1):
@@ -9,7 +9,9 @@ cache; `prev` = the token at L - 1):
   3. acceptance (`greedy_accept` / `sampling_accept`): the first n draft tokens are accepted, then one more
      token comes from the target (its correction, a residual resample, or the bonus token when n = k).
   4. rollback: both caches' pos are set per sequence (target L + n + 1, draft L + n); Mamba layers replay the
-     valid cached steps at their next call (hybrid_jax/decode/verify.py).
+     valid cached steps at their next call (hybrid_jax/model/mixer.py).
+Model-free draft: `NgramDraft` (prompt lookup) replaces step 1 by a search of the sequence so far for the last
+n tokens; its proposals are deterministic (a one-hot q), so greedy and sampled outputs stay exact.
 Everything, prefill included, runs in one jitted function; the rounds are a lax.while_loop (no host round trip
 per token). Sequences advance by different amounts; a finished sequence keeps running with no advance.
 
@@ -21,6 +23,7 @@ proposes a known continuation with probability alpha per token: measured speedup
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -31,11 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.decode.generate import left_pad
+from hybrid_jax.decode.generate import last_logits, left_pad
 from hybrid_jax.decode.sampling import is_greedy, processed_logprobs, sample_logits
-from hybrid_jax.decode.verify import spec_forward, to_spec_cache
 from hybrid_jax.model import hybrid
-from hybrid_jax.model.cache import init_cache
 
 Array = jax.Array
 DraftHook = Callable[[Array, Array, Array, Any], Array]  # (logits [b, V], gen_idx [b], key, hook_args) -> logits
@@ -48,25 +49,31 @@ def _leading_true(ok: Array) -> Array:
   return jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)
 
 
-def greedy_accept(draft_tokens: Array, target_logits: Array) -> tuple[Array, Array]:
-  """Exact-match acceptance. draft_tokens [b, k]; target_logits [b, k+1, V].
+def greedy_accept(draft_tokens: Array, target_logits: Array, limit: Array | None = None
+                  ) -> tuple[Array, Array]:
+  """Exact-match acceptance. draft_tokens [b, k]; target_logits [b, k+1, V]; limit (scalar int, optional):
+  only the first `limit` draft tokens were proposed (the rest are padding, never accepted).
 
   Returns (n [b] accepted draft tokens, next [b]: the target's argmax after them: its correction at the first
-  mismatch, or the bonus token when all k match).
+  mismatch, or the bonus token when all proposals match).
   """
   best = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [b, k+1]
-  n = _leading_true(draft_tokens == best[:, :-1])
+  ok = draft_tokens == best[:, :-1]
+  if limit is not None:
+    ok = ok & (jnp.arange(ok.shape[1]) < limit)
+  n = _leading_true(ok)
   return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
 
 
-def sampling_accept(key: Array, draft_tokens: Array, draft_logp: Array, target_logp: Array
-                    ) -> tuple[Array, Array]:
+def sampling_accept(key: Array, draft_tokens: Array, draft_logp: Array, target_logp: Array,
+                    limit: Array | None = None) -> tuple[Array, Array]:
   """Speculative sampling (Leviathan et al. / Chen et al.): the output is distributed exactly as the target's.
 
   draft_tokens [b, k] sampled from draft_logp [b, k, V]; target_logp [b, k+1, V] (both already processed
   by temperature / top-k / top-p). d_i is accepted with probability min(1, p(d_i) / q(d_i)); at the first
   rejection the next token is drawn from normalize(max(0, p - q)); after k acceptances from p_{k+1}.
-  Returns (n [b], next [b]).
+  limit (scalar int, optional): only the first `limit` tokens were proposed; after `limit` acceptances the
+  next token comes from p_{limit+1}. Returns (n [b], next [b]).
   """
   b, k = draft_tokens.shape
   k_u, k_next = jax.random.split(key)
@@ -75,15 +82,34 @@ def sampling_accept(key: Array, draft_tokens: Array, draft_logp: Array, target_l
   p_tok = jnp.take_along_axis(p[:, :k], draft_tokens[..., None], axis=-1)[..., 0]  # [b, k]
   q_tok = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
   u = jax.random.uniform(k_u, (b, k))
-  n = _leading_true(u * q_tok < p_tok)  # u < p/q without dividing by q
+  ok = u * q_tok < p_tok  # u < p/q without dividing by q
+  if limit is not None:
+    ok = ok & (jnp.arange(k) < limit)
+  n = _leading_true(ok)
   q_ext = jnp.concatenate([q, jnp.zeros_like(q[:, :1])], axis=1)  # position k: no draft, residual = p
   p_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]  # [b, V]
   q_n = jnp.take_along_axis(q_ext, n[:, None, None], axis=1)[:, 0]
+  if limit is not None:  # past the proposals: no draft there either
+    q_n = jnp.where((n < limit)[:, None], q_n, 0.0)
   resid = jnp.maximum(p_n - q_n, 0.0)
   # p == q exactly leaves no residual mass, but then rejection has probability 0; fall back to p for safety.
   resid = jnp.where(jnp.sum(resid, axis=-1, keepdims=True) > 0, resid, p_n)
   nxt = jax.random.categorical(k_next, jnp.log(resid), axis=-1).astype(jnp.int32)
   return n, nxt
+
+
+def choose_k(accepted: Array, rejected: Array, k_max: int, draft_cost: float) -> Array:
+  """Round length for measured acceptance: argmax over k in 1..k_max of the expected speedup
+      (1 - a^(k+1)) / ((1 - a) (1 + c k))
+  (tokens per target call over the round's cost in target calls; c = draft_cost, one draft step's cost as a
+  fraction of a target call; the target's verification is taken as flat in k, as in a memory-bound step).
+  a = (accepted + 1) / (accepted + rejected + 2): the per-token acceptance measured so far (accepted proposals
+  and rounds that ended in a rejection), with a uniform prior. Returns k (int32 scalar).
+  """
+  a = (accepted.astype(jnp.float32) + 1.0) / (accepted + rejected + 2.0).astype(jnp.float32)
+  ks = jnp.arange(1, k_max + 1, dtype=jnp.float32)
+  speedup = (1.0 - a ** (ks + 1.0)) / ((1.0 - a) * (1.0 + draft_cost * ks))
+  return (jnp.argmax(speedup) + 1).astype(jnp.int32)
 
 
 def controlled_acceptance_hook(logits: Array, gen_idx: Array, key: Array, hook_args: tuple[Array, Array]
@@ -106,6 +132,54 @@ def controlled_acceptance_hook(logits: Array, gen_idx: Array, key: Array, hook_a
 
 
 # ------------------------------------------------------------------------------------------------
+# Prompt lookup: a draft without a model
+@dataclasses.dataclass(frozen=True)
+class NgramDraft:
+  """Prompt-lookup (n-gram) draft: costs no model call. Each round proposes the k tokens that followed the
+  most recent earlier occurrence of the last n tokens of the sequence (prompt + generated so far); without
+  one, of the last n - 1 tokens, ... down to min_n. Pays off where answers copy from the prompt or repeat themselves
+  (code edits, summaries, extraction, lists). Pass it as the draft: `speculative_generate(params, cfg,
+  NgramDraft(3), None, ...)`."""
+  n: int = 3
+  min_n: int = 1
+
+  def __post_init__(self):
+    if not 1 <= self.min_n <= self.n:
+      raise ValueError(f"NgramDraft needs 1 <= min_n <= n, got n={self.n}, min_n={self.min_n}")
+
+
+def ngram_propose(hist: Array, end: Array, k: int, n: int = 3, min_n: int = 1) -> tuple[Array, Array]:
+  """The proposals of `NgramDraft(n, min_n)`.
+
+  hist [b, T] int32: each row's tokens, -1 where there is none (left padding, not generated yet); end [b]:
+  the row's length (its last token at end - 1). A match ends at some j <= end - 2 and agrees with the last m
+  tokens (min_n <= m <= n); the longest m wins, then the latest j. The proposal continues after j with
+  period s = end - 1 - j: token i is hist[j + 1 + i % s] (the plain continuation, or the matched pattern
+  repeated where the continuation reaches the end of the sequence). Without a match: the last token, k times.
+  Returns (proposals [b, k] int32, matched length m [b], 0 when nothing matched).
+  """
+  b, t = hist.shape
+  idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+  agree = jnp.ones((b, t), bool)  # hist[j - i'] == hist[end - 1 - i'] for every i' <= i
+  run = jnp.zeros((b, t), jnp.int32)  # length of the agreement ending at j, capped at n
+  for i in range(n):
+    q_pos = end - 1 - i
+    q = jnp.take_along_axis(hist, jnp.clip(q_pos, 0, t - 1)[:, None], axis=1)  # [b, 1]
+    shifted = jnp.pad(hist, ((0, 0), (i, 0)), constant_values=-1)[:, :t]  # shifted[:, j] = hist[:, j - i]
+    agree = agree & (shifted == q) & ((q_pos >= 0) & (q[:, 0] >= 0))[:, None]
+    run = run + agree.astype(jnp.int32)
+  score = jnp.where((idx <= end[:, None] - 2) & (run >= min_n), run * t + idx, -1)
+  best = jnp.argmax(score, axis=1).astype(jnp.int32)
+  found = jnp.max(score, axis=1) >= 0
+  period = jnp.maximum(end - 1 - best, 1)
+  src = best[:, None] + 1 + jnp.arange(k, dtype=jnp.int32)[None, :] % period[:, None]
+  prop = jnp.take_along_axis(hist, jnp.clip(src, 0, t - 1), axis=1)
+  last = jnp.take_along_axis(hist, jnp.clip(end - 1, 0, t - 1)[:, None], axis=1)
+  prop = jnp.maximum(jnp.where(found[:, None], prop, last), 0)  # always a valid token id
+  return prop, jnp.where(found, jnp.take_along_axis(run, best[:, None], axis=1)[:, 0], 0)
+
+
+# ------------------------------------------------------------------------------------------------
 # The jitted loop
 def _is_eos(tok: Array, eos: Array) -> Array:
   if eos.shape[0] == 0:
@@ -114,38 +188,48 @@ def _is_eos(tok: Array, eos: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "k", "max_new_tokens", "max_len", "temperature",
-                                             "top_k", "top_p", "draft_hook"))
-def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: ModelConfig, tokens: Array,
-                     offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
+                                             "top_k", "top_p", "draft_hook", "draft_cost"))
+def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcfg: ModelConfig | NgramDraft,
+                     tokens: Array, offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
                      max_new_tokens: int, max_len: int, temperature: float, top_k: int, top_p: float,
-                     draft_hook: DraftHook | None = None) -> tuple[Array, Array, dict]:
+                     draft_hook: DraftHook | None = None, draft_cost: float | None = None
+                     ) -> tuple[Array, Array, dict]:
   """Prefill + speculative rounds until every row has max_new_tokens tokens or an EOS.
 
-  tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32. draft_hook (static)
-  and hook_args (traced pytree): see the module docstring.
+  tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32. dparams / dcfg: the
+  draft model, or None / an NgramDraft (no model: proposals looked up in the sequence). draft_hook (static)
+  and hook_args (traced pytree, model drafts only): see the module docstring. draft_cost (static; None: every
+  round proposes k tokens): round length chosen each round by `choose_k` (at most k) from the acceptance
+  measured so far, for a draft step costing draft_cost target calls.
   Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
   """
   b, plen = tokens.shape
+  ngram = isinstance(dcfg, NgramDraft)
+  adaptive = draft_cost is not None
   greedy = is_greedy(temperature)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   logp_of = functools.partial(processed_logprobs, temperature=temperature, top_k=top_k, top_p=top_p)
 
   # Prefill: the target on the whole prompt, the draft on all but the last token (its first round call
   # starts at L - 1 with [prev, pending]).
-  tcache = init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
-  logits, tcache = hybrid.forward(tparams, tcfg, tokens, cache=tcache)
-  dcache = init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
-  if plen > 1:
-    _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
-  tcache, dcache = to_spec_cache(tcfg, tcache, k), to_spec_cache(dcfg, dcache, k)
+  tcache = hybrid.init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
+  hidden, tcache = hybrid.forward(tparams, tcfg, tokens, cache=tcache, return_hidden=True)
+  tcache, dcache = hybrid.speculative_cache(tcfg, tcache, k), None
+  if not ngram:
+    dcache = hybrid.init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
+    if plen > 1:
+      _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
+    dcache = hybrid.speculative_cache(dcfg, dcache, k)
+  prompt_hist = jnp.where(jnp.arange(plen)[None, :] >= offsets[:, None], tokens.astype(jnp.int32), -1)
   key, sub = jax.random.split(key)
-  first = sample(logits[:, -1], sub)
+  first = sample(last_logits(tparams, tcfg, hidden), sub)
   out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
   done = _is_eos(first, eos) | (max_new_tokens <= 1)
   zero = jnp.int32(0)
   state = {"tcache": tcache, "dcache": dcache, "out": out, "n_out": jnp.ones((b,), jnp.int32), "done": done,
            "prev": tokens[:, -1].astype(jnp.int32), "pending": first, "key": key,
-           "rounds": zero, "accepted": zero, "seq_rounds": zero}
+           "rounds": zero, "accepted": zero, "seq_rounds": zero, "rejected": zero, "proposed": zero,
+           "k_sum": zero, "k_eff": choose_k(zero, zero, k, draft_cost) if adaptive else jnp.int32(k)}
 
   def draft_pick(logits, key, gen_idx):
     """logits [b, V] -> (token [b], processed log-probs [b, V] or None when greedy)."""
@@ -156,33 +240,55 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     lp = logp_of(logits)
     return jax.random.categorical(key, lp, axis=-1).astype(jnp.int32), lp
 
-  def body(st):
-    key, k_first, k_draft, k_acc = jax.random.split(st["key"], 4)
-    L = st["tcache"].pos
-    # 1. draft k tokens
-    dl, dcache = spec_forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1), st["dcache"],
-                              commit=True)
+  def model_draft(st, k_first, k_draft):
+    """-> draft [b, k], q [b, k, V] (None when greedy), the draft's cache."""
+    dl, dcache = hybrid.forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
+                                cache=st["dcache"], speculative="commit")
     d1, q1 = draft_pick(dl[:, -1], k_first, st["n_out"])
 
     def draft_step(carry, xs):
-      tok, dc = carry
       step_key, i = xs
-      lg, dc = spec_forward(dparams, dcfg, tok[:, None], dc, commit=False)
-      nxt, q = draft_pick(lg[:, 0], step_key, st["n_out"] + i)
-      return (nxt, dc), (nxt, q)
+
+      def step(carry):
+        tok, dc = carry
+        lg, dc = hybrid.forward(dparams, dcfg, tok[:, None], cache=dc, speculative="append")
+        nxt, q = draft_pick(lg[:, 0], step_key, st["n_out"] + i)
+        return (nxt, dc), (nxt, q)
+
+      def skip(carry):  # past this round's length: no draft call, a placeholder never accepted
+        return carry, (carry[0], None if greedy else jnp.full((b, dcfg.vocab_size), -jnp.inf, jnp.float32))
+
+      return jax.lax.cond(i < st["k_eff"], step, skip, carry) if adaptive else step(carry)
 
     (_, dcache), (ds, qs) = jax.lax.scan(draft_step, (d1, dcache),
                                          (jax.random.split(k_draft, k - 1), jnp.arange(1, k, dtype=jnp.int32)))
     draft = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [b, k]
+    q = None if greedy else jnp.concatenate([q1[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
+    return draft, q, dcache
+
+  def ngram_draft(st):
+    """-> draft [b, k], q [b, k, V] (a deterministic proposal: one-hot; None when greedy), no cache."""
+    hist = jnp.concatenate([prompt_hist, st["out"]], axis=1)  # out is -1 past each row's n_out
+    draft, _ = ngram_propose(hist, plen + st["n_out"], k, dcfg.n, dcfg.min_n)
+    v = tcfg.vocab_size
+    q = None if greedy else jnp.where(jnp.arange(v) == draft[..., None], 0.0, -jnp.inf)
+    return draft, q, None
+
+  def body(st):
+    key, k_first, k_draft, k_acc = jax.random.split(st["key"], 4)
+    L = st["tcache"].pos
+    # 1. draft k tokens
+    draft, q, dcache = ngram_draft(st) if ngram else model_draft(st, k_first, k_draft)
     # 2. verify all k in one target call
-    tl, tcache = spec_forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
-                              st["tcache"], commit=True)
+    tl, tcache = hybrid.forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
+                                cache=st["tcache"], speculative="commit")
     # 3. accept
+    k_eff = st["k_eff"]
+    limit = k_eff if adaptive else None
     if greedy:
-      n, nxt = greedy_accept(draft, tl)
+      n, nxt = greedy_accept(draft, tl, limit)
     else:
-      q = jnp.concatenate([q1[:, None], jnp.swapaxes(qs, 0, 1)], axis=1)
-      n, nxt = sampling_accept(k_acc, draft, q, logp_of(tl))
+      n, nxt = sampling_accept(k_acc, draft, q, logp_of(tl), limit)
     # emit d_1..d_n, next; stop at EOS / max_new_tokens
     j = jnp.arange(k + 1)[None, :]
     cand = jnp.where(j < n[:, None], jnp.pad(draft, ((0, 0), (0, 1))), nxt[:, None])
@@ -200,39 +306,61 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     prev = jnp.where(adv == 0, st["prev"], jnp.where(n == 0, st["pending"], last_acc))
     pending = jnp.where(adv == 0, st["pending"], nxt)
     active = ~st["done"]
-    return {"tcache": tcache.replace(pos=L + adv), "dcache": dcache.replace(pos=L + adv - 1), "out": out,
+    dcache = None if ngram else dcache.replace(pos=L + adv - 1)
+    accepted = st["accepted"] + jnp.sum(jnp.where(active, n, 0))
+    rejected = st["rejected"] + jnp.sum((active & (n < k_eff)).astype(jnp.int32))
+    return {"tcache": tcache.replace(pos=L + adv), "dcache": dcache, "out": out,
             "n_out": n_out, "done": done, "prev": prev, "pending": pending, "key": key,
-            "rounds": st["rounds"] + 1, "accepted": st["accepted"] + jnp.sum(jnp.where(active, n, 0)),
-            "seq_rounds": st["seq_rounds"] + jnp.sum(active.astype(jnp.int32))}
+            "rounds": st["rounds"] + 1, "accepted": accepted,
+            "seq_rounds": st["seq_rounds"] + jnp.sum(active.astype(jnp.int32)), "rejected": rejected,
+            "proposed": st["proposed"] + jnp.sum(active.astype(jnp.int32)) * k_eff,
+            "k_sum": st["k_sum"] + k_eff,
+            "k_eff": choose_k(accepted, rejected, k, draft_cost) if adaptive else k_eff}
 
   st = jax.lax.while_loop(lambda st: ~jnp.all(st["done"]), body, state)
-  stats = {name: st[name] for name in ("rounds", "accepted", "seq_rounds")}
+  stats = {name: st[name] for name in ("rounds", "accepted", "seq_rounds", "proposed", "k_sum", "k_eff")}
   return st["out"][:, :max_new_tokens], st["n_out"], stats
 
 
 # ------------------------------------------------------------------------------------------------
 # API
-def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_params: dict,
-                         draft_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                         k: int = 4, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_params: dict | NgramDraft,
+                         draft_cfg: ModelConfig | None, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                         k: int | str = 4, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          seed: int = 0, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
-                         pad_multiple: int = 16, draft_hook: DraftHook | None = None, hook_args: Any = None
-                         ) -> tuple[list[list[int]], dict]:
+                         pad_multiple: int = 16, draft_hook: DraftHook | None = None, hook_args: Any = None,
+                         k_max: int = 8, draft_cost: float | None = None) -> tuple[list[list[int]], dict]:
   """Generates like `hybrid_jax.decode.generate.generate` (same output: the new tokens of each prompt, cut
   before the first EOS; identical tokens when greedy), with a draft model proposing k tokens per target call.
+  draft_params / draft_cfg: the draft model; or an `NgramDraft` and None (prompt lookup, no model).
   draft_hook / hook_args: benchmarking and research only (module docstring); one compilation serves all
-  hook_args of the same shapes.
+  hook_args of the same shapes. k = "auto": each round proposes `choose_k` tokens (1..k_max) for the
+  acceptance measured so far and a draft step costing draft_cost target calls (default: the draft's
+  parameter bytes over the target's, as for memory-bound steps; 0 for an NgramDraft).
 
   Returns (tokens per prompt, stats): accepted_per_step (mean accepted draft tokens per verification, over
   running sequences), tokens_per_step (that + 1), acceptance_rate (accepted / proposed), target_calls
-  (verification calls + the prefill), draft_calls, rounds, generated_tokens, compile_seconds (0 when
-  cached), seconds and tokens_per_s (execution only: generated tokens of all prompts / seconds).
+  (verification calls + the prefill), draft_calls, rounds, generated_tokens, k, mean_k (proposals per
+  round), k_final (the last round's), compile_seconds (0 when cached), seconds and tokens_per_s (execution
+  only: generated tokens of all prompts / seconds).
   """
-  if k < 1:
-    raise ValueError(f"k must be >= 1, got {k}")
-  if draft_cfg.vocab_size != target_cfg.vocab_size:
+  adaptive = k == "auto"
+  if adaptive:
+    k = k_max
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"k must be 'auto' or an integer >= 1, got {k!r}")
+  ngram = isinstance(draft_params, NgramDraft)
+  if ngram:
+    if draft_hook is not None:
+      raise ValueError("draft_hook rewrites a draft model's logits; an NgramDraft has none")
+    draft_params, draft_cfg = None, draft_params
+  elif draft_cfg.vocab_size != target_cfg.vocab_size:
     raise ValueError(f"draft vocab {draft_cfg.vocab_size} != target vocab {target_cfg.vocab_size}: the two "
                      "models must share a tokenizer")
+  if not adaptive:
+    draft_cost = None
+  elif draft_cost is None:
+    draft_cost = 0.0 if ngram else _param_bytes(draft_params) / _param_bytes(target_params)
   if max_new_tokens <= 0:
     return [[] for _ in prompts], {}
   eos = tuple(target_cfg.eos_token_id if eos_ids is None else eos_ids)
@@ -241,7 +369,8 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
   args = (target_params, draft_params, jnp.asarray(tokens), jnp.asarray(offsets), jax.random.PRNGKey(seed),
           jnp.asarray(eos, jnp.int32), hook_args)
   statics = {"k": k, "max_new_tokens": max_new_tokens, "max_len": max_len, "temperature": float(temperature),
-             "top_k": int(top_k), "top_p": float(top_p), "draft_hook": draft_hook}
+             "top_k": int(top_k), "top_p": float(top_p), "draft_hook": draft_hook,
+             "draft_cost": None if draft_cost is None else float(draft_cost)}
   t0 = time.perf_counter()
   run = _compiled_loop(target_cfg, draft_cfg, args, statics)
   t1 = time.perf_counter()
@@ -255,13 +384,20 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
         break
       seq.append(t)
     results.append(seq)
-  rounds, accepted, seq_rounds = (int(st[name]) for name in ("rounds", "accepted", "seq_rounds"))
+  rounds, accepted, seq_rounds, proposed, k_sum = (int(st[name]) for name in
+                                                   ("rounds", "accepted", "seq_rounds", "proposed", "k_sum"))
   per_step = accepted / max(seq_rounds, 1)
   stats = {"accepted_per_step": per_step, "tokens_per_step": per_step + 1.0,
-           "acceptance_rate": accepted / max(seq_rounds * k, 1), "target_calls": rounds + 1,
-           "draft_calls": rounds * k + 1, "rounds": rounds, "generated_tokens": int(np.sum(n_out)), "k": k,
+           "acceptance_rate": accepted / max(proposed, 1), "target_calls": rounds + 1,
+           "draft_calls": 0 if ngram else k_sum + 1, "rounds": rounds, "generated_tokens": int(np.sum(n_out)),
+           "k": "auto" if adaptive else k, "mean_k": proposed / max(seq_rounds, 1),
+           "k_final": int(st["k_eff"]),
            "compile_seconds": t1 - t0, "seconds": t2 - t1, "tokens_per_s": int(np.sum(n_out)) / (t2 - t1)}
   return results, stats
+
+
+def _param_bytes(params: dict) -> int:
+  return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(params))
 
 
 _COMPILED: dict = {}
@@ -280,18 +416,20 @@ def _compiled_loop(tcfg: ModelConfig, dcfg: ModelConfig, args: tuple, statics: d
   return _COMPILED[key]
 
 
-def speculative_generate_text(model, draft, messages, max_new_tokens: int = 256, k: int = 4,
+def speculative_generate_text(model, draft, messages, max_new_tokens: int = 256, k: int | str = 4,
                               **sampling) -> tuple[str, dict]:
   """`generate_text` with speculative decoding: (answer, stats of `speculative_generate`).
 
   model / draft: checkpoint directories or (params, cfg, tokenizer) tuples; the draft needs no tokenizer
-  of its own (it must share the target's vocabulary).
+  of its own (it must share the target's vocabulary). draft may also be an `NgramDraft` (no model).
   """
   import os
 
   from hybrid_jax.decode.generate import chat_ids, load_for_generation
   params, cfg, tok = load_for_generation(model)
-  if isinstance(draft, (str, os.PathLike)):
+  if isinstance(draft, NgramDraft):
+    dparams, dcfg = draft, None
+  elif isinstance(draft, (str, os.PathLike)):
     from hybrid_jax.checkpoint import load_model
     dparams, dcfg, _ = load_model(os.fspath(draft))
   else:

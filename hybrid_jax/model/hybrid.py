@@ -1,52 +1,78 @@
 """The decoder: Llama layers, some of whose self-attention mixers are replaced by Mamba mixers.
 
-params = {'embed_tokens' [V, D], 'layers': [layer, ...], 'norm' [D], 'lm_head' [D, V] (absent when tied)}
-layer  = {'input_layernorm' [D], 'post_attention_layernorm' [D], 'mlp': {...},
-          'self_attn': {...} (attention layers) | 'mamba': {...} (Mamba layers, either variant)}
-All matrices are [in, out]. A pure Llama is the case `cfg.attn_layers is None`.
+`HybridLM(cfg)` is one Flax module for teachers (every layer attention), hybrids and drafts. Parameters:
+  {'embed_tokens' [V, D], 'layers_0' ... 'layers_{L-1}', 'norm' [D], 'lm_head' [D, V] (absent when tied)}
+  layers_i = {'input_layernorm' [D], 'post_attention_layernorm' [D], 'mlp': {gate_proj, up_proj, down_proj},
+              'self_attn': {q_proj, k_proj, v_proj, o_proj} (attention layers) | 'mamba': {...} (Mamba layers)}
+All matrices are [in, out] (PyTorch names, transposed). `forward(params, cfg, tokens, ...)` is the functional
+shorthand for `HybridLM(cfg).apply({'params': params}, tokens, ...)`.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax import pallas
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.model import llama
+from hybrid_jax.model.attention import Attention, rope_tables
 from hybrid_jax.model.cache import Cache
-from hybrid_jax.model.layers import dense, mlp, rms_norm
+from hybrid_jax.model.layers import MLP, dense, rms_norm
+from hybrid_jax.model.mamba import Mamba
+from hybrid_jax.model.mamba2 import Mamba2
+from hybrid_jax.model.mixer import Context
 
 Array = jax.Array
 
+# Decoder call modes (static): the full sequence, a decode cache, or a speculative cache whose SSM steps are
+# committed as the new checkpoint ('commit') or appended after it ('append'; see hybrid_jax.model.mixer).
+FULL, CACHED, COMMIT, APPEND = "full", "cached", "commit", "append"
 
-def _mixer_module(cfg: ModelConfig):
-  from hybrid_jax.model import mamba, mamba2
-  return mamba if cfg.ssm.variant == "mamba" else mamba2
+
+def mixer_class(cfg: ModelConfig, layer: int) -> type[nn.Module]:
+  """The mixer module of a layer: attention where the config keeps it, else the configured Mamba variant."""
+  if cfg.is_attention(layer):
+    return Attention
+  return Mamba if cfg.ssm.variant == "mamba" else Mamba2
 
 
-def init_params(cfg: ModelConfig, key: Array, std: float = 0.02) -> dict:
-  """Random parameters (HF Llama's normal(0, 0.02) init; Mamba mixers use their reference init)."""
-  dt = cfg.params_dtype
-  d, v = cfg.hidden_size, cfg.vocab_size
-  k_emb, k_head, k_layers = jax.random.split(key, 3)
-  normal = lambda k, shape: (std * jax.random.normal(k, shape)).astype(dt)
-  f = cfg.intermediate_size
-  layers = []
-  for i, k in enumerate(jax.random.split(k_layers, cfg.num_hidden_layers)):
-    k_mix, kg, ku, kd = jax.random.split(k, 4)
-    layer = {"input_layernorm": jnp.ones((d,), dt), "post_attention_layernorm": jnp.ones((d,), dt),
-             "mlp": {"gate_proj": normal(kg, (d, f)), "up_proj": normal(ku, (d, f)),
-                     "down_proj": normal(kd, (f, d))}}
-    if cfg.is_attention(i):
-      att = llama.init_attention(k_mix, cfg)  # shapes only; HF-style normal init below
-      keys = dict(zip(sorted(att), jax.random.split(k_mix, len(att))))
-      layer["self_attn"] = {name: normal(keys[name], w.shape) for name, w in att.items()}
+def _mixer(cfg: ModelConfig, layer: int, kernel_options, init_std: float, name: str | None = None) -> nn.Module:
+  cls = mixer_class(cfg, layer)
+  if cls is Attention:
+    return Attention(cfg, init_std=init_std, name=name)
+  return cls(cfg, kernel_options=kernel_options, name=name)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). The mixer is the layer's own (attention or SSM)."""
+  cfg: ModelConfig
+  layer: int
+  kernel_options: pallas.KernelOptions | None = None
+  init_std: float = 0.02
+
+  def setup(self):
+    cfg, dt = self.cfg, self.cfg.params_dtype
+    ones = nn.initializers.ones
+    self.input_layernorm = self.param("input_layernorm", ones, (cfg.hidden_size,), dt)
+    self.post_attention_layernorm = self.param("post_attention_layernorm", ones, (cfg.hidden_size,), dt)
+    name = "self_attn" if cfg.is_attention(self.layer) else "mamba"
+    self.mixer = _mixer(cfg, self.layer, self.kernel_options, self.init_std, name=name)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.compute_dtype, dt, self.init_std)
+
+  def __call__(self, x: Array, ctx: Context, state: Any = None, mode: str = FULL) -> tuple[Array, Any]:
+    """x [b, t, D] -> (x [b, t, D], the mixer's new state; None in FULL mode)."""
+    h = rms_norm(x, self.input_layernorm, self.cfg.rms_norm_eps)
+    if mode == FULL:
+      a = self.mixer(h, ctx)
+    elif mode == CACHED:
+      a, state = self.mixer.cached(h, ctx, state)
     else:
-      layer["mamba"] = _mixer_module(cfg).init_mixer(k_mix, cfg)
-    layers.append(layer)
-  params = {"embed_tokens": normal(k_emb, (v, d)), "layers": layers, "norm": jnp.ones((d,), dt)}
-  if not cfg.tie_word_embeddings:
-    params["lm_head"] = normal(k_head, (d, v))
-  return params
+      a, state = self.mixer.speculative(h, ctx, state, commit=mode == COMMIT)
+    x = x + a.astype(x.dtype)
+    h = rms_norm(x, self.post_attention_layernorm, self.cfg.rms_norm_eps)
+    return x + self.mlp(h).astype(x.dtype), state
 
 
 def segment_positions(segment_ids: Array) -> Array:
@@ -58,69 +84,164 @@ def segment_positions(segment_ids: Array) -> Array:
   return idx - jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
 
 
-def forward(params: dict, cfg: ModelConfig, tokens: Array, *, segment_ids: Array | None = None,
-            positions: Array | None = None, cache: Cache | None = None,
-            return_hidden: bool = False) -> tuple[Array, Cache | None]:
-  """Runs the decoder.
+def full_context(cfg: ModelConfig, shape: tuple[int, int], segment_ids: Array | None = None,
+                 positions: Array | None = None) -> Context:
+  """The Context of a cache-free call on tokens of `shape` [b, t]: causal attention within each segment of
+  segment_ids [b, t] (0 = padding; default: one segment); positions default to the position in the segment."""
+  b, t = shape
+  seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  if positions is None:
+    positions = segment_positions(seg) if segment_ids is not None else jnp.broadcast_to(jnp.arange(t), (b, t))
+  mask = jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :])
+  cos, sin = rope_tables(cfg, positions)
+  return Context(segment_ids=seg, cos=cos, sin=sin, mask=mask)
 
-  tokens [b, t] int. Without a cache (training / scoring): `segment_ids` [b, t] (0 = padding) restricts
-  attention, conv and scan to each packed document; positions default to the position inside the segment.
-  With a cache: the tokens extend each sequence at cache.pos; tokens at cache index < cache.offset are left
-  padding. Returns logits [b, t, V] (fp32) — or the final hidden states [b, t, D] if `return_hidden` — and
-  the updated cache (None without one).
+
+def cached_context(cfg: ModelConfig, cache: Cache, t: int) -> Context:
+  """The Context of t tokens appended at cache.pos: keys up to each query's own index and from cache.offset
+  (left padding is masked; a padding query attends to itself so no row is empty)."""
+  abs_idx = cache.pos[:, None] + jnp.arange(t)[None, :]  # [b, t]
+  seg = (abs_idx >= cache.offset[:, None]).astype(jnp.int32)
+  mask = None
+  if cache.has_attention:  # a pure SSM cache has no key axis to mask
+    key_idx = jnp.arange(cache.max_len)[None, None, :]
+    mask = (key_idx <= abs_idx[..., None]) & (key_idx >= cache.offset[:, None, None])
+    mask = mask | (key_idx == abs_idx[..., None])
+  cos, sin = rope_tables(cfg, jnp.maximum(abs_idx - cache.offset[:, None], 0))
+  return Context(segment_ids=seg, cos=cos, sin=sin, mask=mask, pos=cache.pos)
+
+
+def _remat_policy(cfg: ModelConfig):
+  return jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
+
+
+class HybridLM(nn.Module):
+  """Llama / hybrid causal LM. `cfg.attn_layers` picks the attention layers (None: all, a plain Llama).
+
+  kernel_options: tuning of the SSM kernels (None: the per-device defaults). init_std: the normal init of
+  embeddings, attention and MLP matrices (HF Llama's 0.02); Mamba mixers use their reference init.
   """
-  b, t = tokens.shape
-  dtype = cfg.compute_dtype
-  if cache is None:
-    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    if positions is None:
-      positions = segment_positions(seg) if segment_ids is not None else jnp.broadcast_to(
-          jnp.arange(t), (b, t))
-    causal = jnp.tril(jnp.ones((t, t), bool))[None]
-    mask = causal & (seg[:, :, None] == seg[:, None, :])
-  else:
-    abs_idx = cache.pos[:, None] + jnp.arange(t)[None, :]  # [b, t]
-    seg = (abs_idx >= cache.offset[:, None]).astype(jnp.int32)
-    positions = jnp.maximum(abs_idx - cache.offset[:, None], 0)
-    key_idx = jnp.arange(cache.max_len)[None, None, :] if any("k" in lc for lc in cache.layers) else None
-    if key_idx is not None:
-      mask = (key_idx <= abs_idx[..., None]) & (key_idx >= cache.offset[:, None, None])
-      mask = mask | (key_idx == abs_idx[..., None])  # a padding query attends to itself: no empty rows
-  cos, sin = llama.rope_tables(cfg, positions)
+  cfg: ModelConfig
+  kernel_options: pallas.KernelOptions | None = None
+  init_std: float = 0.02
 
-  def block(x, lp, layer_cache):
-    h = rms_norm(x, lp["input_layernorm"], cfg.rms_norm_eps)
-    if "self_attn" in lp:
-      a, layer_cache = llama.attention(lp["self_attn"], cfg, h, cos, sin, mask, layer_cache,
-                                       None if cache is None else cache.pos,
-                                       segment_ids=seg if cache is None else None)
+  def setup(self):
+    cfg, dt = self.cfg, self.cfg.params_dtype
+    init = nn.initializers.normal(self.init_std)
+    self.embed_tokens = self.param("embed_tokens", init, (cfg.vocab_size, cfg.hidden_size), dt)
+    layer_cls = DecoderLayer
+    if cfg.remat != "none":  # training: each layer keeps only what the policy saves for the backward pass
+      layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(cfg), static_argnums=(4,))
+    self.layers = [layer_cls(cfg, i, self.kernel_options, self.init_std) for i in range(cfg.num_hidden_layers)]
+    self.norm = self.param("norm", nn.initializers.ones, (cfg.hidden_size,), dt)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param("lm_head", init, (cfg.hidden_size, cfg.vocab_size), dt)
+
+  def head_weight(self) -> Array:
+    """[D, V] output projection (the transposed embedding when tied)."""
+    return self.embed_tokens.T if self.cfg.tie_word_embeddings else self.lm_head
+
+  def logits(self, hidden: Array) -> Array:
+    """Final hidden states [b, t, D] -> fp32 logits [b, t, V]."""
+    return dense(hidden, self.head_weight(), self.cfg.compute_dtype, out_dtype=jnp.float32)
+
+  def __call__(self, tokens: Array, *, segment_ids: Array | None = None, positions: Array | None = None,
+               cache: Cache | None = None, speculative: str | None = None,
+               return_hidden: bool = False) -> tuple[Array, Cache | None]:
+    """Runs the decoder.
+
+    tokens [b, t] int. Without a cache (training / scoring): `segment_ids` [b, t] (0 = padding) restricts
+    attention, conv and scan to each packed document; positions default to the position inside the segment.
+    With a cache: the tokens extend each sequence at cache.pos; tokens at cache index < cache.offset are left
+    padding. speculative ('commit' | 'append', with a cache in the speculative layout, `speculative_cache`):
+    draft / verify calls whose SSM steps can be rolled back (hybrid_jax.model.mixer). Returns logits
+    [b, t, V] (fp32), or the final hidden states [b, t, D] if `return_hidden`, and the updated cache (None
+    without one).
+    """
+    cfg = self.cfg
+    if cache is None:
+      ctx, mode = full_context(cfg, tokens.shape, segment_ids, positions), FULL
     else:
-      a, layer_cache = _mixer_module(cfg).mixer(lp["mamba"], cfg, h, segment_ids=seg, state=layer_cache)
-    x = x + a.astype(x.dtype)
-    h = rms_norm(x, lp["post_attention_layernorm"], cfg.rms_norm_eps)
-    return x + mlp(lp["mlp"], h, dtype).astype(x.dtype), layer_cache
+      ctx = cached_context(cfg, cache, tokens.shape[1])
+      mode = CACHED if speculative is None else {"commit": COMMIT, "append": APPEND}[speculative]
 
-  if cache is None and cfg.remat != "none":  # training: recompute inside each layer in the backward pass
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots" else None
-    block = jax.checkpoint(block, policy=policy)
+    x = jnp.take(self.embed_tokens, tokens, axis=0).astype(cfg.compute_dtype)
+    states = []
+    for i, layer in enumerate(self.layers):
+      x, state = layer(x, ctx, None if cache is None else cache.layers[i], mode)
+      states.append(state)
+    x = rms_norm(x, self.norm, cfg.rms_norm_eps)
+    new_cache = None if cache is None else cache.replace(layers=tuple(states), pos=cache.pos + tokens.shape[1])
+    return (x if return_hidden else self.logits(x)), new_cache
 
-  x = jnp.take(params["embed_tokens"], tokens, axis=0).astype(dtype)
-  new_layers = []
-  for i, lp in enumerate(params["layers"]):
-    x, layer_cache = block(x, lp, None if cache is None else cache.layers[i])
-    new_layers.append(layer_cache)
-  x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
-  new_cache = None if cache is None else cache.replace(layers=tuple(new_layers), pos=cache.pos + t)
-  if return_hidden:
-    return x, new_cache
-  return logits_from_hidden(params, cfg, x), new_cache
+  # ---- caches (no parameters needed) ------------------------------------------------------------
+  @nn.nowrap
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    """Empty cache for `batch` sequences of up to `max_len` tokens (prompt + generated)."""
+    dtype = dtype or self.cfg.compute_dtype
+    layers = tuple(_mixer(self.cfg, i, self.kernel_options, self.init_std).init_state(batch, max_len, dtype)
+                   for i in range(self.cfg.num_hidden_layers))
+    zeros = jnp.zeros((batch,), jnp.int32)
+    return Cache(layers=layers, pos=zeros, offset=zeros)
+
+  @nn.nowrap
+  def speculative_cache(self, cache: Cache, k: int) -> Cache:
+    """An ordinary cache (e.g. right after prefill) -> the speculative layout, checkpoints at cache.pos, with
+    room for calls of up to k + 1 tokens between checkpoints."""
+    return cache.replace(layers=tuple(
+        _mixer(self.cfg, i, self.kernel_options, self.init_std).speculative_state(lc, cache.pos, k)
+        for i, lc in enumerate(cache.layers)))
+
+
+# ---- functional shorthands --------------------------------------------------------------------------
+def init_params(cfg: ModelConfig, key: Array, std: float = 0.02) -> dict:
+  """Random parameters of `HybridLM(cfg)` (HF Llama's normal(0, std); Mamba mixers their reference init)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.jit(lambda k: HybridLM(cfg, init_std=std).init(k, tokens)["params"])(key)
+
+
+def init_mixer_params(cfg: ModelConfig, layer: int, key: Array) -> dict:
+  """Fresh parameters of one layer's mixer (its reference init), without building the rest of the model."""
+  u = jnp.zeros((1, 1, cfg.hidden_size), cfg.compute_dtype)
+  ctx = full_context(cfg, (1, 1))
+  return jax.jit(lambda k: _mixer(cfg, layer, None, 0.02).init(k, u, ctx)["params"])(key)
+
+
+def forward(params: dict, cfg: ModelConfig, tokens: Array, *, kernel_options=None, **kw
+            ) -> tuple[Array, Cache | None]:
+  """`HybridLM(cfg).apply({'params': params}, tokens, **kw)`: see `HybridLM.__call__`."""
+  return HybridLM(cfg, kernel_options).apply({"params": params}, tokens, **kw)
 
 
 def lm_head_weight(params: dict, cfg: ModelConfig) -> Array:
   """[D, V] output projection (the transposed embedding when tied)."""
-  return params["embed_tokens"].T if cfg.tie_word_embeddings else params["lm_head"]
+  return HybridLM(cfg).apply({"params": params}, method=HybridLM.head_weight)
 
 
-def logits_from_hidden(params: dict, cfg: ModelConfig, x: Array) -> Array:
-  w = lm_head_weight(params, cfg)
-  return dense(x, w, cfg.compute_dtype, out_dtype=jnp.float32)
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+  return HybridLM(cfg).init_cache(batch, max_len, dtype)
+
+
+def speculative_cache(cfg: ModelConfig, cache: Cache, k: int) -> Cache:
+  return HybridLM(cfg).speculative_cache(cache, k)
+
+
+def layer_params(params: dict, i: int) -> dict:
+  """The parameters of decoder layer i."""
+  return params[f"layers_{i}"]
+
+
+def num_layers(params: dict) -> int:
+  return sum(1 for name in params if name.startswith("layers_"))
+
+
+def from_layer_list(params: dict) -> dict:
+  """Parameters in the layout of earlier releases ({'layers': [layer, ...], ...}) -> this module's layout
+  ({'layers_0': layer, ...}). Trees already in this layout are returned unchanged."""
+  if "layers" not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  layers = params["layers"]
+  items = layers.items() if isinstance(layers, dict) else enumerate(layers)  # Orbax may give {'0': ...}
+  out.update({f"layers_{int(i)}": lp for i, lp in items})
+  return out

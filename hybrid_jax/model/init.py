@@ -1,4 +1,4 @@
-"""Hybrid configs from a teacher and the attention-weight initialisation of the Mamba layers (SPEC 2.3).
+"""Hybrid configs from a teacher and the attention-weight initialisation of the Mamba layers (docs/DESIGN.md).
 
 `init_from_teacher` mirrors the reference's `init_with_kqvo`: for every replaced layer, Mamba-1 gets
 in_proj_x <- v_proj, B_proj <- k_proj, C_proj <- q_proj, out_proj <- o_proj; Mamba-2 gets the x / B / C column
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.config import ConfigError, ModelConfig, SSMConfig
+from hybrid_jax.model import hybrid, mamba, mamba2
 
 Array = jax.Array
 
@@ -29,9 +30,8 @@ def hybrid_config(teacher_cfg: ModelConfig, attn_layers, variant: str = "mamba",
   attn = tuple(sorted(int(i) for i in attn_layers))
   cfg = teacher_cfg.replace(attn_layers=attn, ssm=SSMConfig(**kw))
   if cfg.is_hybrid:  # fail now on dimensions the mixer cannot take, naming them
-    from hybrid_jax.model import mamba, mamba2
     try:
-      jax.eval_shape(lambda: (mamba if variant == "mamba" else mamba2).init_mixer(jax.random.PRNGKey(0), cfg))
+      (mamba.dims if variant == "mamba" else mamba2.dims)(cfg)
     except ValueError as e:
       raise ConfigError(str(e)) from None
   return cfg
@@ -54,9 +54,8 @@ MIXER_INITS = ("attention", "random")
 def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg: ModelConfig,
                       key: Array, mixer_init: str = "attention") -> dict:
   """Hybrid params: the teacher's everywhere, Mamba mixers initialised from the replaced attention
-  (mixer_init 'attention', SPEC 2.3) or left at the mixer's own random init ('random': the paper's ablation
+  (mixer_init 'attention', docs/DESIGN.md) or left at the mixer's own random init ('random': the paper's ablation
   baseline; norms, MLPs, embeddings and head are still the teacher's)."""
-  from hybrid_jax.model import mamba, mamba2
   if mixer_init not in MIXER_INITS:
     raise ConfigError(f"mixer init must be one of {MIXER_INITS}, got {mixer_init!r}")
   if teacher_cfg.is_hybrid:
@@ -66,34 +65,27 @@ def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg
   bad = [f for f in same if getattr(teacher_cfg, f) != getattr(hybrid_cfg, f)]
   if bad:
     raise ConfigError(f"hybrid and teacher configs differ in {bad}")
-  mod = mamba if hybrid_cfg.ssm is None or hybrid_cfg.ssm.variant == "mamba" else mamba2
-  out = {k: v for k, v in teacher_params.items() if k != "layers"}
-  layers = []
-  for i, (lp, k) in enumerate(zip(teacher_params["layers"],
-                                  jax.random.split(key, hybrid_cfg.num_hidden_layers))):
-    new = {n: v for n, v in lp.items() if n != "self_attn"}
-    if hybrid_cfg.is_attention(i):
-      new["self_attn"] = lp["self_attn"]
-    else:
-      m = mod.init_mixer(k, hybrid_cfg)
-      if mixer_init == "attention":
-        _seed_from_attention(m, lp["self_attn"], mod, hybrid_cfg, i)
-      new["mamba"] = m
-    layers.append(new)
-  out["layers"] = layers
+  out = dict(teacher_params)
+  keys = jax.random.split(key, hybrid_cfg.num_hidden_layers)
+  for i in hybrid_cfg.ssm_layers:
+    name = f"layers_{i}"
+    teacher_layer = teacher_params[name]
+    mixer = dict(hybrid.init_mixer_params(hybrid_cfg, i, keys[i]))  # the mixer's reference init
+    if mixer_init == "attention":
+      _seed_from_attention(mixer, teacher_layer["self_attn"], hybrid_cfg, i)
+    out[name] = {**{n: v for n, v in teacher_layer.items() if n != "self_attn"}, "mamba": mixer}
   return jax.tree.map(jnp.asarray, out)
 
 
-def _seed_from_attention(m: dict, a: dict, mod, hybrid_cfg: ModelConfig, layer: int) -> None:
-  """In place: the mixer's x / B / C / out projections <- the attention's V / K / Q / O (SPEC 2.3)."""
-  from hybrid_jax.model import mamba, mamba2
+def _seed_from_attention(m: dict, a: dict, hybrid_cfg: ModelConfig, layer: int) -> None:
+  """In place: the mixer's x / B / C / out projections <- the attention's V / K / Q / O (docs/DESIGN.md)."""
   dt, d_model = hybrid_cfg.params_dtype, hybrid_cfg.hidden_size
   want = {"v_proj": (d_model, hybrid_cfg.d_xb), "k_proj": (d_model, hybrid_cfg.d_xb),
           "q_proj": (d_model, hybrid_cfg.d_inner), "o_proj": (hybrid_cfg.d_inner, d_model)}
   wrong = {n: tuple(a[n].shape) for n, s in want.items() if tuple(a[n].shape) != s}
   if wrong:  # e.g. d_inner != H * hd: the attention weights cannot seed the mixer
     raise ConfigError(f"layer {layer}: attention shapes {wrong} do not fit the mixer ({want})")
-  if mod is mamba:
+  if hybrid_cfg.ssm.variant == "mamba":
     m.update(in_proj_x=a["v_proj"].astype(dt), B_proj=a["k_proj"].astype(dt),
              C_proj=a["q_proj"].astype(dt), out_proj=a["o_proj"].astype(dt))
   else:

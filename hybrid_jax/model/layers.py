@@ -1,6 +1,11 @@
-"""Small shared building blocks: dense, RMSNorm, SwiGLU MLP, param init helpers."""
+"""Small shared building blocks: dense, RMSNorm, SwiGLU MLP, initialisers, and their Flax modules."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -52,13 +57,43 @@ def mlp(p: dict, x: Array, dtype) -> Array:
   return dense(silu(g) * u, p["down_proj"], dtype)
 
 
-def init_linear(key: Array, d_in: int, d_out: int, dtype=jnp.float32) -> Array:
-  """PyTorch nn.Linear default (kaiming-uniform, a=sqrt(5)) => U(-1/sqrt(in), 1/sqrt(in)); layout [in, out]."""
-  bound = 1.0 / jnp.sqrt(d_in)
-  return jax.random.uniform(key, (d_in, d_out), dtype, -bound, bound)
+# ---- Flax building blocks ----------------------------------------------------------------------
+def uniform_init(bound: float):
+  """U(-bound, bound), the PyTorch default for Linear (bound 1/sqrt(in)) and Conv1d (bound 1/sqrt(K))."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 
-def init_mlp(key: Array, d: int, f: int, dtype=jnp.float32) -> dict:
-  k1, k2, k3 = jax.random.split(key, 3)
-  return {"gate_proj": init_linear(k1, d, f, dtype), "up_proj": init_linear(k2, d, f, dtype),
-          "down_proj": init_linear(k3, f, d, dtype)}
+def linear_init(key, shape, dtype=jnp.float32):
+  """PyTorch nn.Linear's default for a [in, out] matrix: kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(in))."""
+  return uniform_init(1.0 / math.sqrt(shape[0]))(key, shape, dtype)
+
+
+class WeightAndBias(nn.Module):
+  """A PyTorch module with a `weight` and a `bias` (a conv1d, a Linear with bias), stored under those names."""
+  weight_shape: tuple[int, ...]
+  weight_init: Callable
+  bias_init: Callable
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.weight = self.param("weight", self.weight_init, self.weight_shape, self.param_dtype)
+    self.bias = self.param("bias", self.bias_init, self.weight_shape[-1:], self.param_dtype)
+
+
+class MLP(nn.Module):
+  """SwiGLU MLP with HF Llama's parameter names; matrices [in, out]; HF's normal(0, 0.02) init by default."""
+  hidden_size: int
+  intermediate_size: int
+  dtype: Any
+  param_dtype: Any = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d, f, init = self.hidden_size, self.intermediate_size, nn.initializers.normal(self.init_std)
+    p = {"gate_proj": self.param("gate_proj", init, (d, f), self.param_dtype),
+         "up_proj": self.param("up_proj", init, (d, f), self.param_dtype),
+         "down_proj": self.param("down_proj", init, (f, d), self.param_dtype)}
+    return mlp(p, x, self.dtype)

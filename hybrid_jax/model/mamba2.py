@@ -1,24 +1,25 @@
-"""Mamba-2 mixer of MambaInLlama (SPEC 2.2; reference: jxiw/MambaInLlama `mamba2/hybrid_mamba_layer.py`).
+"""Mamba-2 mixer of MambaInLlama (reference: jxiw/MambaInLlama `mamba2/hybrid_mamba_layer.py`; docs/DESIGN.md).
 
-Params (PyTorch names; Linear weights [in, out]; modules with a bias are {'weight', 'bias'} dicts):
+Params (PyTorch names; Linear weights [in, out]; modules with a bias are {'weight', 'bias'}):
   in_proj [D, d_inner + 2 d_xb + d_inner + H]  (output columns z, x, B, C, dt)
   conv1d {'weight' [K, conv_dim], 'bias' [conv_dim]}  (conv_dim = 2 d_xb + d_inner: x, B, C)
   dt_bias [H]  A_log [H]  D [H]  norm [d_inner] (gated RMSNorm weight)  out_proj [d_inner, D]
 
 The reference sets nheads = ngroups and headdim = d_state, so d_inner = H * N and each head has its own B and
-C (recipes: ngroups = num_attention_heads, d_state = head_dim). Split like mamba.py into `scan_inputs`,
-`scan`, `output` for replay by a speculative-decoding verifier.
+C (recipes: ngroups = num_attention_heads, d_state = head_dim). The full-sequence, cached and speculative
+paths are `SSMMixer`'s; this module gives the Mamba-2 pieces.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hybrid_jax import pallas
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.model import ssm
-from hybrid_jax.model.conv import causal_conv
-from hybrid_jax.model.layers import dense, init_linear
-from hybrid_jax.model.mamba import init_conv, init_dt_bias, reset_from_segments
+from hybrid_jax.model.layers import dense, linear_init
+from hybrid_jax.model.mamba import conv_module, dt_bias_init
+from hybrid_jax.model.mixer import SSMMixer
 
 Array = jax.Array
 
@@ -38,62 +39,7 @@ def dims(cfg: ModelConfig) -> dict:
   if d_xb % n or d_inner % d_xb:
     raise ValueError(f"Mamba-2 needs d_state={n} | d_xb={d_xb} | d_inner={d_inner}")
   return {"d_inner": d_inner, "d_xb": d_xb, "H": h, "N": n, "rep": d_inner // d_xb, "conv_dim": 2 * d_xb + d_inner,
-              "d_in_proj": 2 * d_inner + 2 * d_xb + h}
-
-
-def init_mixer(key: Array, cfg: ModelConfig) -> dict:
-  m = dims(cfg)
-  d = cfg.hidden_size
-  dt = cfg.params_dtype
-  ks = jax.random.split(key, 5)
-  return {
-      "in_proj": init_linear(ks[0], d, m["d_in_proj"], dt),
-      "conv1d": init_conv(ks[1], cfg.ssm.d_conv, m["conv_dim"], dt),
-      "dt_bias": init_dt_bias(ks[2], m["H"], cfg).astype(dt),
-      "A_log": jnp.log(jax.random.uniform(ks[3], (m["H"],), jnp.float32, 1.0, 16.0)).astype(dt),
-      "D": jnp.ones((m["H"],), dt),
-      "norm": jnp.ones((m["d_inner"],), dt),
-      "out_proj": init_linear(ks[4], m["d_inner"], d, dt),
-  }
-
-
-def init_state(cfg: ModelConfig, batch: int, dtype) -> dict:
-  """conv [b, K-1, conv_dim] (previous conv inputs), ssm [b, H, P, N] fp32."""
-  m = dims(cfg)
-  return {"conv": jnp.zeros((batch, cfg.ssm.d_conv - 1, m["conv_dim"]), dtype),
-          "ssm": jnp.zeros((batch, m["H"], m["N"], m["N"]), jnp.float32)}
-
-
-def scan_inputs(p: dict, cfg: ModelConfig, u: Array, *, segment_ids: Array,
-                conv_state: Array | None = None) -> tuple[dict, Array]:
-  """in_proj, conv over (x, B, C), GQA repeat. u [b, t, D] -> ({'x' [b,t,H,P], 'dt' [b,t,H] (no bias),
-  'B' [b,t,H,N], 'C' [b,t,H,N], 'z' [b,t,d_inner]}, new conv state [b, K-1, conv_dim]).
-  Padding tokens (segment 0) get zero conv input and zero x: they leave no trace in either state."""
-  dtype = cfg.compute_dtype
-  m = dims(cfg)
-  b, t, _ = u.shape
-  d_inner, d_xb, h, n = m["d_inner"], m["d_xb"], m["H"], m["N"]
-  zxbcdt = dense(u, p["in_proj"], dtype)
-  z, xbc, dt = jnp.split(zxbcdt, [d_inner, d_inner + m["conv_dim"]], axis=-1)
-  real = (segment_ids != 0)[..., None]
-  xbc = jnp.where(real, xbc, 0)
-  xbc, new_conv = causal_conv(xbc, p["conv1d"]["weight"], p["conv1d"]["bias"], segment_ids, conv_state)
-  xbc = jax.nn.silu(xbc).astype(dtype)
-  x, B, C = jnp.split(xbc, [d_xb, 2 * d_xb], axis=-1)
-  x = jnp.where(real, x, 0)
-  # GQA after the conv: kv group g -> heads g*rep .. g*rep+rep-1.
-  x = jnp.repeat(x.reshape(b, t, d_xb // n, n), m["rep"], axis=2)
-  B = jnp.repeat(B.reshape(b, t, d_xb // n, n), m["rep"], axis=2)
-  C = C.reshape(b, t, h, n)
-  return {"x": x, "dt": dt, "B": B, "C": C, "z": z}, new_conv
-
-
-def scan(p: dict, cfg: ModelConfig, inp: dict, *, reset: Array | None = None,
-         h0: Array | None = None) -> tuple[Array, Array]:
-  """SSD recurrence: -> y [b, t, H, P] (compute dtype, before the gate), final state [b, H, P, N] fp32."""
-  A = -jnp.exp(p["A_log"].astype(jnp.float32))
-  return ssm.ssd_scan(inp["x"], inp["dt"], A, inp["B"], inp["C"], p["D"], p["dt_bias"], reset=reset,
-                      h0=h0, impl=cfg.ssm.scan_impl)
+          "d_in_proj": 2 * d_inner + 2 * d_xb + h}
 
 
 def gated_rms_norm(y: Array, z: Array, weight: Array, group: int, eps: float = NORM_EPS) -> Array:
@@ -106,21 +52,64 @@ def gated_rms_norm(y: Array, z: Array, weight: Array, group: int, eps: float = N
   return gg.reshape(shp) * weight.astype(f32)
 
 
-def output(p: dict, cfg: ModelConfig, y: Array, z: Array) -> Array:
-  """Gated RMSNorm (group = head dim) then out_proj. y [b, t, H, P], z [b, t, d_inner] -> [b, t, D]."""
-  b, t = y.shape[:2]
-  yn = gated_rms_norm(y.reshape(b, t, -1), z, p["norm"], dims(cfg)["N"])
-  return dense(yn.astype(cfg.compute_dtype), p["out_proj"], cfg.compute_dtype)
+class Mamba2(SSMMixer):
+  """Mamba-2 mixer (scalar decay per head; x, B at the KV width, repeated per group after the conv)."""
 
+  def setup(self):
+    cfg = self.cfg
+    m = dims(cfg)
+    d, dt = cfg.hidden_size, cfg.params_dtype
+    self.in_proj = self.param("in_proj", linear_init, (d, m["d_in_proj"]), dt)
+    self.conv1d = conv_module(cfg, m["conv_dim"])
+    self.dt_bias = self.param("dt_bias", dt_bias_init(cfg), (m["H"],), dt)
+    self.A_log = self.param(
+        "A_log", lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)
+                                                   ).astype(dtype), (m["H"],), dt)
+    self.D = self.param("D", jax.nn.initializers.ones, (m["H"],), dt)
+    self.norm = self.param("norm", jax.nn.initializers.ones, (m["d_inner"],), dt)
+    self.out_proj = self.param("out_proj", linear_init, (m["d_inner"], d), dt)
 
-def mixer(p: dict, cfg: ModelConfig, u: Array, *, segment_ids: Array,
-          state: dict | None = None) -> tuple[Array, dict | None]:
-  """u [b, t, D] -> (y [b, t, D], new state or None). `state` = init_state(...) layout when decoding."""
-  inp, new_conv = scan_inputs(p, cfg, u, segment_ids=segment_ids,
-                              conv_state=None if state is None else state["conv"])
-  y, h = scan(p, cfg, inp, reset=reset_from_segments(segment_ids),
-              h0=None if state is None else state["ssm"])
-  out = output(p, cfg, y, inp["z"])
-  if state is None:
-    return out, None
-  return out, {"conv": new_conv.astype(state["conv"].dtype), "ssm": h}
+  def conv_input(self, u: Array) -> tuple[Array, dict]:
+    """in_proj split into z, the conv's (x, B, C) and dt (its bias is added inside the scan)."""
+    m = dims(self.cfg)
+    z, xbc, dt = jnp.split(dense(u, self.in_proj, self.cfg.compute_dtype),
+                           [m["d_inner"], m["d_inner"] + m["conv_dim"]], axis=-1)
+    return xbc, {"z": z, "dt": dt}
+
+  def scan_inputs(self, xc: Array, rest: dict) -> dict:
+    """silu after the conv, then GQA: kv group g -> heads g*rep .. g*rep+rep-1."""
+    m = dims(self.cfg)
+    b, t, _ = xc.shape
+    d_xb, n, rep = m["d_xb"], m["N"], m["rep"]
+    x, B, C = jnp.split(jax.nn.silu(xc).astype(self.cfg.compute_dtype), [d_xb, 2 * d_xb], axis=-1)
+    return {"x": jnp.repeat(x.reshape(b, t, d_xb // n, n), rep, axis=2),
+            "B": jnp.repeat(B.reshape(b, t, d_xb // n, n), rep, axis=2),
+            "C": C.reshape(b, t, m["H"], n), **rest}
+
+  def decay_params(self) -> tuple[Array, Array, Array]:
+    return -jnp.exp(self.A_log.astype(jnp.float32)), self.D, self.dt_bias
+
+  def scan(self, inp: dict, reset: Array, h0: Array | None) -> tuple[Array, Array]:
+    """SSD recurrence -> y [b, t, H, P] (before the gate), final state [b, H, P, N] fp32."""
+    A, D, dt_bias = self.decay_params()
+    return pallas.ssd_scan(inp["x"], inp["dt"], A, inp["B"], inp["C"], D, dt_bias, reset=reset, h0=h0,
+                           impl=self.scan_impl, options=self.kernel_options)
+
+  def gate(self, inp: dict) -> None:
+    return None  # Mamba-2 gates in the norm of `output`
+
+  def output(self, y: Array, inp: dict) -> Array:
+    """Gated RMSNorm (group = head dim) then out_proj. y [b, t, H, P], z [b, t, d_inner] -> [b, t, D]."""
+    b, t = y.shape[:2]
+    yn = gated_rms_norm(y.reshape(b, t, -1), inp["z"], self.norm, dims(self.cfg)["N"])
+    return dense(yn.astype(self.cfg.compute_dtype), self.out_proj, self.cfg.compute_dtype)
+
+  @nn.nowrap
+  def state_shapes(self, batch: int) -> dict:
+    m = dims(self.cfg)
+    return {"conv": (batch, self.cfg.ssm.d_conv - 1, m["conv_dim"]), "ssm": (batch, m["H"], m["N"], m["N"])}
+
+  @nn.nowrap
+  def step_shapes(self, batch: int, r: int) -> dict:
+    m = dims(self.cfg)
+    return {"x": (batch, r, m["H"], m["N"]), "dt": (batch, r, m["H"]), "B": (batch, r, m["H"], m["N"])}

@@ -1,40 +1,24 @@
-"""Pallas kernels of the SSM scans, registered with `hybrid_jax.model.ssm` at import.
+"""The SSM scans: lax.scan references, Pallas kernels and chunked plain-JAX forms, behind one dispatcher each.
+
+  selective_scan (Mamba-1), ssd_scan (Mamba-2): training / prefill scans; multistep_scan: the
+  speculative-verification update. `impl` (ScanImpl) picks the implementation, `options` (KernelOptions)
+  tunes the kernels; both are plain values.
 
 impl 'pallas'  : Triton-lowered Pallas forward kernels (interpret mode on CPU); backward: Mamba-1 a Pallas kernel
                  from the forward's chunk checkpoints, Mamba-2 the VJP of the chunked SSD form.
 impl 'chunked' : plain-JAX chunked scans (Mamba-1: two-level scan; Mamba-2: SSD matmul form), any backend.
-impl 'auto'    : on GPU the faster of the two per variant as measured on an H100 (docs/KERNELS.md);
-                 on TPU 'chunked' (the kernels here use the Triton lowering); elsewhere the reference.
-`multistep.multistep_scan` is the speculative-verification kernel (not dispatched through ssm).
+impl 'auto'    : on GPU the faster of the two per variant as measured on an H100 (docs/KERNELS.md;
+                 KernelOptions.gpu_mamba / gpu_mamba2); on TPU 'chunked' (the kernels here use the Triton
+                 lowering); elsewhere the reference.
+This package imports nothing else of hybrid_jax.
 """
-from __future__ import annotations
-
-import jax
-
-from hybrid_jax.model import ssm
-from hybrid_jax.pallas.multistep import multistep_scan, multistep_scan_ref  # noqa: F401
+from hybrid_jax.pallas.multistep import multistep_scan_pallas
+from hybrid_jax.pallas.ops import multistep_scan, selective_scan, ssd_scan
+from hybrid_jax.pallas.options import KernelOptions, ScanImpl
+from hybrid_jax.pallas.reference import multistep_scan_ref, selective_scan_ref, ssd_scan_ref
 from hybrid_jax.pallas.scan import selective_scan_chunked, selective_scan_pallas
 from hybrid_jax.pallas.ssd import ssd_scan_chunked, ssd_scan_pallas
 
-# Chosen by bench/bench_kernels.py on an H100 (seq 2048, forward + backward): see docs/KERNELS.md.
-GPU_CHOICE = {"mamba": "pallas", "mamba2": "chunked"}
-_FNS = {"mamba": {"pallas": selective_scan_pallas, "chunked": selective_scan_chunked},
-        "mamba2": {"pallas": ssd_scan_pallas, "chunked": ssd_scan_chunked}}
-
-
-def _auto(variant: str):
-  def fn(*args, **kw):
-    backend = jax.default_backend()
-    if backend == "gpu":
-      return _FNS[variant][GPU_CHOICE[variant]](*args, **kw)
-    if backend == "tpu":
-      return _FNS[variant]["chunked"](*args, **kw)
-    ref = ssm.selective_scan_ref if variant == "mamba" else ssm.ssd_scan_ref
-    return ref(*args, **kw)
-  return fn
-
-
-for _variant, _impls in _FNS.items():
-  for _impl, _fn in _impls.items():
-    ssm.register(_impl, _variant, _fn)
-  ssm.register("auto", _variant, _auto(_variant))
+__all__ = ["KernelOptions", "ScanImpl", "multistep_scan", "multistep_scan_pallas", "multistep_scan_ref",
+           "selective_scan", "selective_scan_chunked", "selective_scan_pallas", "selective_scan_ref",
+           "ssd_scan", "ssd_scan_chunked", "ssd_scan_pallas", "ssd_scan_ref"]

@@ -1,6 +1,6 @@
 """Mamba-1 selective scan: a Pallas (Triton) forward kernel and a chunk-parallel plain-JAX scan.
 
-Both sit behind the signature of `hybrid_jax.model.ssm.selective_scan_ref`. The elementwise parts
+Both sit behind the signature of `reference.selective_scan_ref`. The elementwise parts
 (softplus of dt, D * x, the silu(z) gate) stay in XLA, which fuses them; what the kernels compute is the core
 
     core(delta [b,l,d] f32, x [b,l,d], A [d,N] f32, B, C [b,l,G,N], keep [b,l] f32, h0 [b,d,N] f32)
@@ -11,8 +11,8 @@ owns `gb` whole groups of one sequence, or `cb` channels of one group when a gro
 that state in registers for all l steps; each step loads one row of x / delta / B / C and writes one row of
 ys. Grid = (b, group blocks, channel blocks), all programs independent.
 
-Backward (custom VJP): the forward kernel also writes the state entering every chunk of 32 steps. `BWD_IMPL`
-picks what runs from there: 'kernel' (`kernel_core_bwd`, the default): one Pallas kernel walks the chunks in
+Backward (custom VJP): the forward kernel also writes the state entering every chunk of 32 steps
+(`KernelOptions.bwd_chunk`). `KernelOptions.bwd_impl` picks what runs from there: 'kernel' (`kernel_core_bwd`, the default): one Pallas kernel walks the chunks in
 reverse, recomputing each chunk's states from its checkpoint into a per-program scratch and then stepping back
 through it; 'chunked' (`checkpointed_vjp`): chunk-parallel plain JAX (a reverse linear scan per chunk, a
 reverse scan over chunk boundaries, and the VJP of every chunk's local scan from its checkpoint), sequential
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from hybrid_jax.pallas import common
+from hybrid_jax.pallas.options import KernelOptions, resolve
 
 Array = jax.Array
 f32 = jnp.float32
@@ -59,13 +60,9 @@ def _scan_kernel(chunk, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_ref, h0_ref,
   ht_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0] // chunk, one_chunk, h0_ref[...])
 
 
-# State elements per program (Mamba-1 programs own gb whole groups, or cb channels of one group when a group
-# is larger) and warps, for the forward kernel and the backward kernel. Channels of one group are independent
-# in the forward; the backward sums dB / dC over the channel blocks of a group outside the kernel.
-# The backward at 512 (H200, bench/scan_bwd.py, batch 2, l 2048, 128 groups of 16 channels): fwd+bwd 5.18 ms
-# against 5.43 / 7.00 / 7.73 at 256 / 1024 / 2048.
-FWD_TILE, FWD_WARPS = 2048, 4
-BWD_TILE, BWD_WARPS = 512, 4
+# State elements per program and warps of both kernels: KernelOptions.fwd_tile / fwd_warps, bwd_tile /
+# bwd_warps. Channels of one group are independent in the forward; the backward sums dB / dC over the channel
+# blocks of a group outside the kernel.
 
 
 class _Layout:
@@ -124,12 +121,14 @@ class _Layout:
 
 
 def kernel_core(delta, x, A, B, C, keep, h0, *, interpret: bool | None = None, chunk: int = 32,
-                with_starts: bool = False):
+                with_starts: bool = False, options: KernelOptions | None = None):
   """The core above through the Pallas kernel (forward only). with_starts: also return the state entering
-  each chunk of `chunk` steps, [b, ceil(l / chunk), d, N] (checkpoints for the backward)."""
+  each chunk of `chunk` steps, [b, ceil(l / chunk), d, N] (checkpoints for the backward). options: the
+  program tile and warps (fwd_tile, fwd_warps; None: the defaults)."""
+  options = resolve(options)
   b, l, d = x.shape
   g, n = B.shape[-2:]
-  lay = _Layout(b, l, d, g, n, min(chunk, l) if with_starts else l, FWD_TILE)
+  lay = _Layout(b, l, d, g, n, min(chunk, l) if with_starts else l, options.fwd_tile)
   out_shape = [jax.ShapeDtypeStruct((b, lay.lp, lay.g_p, lay.cpg_p), f32),
                jax.ShapeDtypeStruct((b, lay.g_p, lay.cpg_p, lay.n_p), f32)]
   out_specs = [lay.seq(), lay.state()]
@@ -140,7 +139,7 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, interpret: bool | None = None, c
       functools.partial(_scan_kernel, lay.chunk),
       out_shape=tuple(out_shape), grid=lay.grid,
       in_specs=[lay.seq(), lay.seq(), lay.seq_grp(), lay.seq_grp(), lay.seq_keep(), lay.a(), lay.state()],
-      out_specs=tuple(out_specs), num_warps=FWD_WARPS, interpret=interpret,
+      out_specs=tuple(out_specs), num_warps=options.fwd_warps, interpret=interpret,
   )(lay.chan(delta), lay.chan(x), lay.grp(B), lay.grp(C), lay.keep(keep), lay.tile(A.astype(f32)),
     lay.tile(h0))
   ys, ht = lay.unchan(outs[0]), lay.untile(outs[1])
@@ -209,14 +208,17 @@ def _scan_bwd_kernel(chunk, sync, delta_ref, x_ref, b_ref, c_ref, keep_ref, a_re
   da_ref[...] = da
 
 
-def kernel_core_bwd(res, starts, cot, *, chunk: int, interpret: bool | None = None):
+def kernel_core_bwd(res, starts, cot, *, chunk: int, interpret: bool | None = None,
+                    options: KernelOptions | None = None):
   """VJP of the core by the backward kernel, from the forward's chunk checkpoints `starts` [b, nc, d, N]
-  (taken with the same `chunk`). Returns the cotangents of (delta, x, A, B, C, keep, h0)."""
+  (taken with the same `chunk`). Returns the cotangents of (delta, x, A, B, C, keep, h0). options: the
+  program tile and warps (bwd_tile, bwd_warps; None: the defaults)."""
+  options = resolve(options)
   delta, x, A, B, C, keep, h0 = res
   gys, g_ht = cot
   b, l, d = x.shape
   g, n = B.shape[-2:]
-  lay = _Layout(b, l, d, g, n, chunk, BWD_TILE)
+  lay = _Layout(b, l, d, g, n, chunk, options.bwd_tile)
   interpret = common.interpret_mode() if interpret is None else interpret
   sync = (lambda: None) if interpret else _cta_barrier
   gblocks, cblocks = lay.grid[1:]
@@ -235,7 +237,7 @@ def kernel_core_bwd(res, starts, cot, *, chunk: int, interpret: bool | None = No
       out_specs=(lay.seq(), lay.seq(), grp_part_spec, grp_part_spec,
                  pl.BlockSpec((None, lay.lp, 1, 1), lambda i, j, c: (i, 0, j, c)), lay.state(), lay.state(),
                  lay.steps_state(chunk)),
-      num_warps=BWD_WARPS, interpret=interpret,
+      num_warps=options.bwd_warps, interpret=interpret,
   )(lay.chan(delta), lay.chan(x), lay.grp(B), lay.grp(C), lay.keep(keep), lay.tile(A.astype(f32)),
     lay.chan(gys.astype(f32)), lay.tile(starts), lay.tile(g_ht.astype(f32)))
   ddelta, dx, db, dc, dkeep, da, dh0, _ = outs
@@ -301,12 +303,7 @@ def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 32):
 
 
 # ------------------------------------------------------------------------------------------------
-# custom VJP: Pallas forward, the backward kernel or the chunked-JAX backward
-BWD_CHUNK = 32
-# the backward of impl 'pallas': 'kernel' (kernel_core_bwd, reverse time in one Pallas kernel) or 'chunked'
-# (checkpointed_vjp, chunk-parallel plain JAX). H200, batch 2, l 2048: fwd+bwd 5.18 against 10.83 ms, same
-# gradient error against the reference (docs/KERNELS.md)
-BWD_IMPL = "kernel"
+# custom VJP: Pallas forward, the backward kernel or the chunked-JAX backward (KernelOptions.bwd_impl)
 
 
 def _chunks(v, chunk, fill=0.0):
@@ -364,21 +361,22 @@ def checkpointed_vjp(res, starts, cot, chunk: int):
   return (*grads, dh0.astype(h0.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _pallas_core(delta, x, A, B, C, keep, h0, interpret):
-  return kernel_core(delta, x, A, B, C, keep, h0, interpret=interpret)
+# interpret and options are static (hashable): two options trace two programs, forward and backward alike
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _pallas_core(delta, x, A, B, C, keep, h0, interpret, options):
+  return kernel_core(delta, x, A, B, C, keep, h0, interpret=interpret, options=options)
 
 
-def _pallas_core_fwd(delta, x, A, B, C, keep, h0, interpret):
-  ys, ht, starts = kernel_core(delta, x, A, B, C, keep, h0, interpret=interpret, chunk=BWD_CHUNK,
-                               with_starts=True)
+def _pallas_core_fwd(delta, x, A, B, C, keep, h0, interpret, options):
+  ys, ht, starts = kernel_core(delta, x, A, B, C, keep, h0, interpret=interpret, chunk=options.bwd_chunk,
+                               with_starts=True, options=options)
   return (ys, ht), ((delta, x, A, B, C, keep, h0), starts)
 
 
-def _pallas_core_bwd(interpret, res, cot):
-  chunk = min(BWD_CHUNK, res[0][1].shape[1])  # as in the forward
-  if BWD_IMPL == "kernel":
-    return kernel_core_bwd(res[0], res[1], cot, chunk=chunk, interpret=interpret)
+def _pallas_core_bwd(interpret, options, res, cot):
+  chunk = min(options.bwd_chunk, res[0][1].shape[1])  # as in the forward
+  if options.bwd_impl == "kernel":
+    return kernel_core_bwd(res[0], res[1], cot, chunk=chunk, interpret=interpret, options=options)
   return checkpointed_vjp(res[0], res[1], cot, chunk)
 
 
@@ -400,11 +398,12 @@ def _front(core, x, dt, A, B, C, D, dt_bias, z, reset, h0):
 
 
 def selective_scan_pallas(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=None, *,
-                          interpret: bool | None = None):
+                          interpret: bool | None = None, options: KernelOptions | None = None):
   """`selective_scan_ref` with the Pallas kernel forward and a recompute backward from its chunk checkpoints
-  (`BWD_IMPL`)."""
+  (options: tiles, bwd_impl, bwd_chunk; None: the defaults)."""
   interp = common.interpret_mode() if interpret is None else interpret
-  core = lambda *a: _pallas_core(*a, interp)
+  options = resolve(options)
+  core = lambda *a: _pallas_core(*a, interp, options)
   return _front(core, x, dt, A, B, C, D, dt_bias, z, reset, h0)
 
 

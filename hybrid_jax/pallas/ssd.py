@@ -1,6 +1,6 @@
 """Mamba-2 SSD scan: a Pallas (Triton) forward kernel and the chunked matmul formulation in plain JAX.
 
-Both sit behind the signature of `hybrid_jax.model.ssm.ssd_scan_ref`; the D * x term stays in XLA. Core:
+Both sit behind the signature of `reference.ssd_scan_ref`; the D * x term stays in XLA. Core:
 
     core(delta [b,l,H] f32, x [b,l,H,P], A [H] f32, B, C [b,l,G,N], keep [b,l] f32, h0 [b,H,P,N] f32)
       -> ys [b,l,H,P] f32 (= h_t C_t), hT [b,H,P,N] f32,   h_t = exp(delta_t A) keep_t h_{t-1} + delta_t x_t B_t^T.

@@ -7,7 +7,7 @@ Where the student comes from:
   --init DIR    a model dir from a previous stage (checkpoint.save_model); its attention layout is kept, except
                 in `align`, where a different layout in the config converts it progressively: layers that were Mamba keep their mixers, newly
                 replaced layers are initialised from the teacher's attention.
-  otherwise     the teacher, turned into the configured hybrid by init_from_teacher (SPEC 2.3).
+  otherwise     the teacher, turned into the configured hybrid by init_from_teacher (docs/DESIGN.md §3.3).
 The frozen model: the teacher (align / distill / sft with KL) or, for dpo, the starting model itself.
 """
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _target_attn(cfg: tcfg.TrainConfig, n_layers: int) -> tuple[int, ...]:
 
 
 def _with_dtypes(mcfg: ModelConfig, cfg: tcfg.TrainConfig, params):
-  mcfg = mcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+  mcfg = mcfg.replace(dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                      attention_impl=cfg.model.attention_impl)
   if mcfg.ssm is not None and cfg.model.scan_impl != mcfg.ssm.scan_impl:
     import dataclasses
     mcfg = mcfg.replace(ssm=dataclasses.replace(mcfg.ssm, scan_impl=cfg.model.scan_impl))
@@ -119,9 +120,8 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
       # progressive alignment: keep the existing mixers, initialise newly replaced layers from attention
       new_cfg = hybrid_config(teacher[1], want, cfg.model.variant)
       new = init_from_teacher(teacher[0], teacher[1], new_cfg, key, cfg.model.mixer_init)
-      for i in range(new_cfg.num_hidden_layers):
-        if "mamba" in sp["layers"][i] and "mamba" in new["layers"][i]:
-          new["layers"][i]["mamba"] = sp["layers"][i]["mamba"]
+      for i in set(new_cfg.ssm_layers) & set(sc.ssm_layers):
+        new[f"layers_{i}"] = {**new[f"layers_{i}"], "mamba": sp[f"layers_{i}"]["mamba"]}
       log(f"align: attention layers {list(have)} -> {list(want)} (Mamba mixers of earlier stages kept)")
       sp, sc = new, new_cfg
     tokenizer = stok if stok is not None else (teacher[2] if teacher else None)
@@ -131,7 +131,8 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
     if n is not None:  # a shallower student (a draft): the teacher's first n layers, its norm and head
       if n > tc.num_hidden_layers:
         raise ConfigError(f"model.num_layers {n} > the teacher's {tc.num_hidden_layers} layers")
-      tp, tc = dict(tp, layers=tp["layers"][:n]), tc.replace(num_hidden_layers=n)
+      tp = {k: v for k, v in tp.items() if not k.startswith("layers_") or int(k[len("layers_"):]) < n}
+      tc = tc.replace(num_hidden_layers=n)
     sc = hybrid_config(tc, _target_attn(cfg, tc.num_hidden_layers), cfg.model.variant)
     sp = init_from_teacher(tp, tc, sc, key, cfg.model.mixer_init)
     tokenizer = ttok
@@ -239,11 +240,14 @@ def _run(args: argparse.Namespace, log) -> loop.TrainResult:
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   from hybrid_jax.checkpoint import CheckpointError
+  from hybrid_jax.compile_cache import enable_compilation_cache
   from hybrid_jax.data import DataError
+  from hybrid_jax.errors import error_line
+  enable_compilation_cache()
   try:
     res = run(args)
-  except (ConfigError, DataError, CheckpointError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ConfigError, DataError, CheckpointError, OSError) as e:  # each names its file
+    print(error_line(e), file=sys.stderr)
     return 2
   if res.interrupted:
     print(f"interrupted at step {res.step}; checkpoint saved. Continue with the same command plus --resume",

@@ -22,8 +22,10 @@ from typing import Any
 
 import yaml
 
-from hybrid_jax.config import ConfigError
+from hybrid_jax.config import ATTENTION_IMPLS, REMAT_POLICIES, ConfigError
+from hybrid_jax.errors import describe
 from hybrid_jax.model.init import MIXER_INITS
+from hybrid_jax.pallas import ScanImpl
 
 STAGES = ("align", "distill", "sft", "dpo")
 
@@ -35,8 +37,10 @@ class ModelSection:
   attn_layers: tuple[int, ...] | None = None
   dtype: str = "float32"              # compute dtype (bfloat16 on accelerators)
   param_dtype: str = "float32"
-  scan_impl: str = "auto"
-  mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (SPEC 2.3) | 'random'
+  scan_impl: str = "auto"             # Mamba scans: auto | reference | pallas | chunked
+  remat: str = "none"                 # what each decoder layer keeps for the backward: none | dots | full
+  attention_impl: str = "auto"        # cache-free attention: auto | xla | pallas | cudnn
+  mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (docs/DESIGN.md §3.3) | 'random'
   num_layers: int | None = None       # keep the teacher's first N layers only (a small draft); None: all
 
   def __post_init__(self):
@@ -53,6 +57,10 @@ class ModelSection:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.{name} must be float32|bfloat16|float16, got {getattr(self, name)!r}")
+    for name, allowed in (("remat", REMAT_POLICIES), ("attention_impl", ATTENTION_IMPLS),
+                          ("scan_impl", tuple(v.value for v in ScanImpl))):
+      if getattr(self, name) not in allowed:
+        raise ConfigError(f"model.{name} must be one of {'|'.join(allowed)}, got {getattr(self, name)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +96,7 @@ class OptimSection:
   warmup_steps: int = 0
   min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
   max_grad_norm: float = 1.0          # 0 = no clipping
-  # Regex over param paths like 'layers/3/mamba/A_log'; None = the stage's default
+  # Regex over param paths like 'layers_3/mamba/A_log'; None = the stage's default
   # (align: Mamba mixers only; distill/sft/dpo: everything).
   trainable: str | None = None
 
@@ -288,12 +296,14 @@ def load(path: str | None, overrides: list[str] = (), **top: Any) -> TrainConfig
   d: dict[str, Any] = {}
   if path:
     try:
-      with open(path) as f:
+      with open(path, encoding="utf-8") as f:
         d = yaml.safe_load(f) or {}
     except FileNotFoundError:
-      raise ConfigError(f"config file not found: {path}") from None
+      raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as e:
-      raise ConfigError(f"{path} is not valid YAML: {e}") from None
+      raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path}: {describe(e)}") from None
     if not isinstance(d, dict):
       raise ConfigError(f"{path}: top level must be a mapping")
   d = apply_overrides(d, list(overrides))

@@ -16,9 +16,9 @@ from hybrid_jax.config import ConfigError
 from hybrid_jax.train.config import OptimSection
 from hybrid_jax.train.sharding import path_strings
 
-# Stage defaults of optim.trainable (regex over 'layers/3/mamba/A_log'-style paths).
+# Stage defaults of optim.trainable (regex over 'layers_3/mamba/A_log'-style paths).
 DEFAULT_TRAINABLE = {
-    "align": r"^layers/\d+/mamba/",    # SPEC 3: only the Mamba mixers train in stepwise alignment
+    "align": r"^layers_\d+/mamba/",    # docs/DESIGN.md §4: only the Mamba mixers train in stepwise alignment
     "distill": r".*",
     "sft": r".*",
     "dpo": r".*",

@@ -81,7 +81,7 @@ def _path_str(path) -> str:
 
 
 def path_strings(tree) -> Any:
-  """Pytree of 'layers/3/mamba/A_log'-style strings, same structure as `tree`."""
+  """Pytree of 'layers_3/mamba/A_log'-style strings, same structure as `tree`."""
   return jax.tree_util.tree_map_with_path(lambda p, _: _path_str(p), tree)
 
 
