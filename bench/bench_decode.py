@@ -65,8 +65,9 @@ SHAPES = {
     "135m": {**dict(zip(_LLAMA_KEYS, (49152, 576, 1536, 30, 9, 3))), "rope_theta": 100000.0,
              "tie_word_embeddings": True, "max_position_embeddings": 8192},
     "1b": {**dict(zip(_LLAMA_KEYS, (128256, 2048, 8192, 16, 32, 8))), "rope_theta": 500000.0,
-           "tie_word_embeddings": True, "rope_type": "llama3", "rope_factor": 32.0, "rope_low_freq_factor": 1.0,
-           "rope_high_freq_factor": 4.0, "rope_original_max_position": 8192, "max_position_embeddings": 131072},
+           "tie_word_embeddings": True, "rope_type": "llama3", "rope_factor": 32.0,
+           "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_position": 8192,
+           "max_position_embeddings": 131072},
     "tiny": {**dict(zip(_LLAMA_KEYS, (512, 64, 128, 4, 4, 2))), "rope_theta": 500000.0,
              "tie_word_embeddings": True, "rope_type": "llama3", "rope_factor": 8.0,
              "rope_original_max_position": 64, "max_position_embeddings": 1024},
@@ -84,7 +85,7 @@ def model_cfg(shape: str, model: str, dtype: str) -> ModelConfig:
     return cfg
   share, variant = model[1:].split("-")
   every = 100 // int(share)
-  ssm = SSMConfig(variant="mamba2", d_state=cfg.head_dim) if variant == "mamba2" else SSMConfig(variant="mamba")
+  ssm = SSMConfig(variant="mamba2", d_state=cfg.head_dim) if variant == "mamba2" else SSMConfig()
   return cfg.replace(attn_layers=tuple(range(every - 1, cfg.num_hidden_layers, every)), ssm=ssm)
 
 
@@ -241,13 +242,24 @@ def hf_model(cfg: ModelConfig, params: dict):
     state[name] = t.to(device=device, dtype=dtype)
   missing, unexpected = model.load_state_dict(state, strict=False)
   if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()):
-    raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-  if cfg.tie_word_embeddings and model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+    raise RuntimeError(f"weights do not map onto LlamaForCausalLM: missing {missing}, "
+                       f"unexpected {unexpected}")
+  head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+  if cfg.tie_word_embeddings and head.data_ptr() != embed.data_ptr():
     raise RuntimeError("LlamaForCausalLM did not tie its head to the embedding")
   model.eval()
   model.generation_config.eos_token_id = None
   model.generation_config.pad_token_id = 0
   return model, device
+
+
+def release_torch() -> None:
+  """Frees the device memory of deleted torch models (compiled graphs and CUDA-graph pools included)."""
+  import torch
+  torch.compiler.reset()
+  gc.collect()
+  if torch.cuda.is_available():
+    torch.cuda.empty_cache()
 
 
 def run_hf(model, device: str, tokens: np.ndarray, new: int, static: bool, repeats: int) -> dict:
@@ -297,20 +309,23 @@ def fmt(row: dict) -> str:
   if row.get("status", "ok") != "ok":
     return f"{head} {row['status']}"
   agree = f" agree {row['agree']}" if "agree" in row else ""
-  return (f"{head} {row['tok_s']:10.1f} tok/s  e2e {row['e2e_tok_s']:10.1f}  {row['ms_per_step']:8.3f} ms/step  "
-          f"ttft {row['ttft_ms']:9.1f} ms  compile {row['compile_s']:6.1f} s  bound {row['bound_ms']:7.3f} ms "
+  return (f"{head} {row['tok_s']:10.1f} tok/s  e2e {row['e2e_tok_s']:10.1f}  "
+          f"{row['ms_per_step']:8.3f} ms/step  ttft {row['ttft_ms']:9.1f} ms  "
+          f"compile {row['compile_s']:6.1f} s  bound {row['bound_ms']:7.3f} ms "
           f"(frac {row['bound_frac']:.2f}){agree}")
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ["| shape | case | model | batch | tok/s | e2e tok/s | ms/step | TTFT ms | compile s | bound ms | frac |",
+  lines = [("| shape | case | model | batch | tok/s | e2e tok/s | ms/step | TTFT ms | compile s | bound ms "
+            "| frac |"),
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if r.get("status", "ok") != "ok":
       lines.append(f"| {r['shape']} | {r['case']} | {r['model']} | {r['batch']} | {r['status']} |||||||")
       continue
     lines.append(f"| {r['shape']} | {r['case']} | {r['model']} | {r['batch']} | {r['tok_s']:.1f} | "
-                 f"{r['e2e_tok_s']:.1f} | {r['ms_per_step']:.3f} | {r['ttft_ms']:.1f} | {r['compile_s']:.1f} | "
+                 f"{r['e2e_tok_s']:.1f} | {r['ms_per_step']:.3f} | {r['ttft_ms']:.1f} | "
+                 f"{r['compile_s']:.1f} | "
                  f"{r['bound_ms']:.3f} | {r['bound_frac']:.2f} |")
   return "\n".join(lines)
 
@@ -338,7 +353,8 @@ def main(argv=None) -> int:
   ap.add_argument("--repeats", type=int, default=3, help="timed calls per row (best kept), after a warm-up")
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth probe")
-  ap.add_argument("--budget-s", type=float, default=0, help="start no new row after this many seconds (0: none)")
+  ap.add_argument("--budget-s", type=float, default=0,
+                  help="start no new row after this many seconds (0: no limit)")
   ap.add_argument("--out", help="JSON file of all rows (rewritten after each)")
   args = ap.parse_args(argv)
   shapes = [s for s in args.shapes.split(",") if s]
@@ -382,12 +398,13 @@ def main(argv=None) -> int:
     print(fmt(row), flush=True)
     save()
 
-  for shape in shapes:
+  # transformers first, for every shape: torch frees its memory before JAX's allocator grows (and keeps) its
+  # own
+  hf_models = [m for m in models if m.startswith("hf-")]
+  for shape in shapes if hf_models else []:
     tcfg = model_cfg(shape, "teacher", args.dtype)
-    tparams = hybrid.init_params(tcfg, jax.random.PRNGKey(0))
-    teacher_tokens: dict = {}
-    # transformers first: torch frees its memory before JAX's allocator grows
-    for name in [m for m in models if m.startswith("hf-")]:
+    tparams = hybrid.init_params(tcfg, jax.random.PRNGKey(0))  # the same weights as the teacher's rows
+    for name in hf_models:
       base = {"shape": shape, "model": name}
       if hf_skip:
         for case, (b, p, n) in cases.items():
@@ -407,13 +424,14 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
           emit(dict(row, status=f"error: {first_line(e)}"))
       del model
-      gc.collect()
-      import torch
-      if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+      release_torch()
+    del tparams
+
+  teacher_tokens: dict = {}
+  for shape in shapes:
     for name in [m for m in models if not m.startswith("hf-")]:
-      cfg = tcfg if name == "teacher" else model_cfg(shape, name, args.dtype)
-      params = tparams if name == "teacher" else hybrid.init_params(cfg, jax.random.PRNGKey(1))
+      cfg = model_cfg(shape, name, args.dtype)
+      params = hybrid.init_params(cfg, jax.random.PRNGKey(0 if name == "teacher" else 1))
       plan = list(cases.items())
       if args.max_batch:
         plan.append(("max", None))
@@ -442,23 +460,21 @@ def main(argv=None) -> int:
                 raise
               b = int(b * 0.9) // 8 * 8
           if name == "teacher":
-            teacher_tokens[case] = row["first_tokens"]
+            teacher_tokens[shape, case] = row["first_tokens"]
           emit(finish_row(row, cfg, params, bandwidth))
         except Exception as e:  # noqa: BLE001
           emit(dict(row, batch=row.get("batch", spec[0] if spec else 0), status=f"error: {first_line(e)}"))
       del params
       gc.collect()
-    for r in rows:  # transformers vs the hybrid_jax teacher on the same prompts and weights
-      if r["shape"] == shape and r["model"].startswith("hf-") and "first_tokens" in r \
-          and r["case"] in teacher_tokens:
-        r["agree"] = agree_len(r["first_tokens"], teacher_tokens[r["case"]])
-    del tparams
-    gc.collect()
+  for r in rows:  # transformers vs the hybrid_jax teacher on the same prompts and weights
+    if r["model"].startswith("hf-") and "first_tokens" in r and (r["shape"], r["case"]) in teacher_tokens:
+      r["agree"] = agree_len(r["first_tokens"], teacher_tokens[r["shape"], r["case"]])
   save()
   print("\n" + markdown(rows))
   for r in rows:
     if "agree" in r:
-      print(f"{r['shape']} {r['case']} {r['model']}: first {r['agree']} new tokens of row 0 equal the teacher's")
+      print(f"{r['shape']} {r['case']} {r['model']}: the first {r['agree']} new tokens of row 0 equal the "
+            "teacher's")
   print(f"total {time.perf_counter() - start:.1f} s")
   return 0
 
