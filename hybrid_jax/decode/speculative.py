@@ -112,18 +112,20 @@ def _is_eos(tok: Array, eos: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "k", "max_new_tokens", "max_len", "temperature",
-                                             "top_k", "top_p", "draft_hook"))
+                                             "top_k", "top_p", "draft_hook", "kernel_options"))
 def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: ModelConfig, tokens: Array,
                      offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
                      max_new_tokens: int, max_len: int, temperature: float, top_k: int, top_p: float,
-                     draft_hook: DraftHook | None = None) -> tuple[Array, Array, dict]:
+                     draft_hook: DraftHook | None = None, kernel_options=None) -> tuple[Array, Array, dict]:
   """Prefill + speculative rounds until every row has max_new_tokens tokens or an EOS.
 
   tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32. draft_hook (static)
-  and hook_args (traced pytree): see the module docstring.
+  and hook_args (traced pytree): see the module docstring. kernel_options: the SSM kernels' `KernelOptions`
+  (static; None: the defaults), for target and draft.
   Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
   """
   b, plen = tokens.shape
+  fwd = functools.partial(hybrid.forward, kernel_options=kernel_options)
   greedy = is_greedy(temperature)
   sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
   logp_of = functools.partial(processed_logprobs, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -131,10 +133,10 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
   # Prefill: the target on the whole prompt, the draft on all but the last token (its first round call
   # starts at L - 1 with [prev, pending]).
   tcache = hybrid.init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
-  logits, tcache = hybrid.forward(tparams, tcfg, tokens, cache=tcache)
+  logits, tcache = fwd(tparams, tcfg, tokens, cache=tcache)
   dcache = hybrid.init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
   if plen > 1:
-    _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
+    _, dcache = fwd(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
   tcache, dcache = hybrid.speculative_cache(tcfg, tcache, k), hybrid.speculative_cache(dcfg, dcache, k)
   key, sub = jax.random.split(key)
   first = sample(logits[:, -1], sub)
@@ -158,14 +160,14 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
     key, k_first, k_draft, k_acc = jax.random.split(st["key"], 4)
     L = st["tcache"].pos
     # 1. draft k tokens
-    dl, dcache = hybrid.forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
-                                cache=st["dcache"], speculative="commit")
+    dl, dcache = fwd(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1), cache=st["dcache"],
+                     speculative="commit")
     d1, q1 = draft_pick(dl[:, -1], k_first, st["n_out"])
 
     def draft_step(carry, xs):
       tok, dc = carry
       step_key, i = xs
-      lg, dc = hybrid.forward(dparams, dcfg, tok[:, None], cache=dc, speculative="append")
+      lg, dc = fwd(dparams, dcfg, tok[:, None], cache=dc, speculative="append")
       nxt, q = draft_pick(lg[:, 0], step_key, st["n_out"] + i)
       return (nxt, dc), (nxt, q)
 
@@ -173,8 +175,8 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict, dcfg: Mode
                                          (jax.random.split(k_draft, k - 1), jnp.arange(1, k, dtype=jnp.int32)))
     draft = jnp.concatenate([d1[:, None], ds.T], axis=1)  # [b, k]
     # 2. verify all k in one target call
-    tl, tcache = hybrid.forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
-                                cache=st["tcache"], speculative="commit")
+    tl, tcache = fwd(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
+                     cache=st["tcache"], speculative="commit")
     # 3. accept
     if greedy:
       n, nxt = greedy_accept(draft, tl)
@@ -214,12 +216,12 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
                          draft_cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                          k: int = 4, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          seed: int = 0, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
-                         pad_multiple: int = 16, draft_hook: DraftHook | None = None, hook_args: Any = None
-                         ) -> tuple[list[list[int]], dict]:
+                         pad_multiple: int = 16, draft_hook: DraftHook | None = None, hook_args: Any = None,
+                         kernel_options=None) -> tuple[list[list[int]], dict]:
   """Generates like `hybrid_jax.decode.generate.generate` (same output: the new tokens of each prompt, cut
   before the first EOS; identical tokens when greedy), with a draft model proposing k tokens per target call.
   draft_hook / hook_args: benchmarking and research only (module docstring); one compilation serves all
-  hook_args of the same shapes.
+  hook_args of the same shapes. kernel_options: the SSM kernels' `KernelOptions` (None: the defaults).
 
   Returns (tokens per prompt, stats): accepted_per_step (mean accepted draft tokens per verification, over
   running sequences), tokens_per_step (that + 1), acceptance_rate (accepted / proposed), target_calls
@@ -239,7 +241,8 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
   args = (target_params, draft_params, jnp.asarray(tokens), jnp.asarray(offsets), jax.random.PRNGKey(seed),
           jnp.asarray(eos, jnp.int32), hook_args)
   statics = {"k": k, "max_new_tokens": max_new_tokens, "max_len": max_len, "temperature": float(temperature),
-             "top_k": int(top_k), "top_p": float(top_p), "draft_hook": draft_hook}
+             "top_k": int(top_k), "top_p": float(top_p), "draft_hook": draft_hook,
+             "kernel_options": kernel_options}
   t0 = time.perf_counter()
   run = _compiled_loop(target_cfg, draft_cfg, args, statics)
   t1 = time.perf_counter()
