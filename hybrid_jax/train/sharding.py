@@ -40,10 +40,13 @@ def maybe_initialize_distributed() -> None:
 
   Recognises an explicit coordinator (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID) and the
   cluster environments jax.distributed auto-detects (SLURM, Open MPI, Cloud TPU) when their process count > 1.
+  A Cloud TPU pod's VMs say so only to jax's own probe (their metadata server): HYBRID_JAX_DISTRIBUTED=1 asks
+  for it there (GKE's TPU_WORKER_HOSTNAMES, when it lists several hosts, is read here too).
   """
   n = os.environ.get("JAX_NUM_PROCESSES") or os.environ.get("SLURM_NTASKS") or os.environ.get(
       "OMPI_COMM_WORLD_SIZE")
-  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or (n and int(n) > 1)):
+  tpu_pod = os.environ.get("HYBRID_JAX_DISTRIBUTED") == "1" or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if not (os.environ.get("JAX_COORDINATOR_ADDRESS") or (n and int(n) > 1) or tpu_pod):
     return
   if jax.distributed.is_initialized():
     return
