@@ -178,7 +178,8 @@ def test_options_hashable_and_validated():
   assert dataclasses.replace(a, bwd_impl="chunked").bwd_impl == "chunked" and a.bwd_impl == "kernel"
   with pytest.raises(dataclasses.FrozenInstanceError):
     a.fast_math = False
-  for bad in ({"bwd_impl": "scan"}, {"gpu_mamba": "auto"}, {"gpu_mamba2": "triton"}, {"bwd_chunk": 0}):
+  for bad in ({"bwd_impl": "scan"}, {"gpu_mamba": "auto"}, {"gpu_mamba2": "triton"}, {"bwd_chunk": 0},
+              {"tpu_mamba2": "auto"}, {"platform": "metal"}):
     with pytest.raises(ValueError, match="KernelOptions"):
       KernelOptions(**bad)
   assert ScanImpl("pallas") is ScanImpl.PALLAS and ScanImpl.CHUNKED == "chunked"

@@ -172,18 +172,27 @@ def test_dispatch():
 
 
 def test_auto_by_backend(monkeypatch):
-  """AUTO: on GPU the options' per-variant pick (by default Mamba-1 'pallas', Mamba-2 'chunked'), on TPU
-  'chunked', elsewhere the reference; any other impl as given."""
-  opts = KernelOptions()
+  """AUTO: on GPU and on TPU the options' per-variant picks (by default Mamba-1 'pallas', Mamba-2 'chunked'
+  on both), elsewhere the reference; any other impl as given. The platform is KernelOptions.platform, else
+  the default backend."""
   picks = {}
   for backend in ("gpu", "tpu", "cpu"):
     monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-    picks[backend] = (ops._training_impl("auto", opts.gpu_mamba), ops._training_impl("auto", opts.gpu_mamba2),
-                      ops._training_impl("pallas", opts.gpu_mamba2))
-  assert picks["gpu"] == (ScanImpl.PALLAS, ScanImpl.CHUNKED, ScanImpl.PALLAS)
+    opts = KernelOptions(gpu_mamba2="reference", tpu_mamba="chunked")
+    m1 = (opts.target(), opts.gpu_mamba, opts.tpu_mamba)
+    m2 = (opts.target(), opts.gpu_mamba2, opts.tpu_mamba2)
+    picks[backend] = (ops._training_impl("auto", *m1), ops._training_impl("auto", *m2),
+                      ops._training_impl("pallas", *m2))
+  assert picks["gpu"] == (ScanImpl.PALLAS, ScanImpl.REFERENCE, ScanImpl.PALLAS)
   assert picks["tpu"] == (ScanImpl.CHUNKED, ScanImpl.CHUNKED, ScanImpl.PALLAS)
   assert picks["cpu"] == (ScanImpl.REFERENCE, ScanImpl.REFERENCE, ScanImpl.PALLAS)
+  defaults = KernelOptions()
+  assert (defaults.tpu_mamba, defaults.tpu_mamba2) == (ScanImpl.PALLAS, ScanImpl.CHUNKED)
   assert KernelOptions(gpu_mamba2="pallas").gpu_mamba2 is ScanImpl.PALLAS
+  assert defaults.target() == "cpu"  # (default_backend still patched)
+  assert KernelOptions(platform="cuda").target() == "gpu" and KernelOptions(platform="tpu").target() == "tpu"
+  with pytest.raises(ValueError, match="KernelOptions.platform"):
+    KernelOptions(platform="metal")
 
 
 # -- multistep verification ------------------------------------------------------------------------------

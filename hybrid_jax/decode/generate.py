@@ -46,21 +46,24 @@ def last_logits(params: dict, cfg: ModelConfig, hidden: Array) -> Array:
   return hybrid.HybridLM(cfg).apply({"params": params}, hidden[:, -1:], method=hybrid.HybridLM.logits)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len"))
-def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kernel_options"))
+def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int, kernel_options=None
             ) -> tuple[Array, Cache]:
-  """Runs the padded prompts [b, L] into a fresh cache of max_len. Returns last logits [b, V] and the cache."""
+  """Runs the padded prompts [b, L] into a fresh cache of max_len. Returns last logits [b, V] and the cache.
+  kernel_options (static, also of decode_loop / generate): the SSM kernels' `KernelOptions`, None: defaults."""
   cache = hybrid.init_cache(cfg, tokens.shape[0], max_len)
   cache = cache.replace(offset=offsets.astype(jnp.int32))
-  hidden, cache = hybrid.forward(params, cfg, tokens, cache=cache, return_hidden=True)
+  hidden, cache = hybrid.forward(params, cfg, tokens, cache=cache, return_hidden=True,
+                                 kernel_options=kernel_options)
   return last_logits(params, cfg, hidden), cache
 
 
 # The cache is donated and returned: the loop updates it in place instead of holding a second copy.
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "kernel_options"), donate_argnames=("cache",))
 def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache, key: Array, eos: Array,
-                max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> tuple[Array, Array]:
+                max_new_tokens: int, temperature: float, top_k: int, top_p: float, kernel_options=None
+                ) -> tuple[Array, Array]:
   """Samples from last_logits [b, V], then feeds one token at a time until all rows hit EOS.
 
   eos [n_eos] int32 (may be empty). Returns tokens [b, max_new_tokens] (-1 after a row's EOS / past the stop),
@@ -86,7 +89,7 @@ def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache
 
   def body(state):
     i, tok, cache, out, done, key = state
-    logits, cache = hybrid.forward(params, cfg, tok[:, None], cache=cache)
+    logits, cache = hybrid.forward(params, cfg, tok[:, None], cache=cache, kernel_options=kernel_options)
     key, sub = jax.random.split(key)
     new = pick(logits[:, 0], sub)
     new = jnp.where(done, -1, new)  # finished rows keep feeding tokens, but their output is ignored
@@ -103,8 +106,8 @@ def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache
 
 def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_ids: Sequence[int] | None = None, pad_id: int = 0, pad_multiple: int = 16
-             ) -> list[list[int]]:
+             eos_ids: Sequence[int] | None = None, pad_id: int = 0, pad_multiple: int = 16,
+             kernel_options=None) -> list[list[int]]:
   """Generates up to max_new_tokens per prompt; returns the new tokens of each, cut before the first EOS.
 
   prompts: token id lists of any lengths. Greedy when temperature == 0. eos_ids defaults to cfg.eos_token_id.
@@ -114,9 +117,9 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], m
   eos = tuple(cfg.eos_token_id if eos_ids is None else eos_ids)
   tokens, offsets = left_pad(prompts, pad_id, pad_multiple)
   max_len = tokens.shape[1] + max_new_tokens
-  last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), max_len)
+  last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), max_len, kernel_options)
   out, _, _ = decode_loop(params, cfg, last, cache, jax.random.PRNGKey(seed), jnp.asarray(eos, jnp.int32),
-                       max_new_tokens, float(temperature), int(top_k), float(top_p))
+                          max_new_tokens, float(temperature), int(top_k), float(top_p), kernel_options)
   results = []
   for row in np.asarray(out):
     seq = []

@@ -188,11 +188,12 @@ def _is_eos(tok: Array, eos: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "k", "max_new_tokens", "max_len", "temperature",
-                                             "top_k", "top_p", "draft_hook", "draft_cost"))
+                                             "top_k", "top_p", "draft_hook", "draft_cost",
+                                             "kernel_options"))
 def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcfg: ModelConfig | NgramDraft,
                      tokens: Array, offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
                      max_new_tokens: int, max_len: int, temperature: float, top_k: int, top_p: float,
-                     draft_hook: DraftHook | None = None, draft_cost: float | None = None
+                     draft_hook: DraftHook | None = None, draft_cost: float | None = None, kernel_options=None
                      ) -> tuple[Array, Array, dict]:
   """Prefill + speculative rounds until every row has max_new_tokens tokens or an EOS.
 
@@ -204,6 +205,7 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
   Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
   """
   b, plen = tokens.shape
+  fwd = functools.partial(hybrid.forward, kernel_options=kernel_options)  # kernel_options: static, None = defaults
   ngram = isinstance(dcfg, NgramDraft)
   adaptive = draft_cost is not None
   greedy = is_greedy(temperature)
@@ -213,12 +215,12 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
   # Prefill: the target on the whole prompt, the draft on all but the last token (its first round call
   # starts at L - 1 with [prev, pending]).
   tcache = hybrid.init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
-  hidden, tcache = hybrid.forward(tparams, tcfg, tokens, cache=tcache, return_hidden=True)
+  hidden, tcache = fwd(tparams, tcfg, tokens, cache=tcache, return_hidden=True)
   tcache, dcache = hybrid.speculative_cache(tcfg, tcache, k), None
   if not ngram:
     dcache = hybrid.init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
     if plen > 1:
-      _, dcache = hybrid.forward(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
+      _, dcache = fwd(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
     dcache = hybrid.speculative_cache(dcfg, dcache, k)
   prompt_hist = jnp.where(jnp.arange(plen)[None, :] >= offsets[:, None], tokens.astype(jnp.int32), -1)
   key, sub = jax.random.split(key)
@@ -242,7 +244,7 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
 
   def model_draft(st, k_first, k_draft):
     """-> draft [b, k], q [b, k, V] (None when greedy), the draft's cache."""
-    dl, dcache = hybrid.forward(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
+    dl, dcache = fwd(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
                                 cache=st["dcache"], speculative="commit")
     d1, q1 = draft_pick(dl[:, -1], k_first, st["n_out"])
 
@@ -251,7 +253,7 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
 
       def step(carry):
         tok, dc = carry
-        lg, dc = hybrid.forward(dparams, dcfg, tok[:, None], cache=dc, speculative="append")
+        lg, dc = fwd(dparams, dcfg, tok[:, None], cache=dc, speculative="append")
         nxt, q = draft_pick(lg[:, 0], step_key, st["n_out"] + i)
         return (nxt, dc), (nxt, q)
 
@@ -280,8 +282,8 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
     # 1. draft k tokens
     draft, q, dcache = ngram_draft(st) if ngram else model_draft(st, k_first, k_draft)
     # 2. verify all k in one target call
-    tl, tcache = hybrid.forward(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
-                                cache=st["tcache"], speculative="commit")
+    tl, tcache = fwd(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
+                     cache=st["tcache"], speculative="commit")
     # 3. accept
     k_eff = st["k_eff"]
     limit = k_eff if adaptive else None
@@ -329,7 +331,8 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
                          k: int | str = 4, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          seed: int = 0, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
                          pad_multiple: int = 16, draft_hook: DraftHook | None = None, hook_args: Any = None,
-                         k_max: int = 8, draft_cost: float | None = None) -> tuple[list[list[int]], dict]:
+                         k_max: int = 8, draft_cost: float | None = None, kernel_options=None
+                         ) -> tuple[list[list[int]], dict]:
   """Generates like `hybrid_jax.decode.generate.generate` (same output: the new tokens of each prompt, cut
   before the first EOS; identical tokens when greedy), with a draft model proposing k tokens per target call.
   draft_params / draft_cfg: the draft model; or an `NgramDraft` and None (prompt lookup, no model).
@@ -370,7 +373,7 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
           jnp.asarray(eos, jnp.int32), hook_args)
   statics = {"k": k, "max_new_tokens": max_new_tokens, "max_len": max_len, "temperature": float(temperature),
              "top_k": int(top_k), "top_p": float(top_p), "draft_hook": draft_hook,
-             "draft_cost": None if draft_cost is None else float(draft_cost)}
+             "draft_cost": None if draft_cost is None else float(draft_cost), "kernel_options": kernel_options}
   t0 = time.perf_counter()
   run = _compiled_loop(target_cfg, draft_cfg, args, statics)
   t1 = time.perf_counter()

@@ -10,8 +10,12 @@ from jax.experimental import pallas as pl
 Array = jax.Array
 
 
-def interpret_mode() -> bool:
-  """Pallas interpret mode: on CPU (tests), or forced by HYBRID_JAX_PALLAS_INTERPRET=1."""
+def interpret_mode(platform: str | None = None) -> bool:
+  """Pallas interpret mode of the Triton kernels: off when lowering for an explicit platform 'gpu' (on when
+  for another: `KernelOptions.platform`); otherwise on CPU (tests), or forced by
+  HYBRID_JAX_PALLAS_INTERPRET=1."""
+  if platform is not None:
+    return platform != "gpu"
   env = os.environ.get("HYBRID_JAX_PALLAS_INTERPRET")
   if env is not None:
     return env not in ("0", "", "false", "False")

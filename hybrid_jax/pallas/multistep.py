@@ -285,6 +285,7 @@ def multistep_scan_pallas(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B,
   """The speculative-verification update by the Pallas kernel (interpret mode on CPU; see the module docstring
   for shapes). options: tiling and switches (None: the defaults)."""
   options = resolve(options)
+  interpret = common.interpret_mode(options.platform) if interpret is None else interpret
   call = _call_m1 if state.ndim == 3 else _call_m2
   y, ckpt = call(state, cache_x, cache_dt, cache_B, n_accept, x, dt, B, C, A, D, dt_bias, z, interpret,
                  options)

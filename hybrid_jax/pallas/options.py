@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import Any
+
+import jax
 
 
 class ScanImpl(str, enum.Enum):
   """Which implementation a scan dispatcher runs (a str enum: `ScanImpl("pallas")` converts a config string).
 
-  AUTO: on GPU the per-variant pick of `KernelOptions` (gpu_mamba / gpu_mamba2), on TPU CHUNKED (the
-  kernels use the Triton lowering), elsewhere REFERENCE. REFERENCE: the sequential `lax.scan`. PALLAS: the
-  Pallas forward kernels (interpret mode on CPU). CHUNKED: chunk-parallel plain JAX (any backend)."""
+  AUTO: on GPU and on TPU the per-variant pick of `KernelOptions` (gpu_mamba / gpu_mamba2, tpu_mamba /
+  tpu_mamba2), elsewhere REFERENCE. REFERENCE: the sequential `lax.scan`. PALLAS: the Pallas forward kernels,
+  Triton on GPU (interpret mode on CPU), Mosaic on TPU. CHUNKED: chunk-parallel plain JAX (any backend).
+  The platform is `KernelOptions.platform`, or the default backend."""
   AUTO = "auto"
   REFERENCE = "reference"
   PALLAS = "pallas"
@@ -44,13 +48,27 @@ M1_TILES = ((2, 256, 4), (16, 1024, 8), (1 << 30, 2048, 4))  # (max_batch, tile 
 M2_TILES = ((2, 8, 4, 64), (1 << 30, 32, 4, 32))  # (max_batch, rows of P, warps, columns of N per chunk)
 
 
+PLATFORMS = ("cpu", "gpu", "tpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelOptions:
   """Tuning of the kernels; the defaults are the library's measured picks (docs/KERNELS.md). Frozen and
   hashable: a static argument of the jitted / custom-VJP functions. Fields by kernel:
 
   Dispatch (ScanImpl.AUTO on GPU): gpu_mamba / gpu_mamba2, chosen by bench/bench_kernels.py on an H100 (seq
-  2048, forward + backward).
+  2048, forward + backward). On TPU: tpu_mamba / tpu_mamba2, picked without a TPU timing (none has been
+  taken yet): Mamba-1 the Mosaic kernel (`tpu_scan`: the state stays on chip, where the chunked form is
+  element-wise scans through memory), Mamba-2 the chunked SSD form, whose matmuls are MXU work (the Mosaic
+  kernel runs Mamba-2 as element-wise vector work).
+
+  platform: the platform the programs are built for, None: `jax.default_backend()`; 'gpu' or 'tpu' (or
+  'cuda' / 'rocm', read as 'gpu') to lower for a platform other than the host's, e.g. `jax.export` for TPU
+  from a CPU host: dispatch picks as on that platform and its kernels lower for it (not interpret mode).
+  mesh: the `jax.sharding.Mesh` (or AbstractMesh) of a program sharded over several devices, None for
+  none. XLA cannot partition a Mosaic kernel, so on TPU the kernels then run per shard (`partition`): the
+  batch over batch_axes, channels over channel_axes, where those mesh axes divide. The Triton kernels are left
+  to XLA's partitioner as without a mesh.
 
   Mamba-1 training scan (`scan`): fwd_tile / fwd_warps and bwd_tile / bwd_warps, state elements per program
   and warps of the forward and the backward kernel (programs own gb whole groups, or cb channels of one group
@@ -75,6 +93,12 @@ class KernelOptions:
   """
   gpu_mamba: ScanImpl = ScanImpl.PALLAS
   gpu_mamba2: ScanImpl = ScanImpl.CHUNKED
+  tpu_mamba: ScanImpl = ScanImpl.PALLAS
+  tpu_mamba2: ScanImpl = ScanImpl.CHUNKED
+  platform: str | None = None
+  mesh: Any = None
+  batch_axes: tuple[str, ...] = ("data", "fsdp")
+  channel_axes: tuple[str, ...] = ("tensor",)
   fwd_tile: int = 2048
   fwd_warps: int = 4
   bwd_tile: int = 512
@@ -92,21 +116,33 @@ class KernelOptions:
   lane_scalars: bool = True
 
   def __post_init__(self):
-    for name in ("gpu_mamba", "gpu_mamba2"):
+    for name in ("gpu_mamba", "gpu_mamba2", "tpu_mamba", "tpu_mamba2"):
       impl = as_impl(getattr(self, name), f"KernelOptions.{name}")
       if impl is ScanImpl.AUTO:
         raise ValueError(f"KernelOptions.{name} must be reference|pallas|chunked, got 'auto'")
       object.__setattr__(self, name, impl)
+    if self.platform is not None:
+      platform = {"cuda": "gpu", "rocm": "gpu"}.get(self.platform, self.platform)
+      if platform not in PLATFORMS:
+        raise ValueError(f"KernelOptions.platform must be {'|'.join(PLATFORMS)}|cuda|rocm or None, "
+                         f"got {self.platform!r}")
+      object.__setattr__(self, "platform", platform)
     if self.bwd_impl not in ("kernel", "chunked"):
       raise ValueError(f"KernelOptions.bwd_impl must be 'kernel' or 'chunked', got {self.bwd_impl!r}")
     for name in ("fwd_tile", "fwd_warps", "bwd_tile", "bwd_warps", "bwd_chunk"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"KernelOptions.{name} must be positive, got {getattr(self, name)!r}")
     # lists (from a command line or a config file) become tuples: the options stay hashable
+    for name in ("batch_axes", "channel_axes"):
+      object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
     for name in ("m1_tiles", "m2_tiles"):
       object.__setattr__(self, name, tuple(tuple(int(v) for v in entry) for entry in getattr(self, name)))
     if self.tile_override is not None:
       object.__setattr__(self, "tile_override", tuple(int(v) for v in self.tile_override))
+
+  def target(self) -> str:
+    """The platform the programs are built for: `platform`, or the default backend ('cpu', 'gpu', 'tpu')."""
+    return self.platform or jax.default_backend()
 
 
 DEFAULT = KernelOptions()

@@ -401,8 +401,8 @@ def selective_scan_pallas(x, dt, A, B, C, D, dt_bias, z=None, reset=None, h0=Non
                           interpret: bool | None = None, options: KernelOptions | None = None):
   """`selective_scan_ref` with the Pallas kernel forward and a recompute backward from its chunk checkpoints
   (options: tiles, bwd_impl, bwd_chunk; None: the defaults)."""
-  interp = common.interpret_mode() if interpret is None else interpret
   options = resolve(options)
+  interp = common.interpret_mode(options.platform) if interpret is None else interpret
   core = lambda *a: _pallas_core(*a, interp, options)
   return _front(core, x, dt, A, B, C, D, dt_bias, z, reset, h0)
 

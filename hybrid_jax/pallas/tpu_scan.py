@@ -140,9 +140,12 @@ def expand_groups(v: Array, e: Array) -> Array:
   return jax.lax.dot(v, e, precision=precision, preferred_element_type=f32)
 
 
-def resolve_interpret(interpret: bool | None) -> bool:
-  """Interpret mode: off on a TPU backend, on elsewhere (None); the kernels compile for TPU only."""
-  return jax.default_backend() != "tpu" if interpret is None else bool(interpret)
+def resolve_interpret(interpret: bool | None, platform: str | None = None) -> bool:
+  """Interpret mode (None: off when lowering for TPU, the explicit `platform` or else the default backend; on
+  elsewhere): the kernels compile for TPU only."""
+  if interpret is not None:
+    return bool(interpret)
+  return (platform or jax.default_backend()) != "tpu"
 
 
 def tpu_call(kernel, *, interpret: bool, semantics, **kw):

@@ -91,8 +91,8 @@ def initialize(args: argparse.Namespace | None = None) -> None:
     raise ConfigError("--process-id needs --num-processes (or $JAX_NUM_PROCESSES)")
   if pid is not None and not 0 <= pid < n:
     raise ConfigError(f"--process-id {pid} is out of range for --num-processes {n}")
-  if (n or _cluster_size()) <= 1:
-    return
+  if (n or _cluster_size()) <= 1 and os.environ.get("HYBRID_JAX_DISTRIBUTED") != "1":
+    return  # (HYBRID_JAX_DISTRIBUTED=1: a TPU pod VM, whose hosts only jax's own probe finds)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices: collectives across processes
   # recoverable: a lost process is reported to the others (the watchdog ends them) instead of aborting them
   jax.config.update("jax_enable_recoverability", True)

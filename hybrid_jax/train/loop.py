@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hybrid_jax.config import ConfigError, ModelConfig
+from hybrid_jax.pallas import KernelOptions
 from hybrid_jax.train import checkpointing as ckpt_lib
 from hybrid_jax.train import distributed, optim, stages
 from hybrid_jax.train import sharding as shd
@@ -88,12 +89,14 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
           output_dir: str, resume: bool = False, mesh=None,
           save_model_fn: Callable[[Any, str], None] | None = None,
           on_step: Callable[[int, dict], None] | None = None, log: Callable[[str], None] = print,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, kernel_options: KernelOptions | None = None) -> TrainResult:
   """Runs `cfg.train.steps` optimiser steps (continuing from the latest checkpoint with `resume`).
 
   frozen_params/frozen_cfg: the teacher (align/distill/sft+KL) or the DPO reference model.
   save_model_fn(params, dir): writes the final model dir (checkpoint.save_model with config + tokenizer).
   on_step(step, metrics): test hook called after each step.
+  kernel_options: tuning of the SSM kernels (None: the defaults); the steps get them with this mesh (on TPU
+  the kernels run per shard of it).
   """
   tc = cfg.train
   mesh = mesh or shd.make_mesh(dataclasses.asdict(cfg.mesh))
@@ -131,13 +134,14 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
     log(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0")
   start = int(jax.device_get(state.step))
 
-  loss_fn = stages.make_loss_fn(cfg, student_cfg, frozen_cfg)
+  kernel_options = dataclasses.replace(kernel_options or KernelOptions(), mesh=mesh)
+  loss_fn = stages.make_loss_fn(cfg, student_cfg, frozen_cfg, kernel_options)
   step_fn = stages.jit_train_step(
       stages.make_train_step(loss_fn, tx, mask, schedule, tc.grad_accum), state_sh, frozen_sh, mesh)
   teacher_for_eval = frozen if (needs_frozen and cfg.stage != "dpo") else None
-  eval_fn = (stages.make_dpo_eval_step(cfg, student_cfg) if cfg.stage == "dpo" else
+  eval_fn = (stages.make_dpo_eval_step(cfg, student_cfg, kernel_options) if cfg.stage == "dpo" else
              stages.make_eval_step(student_cfg, frozen_cfg if teacher_for_eval is not None else None,
-                                   cfg.loss.temperature))
+                                   cfg.loss.temperature, kernel_options))
   n_student = stages.matmul_params(state.params, student_cfg)
   n_frozen = stages.matmul_params(frozen, frozen_cfg) if needs_frozen else 0
   fpt = stages.flops_per_token(cfg, n_student, n_frozen)

@@ -38,13 +38,15 @@ def uses_teacher(cfg: TrainConfig) -> bool:
   return cfg.stage in ("align", "distill") or (cfg.stage == "sft" and cfg.loss.kl_weight > 0)
 
 
-def _logits(params, mcfg: ModelConfig, tokens, segment_ids):
-  logits, _ = hybrid.forward(params, mcfg, tokens, segment_ids=segment_ids)
+def _logits(params, mcfg: ModelConfig, tokens, segment_ids, kernel_options=None):
+  logits, _ = hybrid.forward(params, mcfg, tokens, segment_ids=segment_ids, kernel_options=kernel_options)
   return logits
 
 
-def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelConfig | None) -> LossFn:
-  """loss_fn(params, batch, frozen_params) -> (loss, metrics) for the configured stage."""
+def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelConfig | None,
+                 kernel_options=None) -> LossFn:
+  """loss_fn(params, batch, frozen_params) -> (loss, metrics) for the configured stage. kernel_options: the
+  SSM kernels' `KernelOptions` (None: the defaults for the default backend), e.g. a platform to lower for."""
   lc = cfg.loss
 
   if cfg.stage == "dpo":
@@ -54,9 +56,9 @@ def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelCo
       mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
       seg = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]], 0)
       b = batch["chosen_tokens"].shape[0]
-      pi = losses.sequence_logprob(_logits(params, student_cfg, toks, seg), toks, mask)
+      pi = losses.sequence_logprob(_logits(params, student_cfg, toks, seg, kernel_options), toks, mask)
       ref = jax.lax.stop_gradient(
-          losses.sequence_logprob(_logits(ref_params, frozen_cfg, toks, seg), toks, mask))
+          losses.sequence_logprob(_logits(ref_params, frozen_cfg, toks, seg, kernel_options), toks, mask))
       loss, m = losses.dpo_loss(pi[:b], pi[b:], ref[:b], ref[b:], lc.dpo_beta, variant=lc.dpo_variant,
                                 label_smoothing=lc.label_smoothing)
       m = dict(m)
@@ -71,10 +73,12 @@ def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelCo
   def lm_fn(params, batch, teacher_params):
     # From final hidden states, in time chunks, head gradients made in the forward pass (fused_ce_kl_loss).
     toks, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
-    s_hidden, _ = hybrid.forward(params, student_cfg, toks, segment_ids=seg, return_hidden=True)
+    s_hidden, _ = hybrid.forward(params, student_cfg, toks, segment_ids=seg, return_hidden=True,
+                                 kernel_options=kernel_options)
     t_hidden = t_head = None
     if with_teacher:
-      t_hidden, _ = hybrid.forward(teacher_params, frozen_cfg, toks, segment_ids=seg, return_hidden=True)
+      t_hidden, _ = hybrid.forward(teacher_params, frozen_cfg, toks, segment_ids=seg, return_hidden=True,
+                                   kernel_options=kernel_options)
       t_hidden, t_head = jax.lax.stop_gradient(t_hidden), hybrid.lm_head_weight(teacher_params, frozen_cfg)
     loss, ce, kl, n = losses.fused_ce_kl_loss(
         s_hidden, hybrid.lm_head_weight(params, student_cfg), toks, mask, t_hidden, t_head, ce_weight=ce_w,
@@ -131,17 +135,18 @@ def jit_train_step(step_fn, state_sh: TrainState, frozen_sh, mesh: Mesh):
                  donate_argnums=(0,))
 
 
-def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, temperature: float = 1.0):
+def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, temperature: float = 1.0,
+                   kernel_options=None):
   """(params, teacher_params | None, batch) -> token-weighted sums: ce_sum, n, [kl_sum, teacher_ce_sum]."""
 
   def ev(params, teacher_params, batch):
     toks, seg, mask = batch["tokens"], batch["segment_ids"], batch["loss_mask"]
-    s = _logits(params, student_cfg, toks, seg)
+    s = _logits(params, student_cfg, toks, seg, kernel_options)
     ce, n = losses.cross_entropy(s, toks, mask)
     n = jnp.asarray(n, jnp.float32)
     out = {"ce_sum": ce * n, "n": n}
     if teacher_params is not None:
-      t = _logits(teacher_params, teacher_cfg, toks, seg)
+      t = _logits(teacher_params, teacher_cfg, toks, seg, kernel_options)
       out["kl_sum"] = losses.kl_div(t, s, mask, temperature=temperature) * n
       tce, _ = losses.cross_entropy(t, toks, mask)
       out["teacher_ce_sum"] = tce * n
@@ -149,7 +154,7 @@ def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, te
   return jax.jit(ev)
 
 
-def make_dpo_eval_step(cfg: TrainConfig, student_cfg: ModelConfig):
+def make_dpo_eval_step(cfg: TrainConfig, student_cfg: ModelConfig, kernel_options=None):
   """(params, ref_params, batch) -> sums over real pairs of the DPO loss, reward margin and accuracy."""
   lc = cfg.loss
 
@@ -158,8 +163,8 @@ def make_dpo_eval_step(cfg: TrainConfig, student_cfg: ModelConfig):
     mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], 0)
     seg = jnp.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]], 0)
     b = batch["chosen_tokens"].shape[0]
-    pi = losses.sequence_logprob(_logits(params, student_cfg, toks, seg), toks, mask)
-    ref = losses.sequence_logprob(_logits(ref_params, student_cfg, toks, seg), toks, mask)
+    pi = losses.sequence_logprob(_logits(params, student_cfg, toks, seg, kernel_options), toks, mask)
+    ref = losses.sequence_logprob(_logits(ref_params, student_cfg, toks, seg, kernel_options), toks, mask)
     # per pair (vmap over scalars), so the padded rows of the last eval batch can be left out
     per = jax.vmap(lambda pc, pr, rc, rr: losses.dpo_loss(pc, pr, rc, rr, lc.dpo_beta, variant=lc.dpo_variant,
                                                            label_smoothing=lc.label_smoothing))
