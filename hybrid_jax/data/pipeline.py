@@ -123,8 +123,8 @@ class _RowStreamsIterator(grain.DatasetIterator):
     self._done = [False] * len(self._rows)
 
 
-_NOT_PER_ROW = ("the saved data position is not one of per-row streams (saved with data.num_workers > 0 by "
-                "another number of processes?); resume with the process count that saved it")
+_NOT_PER_ROW = ("the checkpoint's data position is not kept per batch row (written with data.num_workers > 0 "
+                "by another number of processes, or by an earlier version): resume it as it was saved")
 
 
 def merge_states(states: list[dict]) -> dict:
