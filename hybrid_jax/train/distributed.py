@@ -65,6 +65,12 @@ def _cluster_size() -> int:
   return max(1, len([h for h in hosts.split(",") if h]))
 
 
+def wants_cluster(num_processes: int | None = None) -> bool:
+  """Whether to join a cluster: several processes by the flags or the launcher's environment, or
+  HYBRID_JAX_DISTRIBUTED=1 (a Cloud TPU pod VM, whose hosts only jax's own probe of the metadata finds)."""
+  return (num_processes or _cluster_size()) > 1 or os.environ.get("HYBRID_JAX_DISTRIBUTED") == "1"
+
+
 def initialize(args: argparse.Namespace | None = None) -> None:
   """Joins the cluster when the flags or the environment describe several processes (else does nothing),
   and starts the lost-process watchdog. Call before anything touches a device."""
@@ -91,8 +97,8 @@ def initialize(args: argparse.Namespace | None = None) -> None:
     raise ConfigError("--process-id needs --num-processes (or $JAX_NUM_PROCESSES)")
   if pid is not None and not 0 <= pid < n:
     raise ConfigError(f"--process-id {pid} is out of range for --num-processes {n}")
-  if (n or _cluster_size()) <= 1 and os.environ.get("HYBRID_JAX_DISTRIBUTED") != "1":
-    return  # (HYBRID_JAX_DISTRIBUTED=1: a TPU pod VM, whose hosts only jax's own probe finds)
+  if not wants_cluster(n):
+    return
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices: collectives across processes
   # recoverable: a lost process is reported to the others (the watchdog ends them) instead of aborting them
   jax.config.update("jax_enable_recoverability", True)
