@@ -158,6 +158,35 @@ def test_random_mixer_init_keeps_the_teachers_rest():
     init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(1), mixer_init="zeros")
 
 
+def test_random_layer_init_resets_mixer_mlp_and_norms():
+  """mixer_init='random_layer' (the reference's init_with_kqvo=False): the replaced layers get the mixer's own
+  init, an MLP at nn.Linear's default U(+-1/sqrt(in)) and norms at one; kept attention layers, embeddings,
+  final norm and head stay the teacher's."""
+  cfg, teacher, kqvo = make("mamba", (0, 2))
+  rand = init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(1), mixer_init="random_layer")
+  mixer_only = init_from_teacher(teacher, TEACHER, cfg, jax.random.PRNGKey(1), mixer_init="random")
+  assert jax.tree.structure(rand) == jax.tree.structure(kqvo)
+  for i in (1, 3):
+    layer, t_layer = rand[f"layers_{i}"], teacher[f"layers_{i}"]
+    for name in ("in_proj_x", "dt_proj_down", "A_log"):  # the same mixer as 'random'
+      np.testing.assert_array_equal(np.asarray(layer["mamba"][name]),
+                                    np.asarray(mixer_only[f"layers_{i}"]["mamba"][name]))
+    for k in ("input_layernorm", "post_attention_layernorm"):
+      np.testing.assert_array_equal(np.asarray(layer[k]), np.ones(TEACHER.hidden_size, np.float32))
+    for name, w in layer["mlp"].items():
+      w, tw = np.asarray(w), np.asarray(t_layer["mlp"][name])
+      assert w.shape == tw.shape and not np.array_equal(w, tw)
+      bound = 1 / np.sqrt(w.shape[0])
+      assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+  assert not np.array_equal(np.asarray(rand["layers_1"]["mlp"]["up_proj"]),
+                            np.asarray(rand["layers_3"]["mlp"]["up_proj"]))
+  for i in (0, 2):
+    for leaf, t_leaf in zip(jax.tree.leaves(rand[f"layers_{i}"]), jax.tree.leaves(teacher[f"layers_{i}"])):
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(t_leaf))
+  for name in ("embed_tokens", "norm", "lm_head"):
+    np.testing.assert_array_equal(np.asarray(rand[name]), np.asarray(teacher[name]))
+
+
 def test_attn_layers_for_fraction_matches_recipes():
   assert attn_layers_for_fraction(32, 0.5) == tuple(range(0, 32, 2))
   assert attn_layers_for_fraction(32, 0.25) == tuple(range(0, 32, 4))

@@ -4,6 +4,10 @@
 in_proj_x <- v_proj, B_proj <- k_proj, C_proj <- q_proj, out_proj <- o_proj; Mamba-2 gets the x / B / C column
 blocks of in_proj <- v / k / q and out_proj <- o_proj. Norms, MLPs, embeddings and head are the teacher's;
 the rest of each mixer keeps its reference init.
+
+The ablation baselines (MIXER_INITS): 'random' keeps the teacher's MLP and norms and leaves only the mixer at
+its own init (a mild baseline); 'random_layer' is the reference's `init_with_kqvo=False`, which skips the
+whole copy: the replaced layer's mixer, MLP (nn.Linear's default init) and norms (ones) are all new.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import jax.numpy as jnp
 
 from hybrid_jax.config import ConfigError, ModelConfig, SSMConfig
 from hybrid_jax.model import hybrid, mamba, mamba2
+from hybrid_jax.model.layers import linear_init
 
 Array = jax.Array
 
@@ -48,14 +53,15 @@ def attn_layers_for_fraction(n_layers: int, fraction: float) -> tuple[int, ...]:
   return tuple(sorted({int(i * n_layers / k) for i in range(k)}))
 
 
-MIXER_INITS = ("attention", "random")
+MIXER_INITS = ("attention", "random", "random_layer")
 
 
 def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg: ModelConfig,
                       key: Array, mixer_init: str = "attention") -> dict:
   """Hybrid params: the teacher's everywhere, Mamba mixers initialised from the replaced attention
-  (mixer_init 'attention', docs/DESIGN.md) or left at the mixer's own random init ('random': the paper's ablation
-  baseline; norms, MLPs, embeddings and head are still the teacher's)."""
+  (mixer_init 'attention', docs/DESIGN.md) or left at the mixer's own random init ('random': norms, MLPs,
+  embeddings and head are still the teacher's), or the whole replaced layer new ('random_layer': the
+  reference's init_with_kqvo=False, the paper's ablation baseline: random mixer and MLP, norms at one)."""
   if mixer_init not in MIXER_INITS:
     raise ConfigError(f"mixer init must be one of {MIXER_INITS}, got {mixer_init!r}")
   if teacher_cfg.is_hybrid:
@@ -73,8 +79,21 @@ def init_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig, hybrid_cfg
     mixer = dict(hybrid.init_mixer_params(hybrid_cfg, i, keys[i]))  # the mixer's reference init
     if mixer_init == "attention":
       _seed_from_attention(mixer, teacher_layer["self_attn"], hybrid_cfg, i)
-    out[name] = {**{n: v for n, v in teacher_layer.items() if n != "self_attn"}, "mamba": mixer}
+    layer = {n: v for n, v in teacher_layer.items() if n != "self_attn"}
+    if mixer_init == "random_layer":
+      layer = _fresh_mlp_and_norms(layer, jax.random.fold_in(keys[i], 1), hybrid_cfg.params_dtype)
+    out[name] = {**layer, "mamba": mixer}
   return jax.tree.map(jnp.asarray, out)
+
+
+def _fresh_mlp_and_norms(layer: dict, key: Array, dtype) -> dict:
+  """The layer's MLP at PyTorch nn.Linear's default init and its norms at one (the reference's
+  MambaDecoderLayer as constructed, before any copy), same shapes as the teacher's."""
+  mlp = layer["mlp"]
+  keys = jax.random.split(key, len(mlp))
+  new_mlp = {n: linear_init(k, tuple(mlp[n].shape), dtype) for n, k in zip(sorted(mlp), keys)}
+  norms = {n: jnp.ones(v.shape, dtype) for n, v in layer.items() if n.endswith("layernorm")}
+  return {**layer, **norms, "mlp": new_mlp}
 
 
 def _seed_from_attention(m: dict, a: dict, hybrid_cfg: ModelConfig, layer: int) -> None:

@@ -5,7 +5,7 @@
 
 Where the student comes from:
   --init DIR    a model dir from a previous stage (checkpoint.save_model); its attention layout is kept, except
-                in `align`, where a different layout in the config converts it progressively: layers that were Mamba keep their mixers, newly
+                in `align`, where a different layout in the config converts it progressively: layers that were Mamba are kept whole, newly
                 replaced layers are initialised from the teacher's attention.
   otherwise     the teacher, turned into the configured hybrid by init_from_teacher (docs/DESIGN.md §3.3).
 The frozen model: the teacher (align / distill / sft with KL) or, for dpo, the starting model itself.
@@ -120,9 +120,9 @@ def build_models(cfg: tcfg.TrainConfig, teacher_dir: str | None, init_dir: str |
       # progressive alignment: keep the existing mixers, initialise newly replaced layers from attention
       new_cfg = hybrid_config(teacher[1], want, cfg.model.variant)
       new = init_from_teacher(teacher[0], teacher[1], new_cfg, key, cfg.model.mixer_init)
-      for i in set(new_cfg.ssm_layers) & set(sc.ssm_layers):
-        new[f"layers_{i}"] = {**new[f"layers_{i}"], "mamba": sp[f"layers_{i}"]["mamba"]}
-      log(f"align: attention layers {list(have)} -> {list(want)} (Mamba mixers of earlier stages kept)")
+      for i in set(new_cfg.ssm_layers) & set(sc.ssm_layers):  # the whole layer, as the reference reloads it
+        new[f"layers_{i}"] = sp[f"layers_{i}"]
+      log(f"align: attention layers {list(have)} -> {list(want)} (Mamba layers of earlier stages kept)")
       sp, sc = new, new_cfg
     tokenizer = stok if stok is not None else (teacher[2] if teacher else None)
   else:

@@ -9,7 +9,7 @@ YAML layout (every section optional; defaults below):
   train: {steps, grad_accum, seed, log_every, eval_every, eval_batches,
           save_every, keep_checkpoints, peak_tflops, output}
   optim: {lr, b1, b2, eps, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, trainable}
-  loss:  {kl_weight, ce_weight, temperature, dpo_beta, dpo_variant, label_smoothing}
+  loss:  {kl_weight, ce_weight, temperature, kl_reduction, dpo_beta, dpo_variant, label_smoothing}
   mesh:  {data, fsdp, tensor}         # -1 = the rest of the devices
   default_data: {n_train, n_eval, max_new_tokens, batch_size}  # only when data.paths is empty
 """
@@ -26,6 +26,7 @@ from hybrid_jax.config import ATTENTION_IMPLS, REMAT_POLICIES, ConfigError
 from hybrid_jax.errors import describe
 from hybrid_jax.model.init import MIXER_INITS
 from hybrid_jax.pallas import ScanImpl
+from hybrid_jax.train.losses import KL_REDUCTIONS
 
 STAGES = ("align", "distill", "sft", "dpo")
 
@@ -40,7 +41,9 @@ class ModelSection:
   scan_impl: str = "auto"             # Mamba scans: auto | reference | pallas | chunked
   remat: str = "none"                 # what each decoder layer keeps for the backward: none | dots | full
   attention_impl: str = "auto"        # cache-free attention: auto | xla | pallas | cudnn
-  mixer_init: str = "attention"       # new Mamba mixers: from the replaced attention (docs/DESIGN.md §3.3) | 'random'
+  # new Mamba mixers: from the replaced attention (docs/DESIGN.md §3.3) | 'random' (mixer) | 'random_layer'
+  # (mixer, MLP and norms)
+  mixer_init: str = "attention"
   num_layers: int | None = None       # keep the teacher's first N layers only (a small draft); None: all
 
   def __post_init__(self):
@@ -117,6 +120,9 @@ class LossSection:
   kl_weight: float = 1.0
   ce_weight: float = 0.0
   temperature: float = 1.0
+  # KL summed over every real position, divided by the positions ('token_mean') or by the rows ('batchmean':
+  # the reference's reduction, ~seq_len x larger; the align recipes' kl 0.1 / ce 1 assume it)
+  kl_reduction: str = "token_mean"
   dpo_beta: float = 0.1
   dpo_variant: str = "sigmoid"
   label_smoothing: float = 0.0
@@ -128,6 +134,8 @@ class LossSection:
       raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
     if self.dpo_beta <= 0:
       raise ConfigError(f"loss.dpo_beta must be > 0, got {self.dpo_beta}")
+    if self.kl_reduction not in KL_REDUCTIONS:
+      raise ConfigError(f"loss.kl_reduction must be one of {'|'.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
 
 
 @dataclasses.dataclass(frozen=True)

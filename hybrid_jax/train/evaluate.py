@@ -31,27 +31,32 @@ def _student_sums(params: dict, cfg: ModelConfig, tokens: Array, segment_ids: Ar
 
 @functools.partial(jax.jit, static_argnames=("cfg", "teacher_cfg"))
 def _pair_sums(params: dict, cfg: ModelConfig, teacher_params: dict, teacher_cfg: ModelConfig,
-               tokens: Array, segment_ids: Array, loss_mask: Array) -> tuple[Array, Array, Array, Array]:
+               tokens: Array, segment_ids: Array, loss_mask: Array
+               ) -> tuple[Array, Array, Array, Array, Array]:
   s, _ = hybrid.forward(params, cfg, tokens, segment_ids=segment_ids)
   t, _ = hybrid.forward(teacher_params, teacher_cfg, tokens, segment_ids=segment_ids)
   ce, n = losses.cross_entropy(s, tokens, loss_mask)
   tce, _ = losses.cross_entropy(t, tokens, loss_mask)
-  kl = losses.kl_div(t, s, loss_mask)  # same counted positions as ce -> kl * n is the exact sum
-  return ce * n, tce * n, kl * n, n
+  w = losses.target_weights(loss_mask)
+  kl = losses.kl_div(t, s, w)  # ce's positions -> kl * n is the exact sum
+  agree = jnp.sum((jnp.argmax(s, -1) == jnp.argmax(t, -1)) * w)  # same top-1 next token as the teacher
+  return ce * n, tce * n, kl * n, agree, n
 
 
 def evaluate(student_params: dict, student_cfg: ModelConfig, batches: Iterable[dict[str, Any]],
              teacher_params: dict | None = None, teacher_cfg: ModelConfig | None = None
              ) -> dict[str, float]:
-  """{'student_ppl', 'teacher_ppl', 'kl', 'student_ce', 'teacher_ce', 'n_tokens'} over `batches`.
+  """{'student_ppl', 'teacher_ppl', 'kl', 'top1_agreement', 'student_ce', 'teacher_ce', 'n_tokens'} over
+  `batches`.
 
   batches: dicts with 'tokens' [b, t] int, 'segment_ids' [b, t] (0 = padding) and 'loss_mask' [b, t]
-  (the data pipeline's layout). teacher_ppl / kl / teacher_ce are NaN without a teacher. KL is
-  KL(teacher || student) per counted token (losses.kl_div, T = 1).
+  (the data pipeline's layout). teacher_ppl / kl / teacher_ce / top1_agreement are NaN without a teacher.
+  KL is KL(teacher || student) per counted token (losses.kl_div, T = 1); top1_agreement the share of counted
+  positions where the student's most likely next token is the teacher's.
   """
   if (teacher_params is None) != (teacher_cfg is None):
     raise ValueError("give both teacher_params and teacher_cfg, or neither")
-  ce_sum = tce_sum = kl_sum = n_sum = 0.0
+  ce_sum = tce_sum = kl_sum = agree_sum = n_sum = 0.0
   for b in batches:
     toks = jnp.asarray(b["tokens"], jnp.int32)
     seg = jnp.asarray(b["segment_ids"], jnp.int32) if "segment_ids" in b else jnp.ones_like(toks)
@@ -59,9 +64,11 @@ def evaluate(student_params: dict, student_cfg: ModelConfig, batches: Iterable[d
     if teacher_params is None:
       ce, n = _student_sums(student_params, student_cfg, toks, seg, mask)
     else:
-      ce, tce, kl, n = _pair_sums(student_params, student_cfg, teacher_params, teacher_cfg, toks, seg, mask)
+      ce, tce, kl, agree, n = _pair_sums(student_params, student_cfg, teacher_params, teacher_cfg, toks, seg,
+                                         mask)
       tce_sum += float(tce)
       kl_sum += float(kl)
+      agree_sum += float(agree)
     ce_sum += float(ce)
     n_sum += float(n)
   if n_sum == 0:
@@ -74,6 +81,7 @@ def evaluate(student_params: dict, student_cfg: ModelConfig, batches: Iterable[d
       "teacher_ce": tce_sum / n_sum if has_t else nan,
       "teacher_ppl": math.exp(tce_sum / n_sum) if has_t else nan,
       "kl": kl_sum / n_sum if has_t else nan,
+      "top1_agreement": agree_sum / n_sum if has_t else nan,
       "n_tokens": n_sum,
   }
 

@@ -4,6 +4,12 @@ Conventions (shared by every function here):
   logits [b, t, V] (any float dtype; promoted to fp32 inside), tokens [b, t] int.
   Position t predicts tokens[t + 1]; `mask[t] = 1` means that prediction counts. The last position has no
   target and never counts, whatever its mask says.
+  The KL needs no target: `kl_mask[t] = 1` means position t's next-token distribution counts, the last
+  position included. Distillation takes it at every real position (`real_positions`: prompt, template and
+  answer tokens, padding excluded), as the reference does, while CE keeps its assistant-only mask.
+  KL reductions (`KL_REDUCTIONS`): 'token_mean' divides the masked KL sum by the number of counted positions;
+  'batchmean' divides it by the number of rows, as the reference's `F.kl_div(..., reduction='batchmean')` on
+  [b, t, V] logits does (a per-sequence sum: about t times the token mean).
 
 Memory: the [b, t, V] tensors dominate. Log-probs of the targets are computed as
 `logit[target] - logsumexp(logits)`, so no normalised [b, t, V] copy is kept for CE / sequence log-probs;
@@ -18,6 +24,22 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+KL_REDUCTIONS = ("token_mean", "batchmean")
+
+
+def real_positions(segment_ids: Array) -> Array:
+  """The KL mask of distillation: 1 at every real (non-padding) position. [b, t] -> [b, t] fp32."""
+  return (segment_ids > 0).astype(jnp.float32)
+
+
+def _kl_denominator(kl_weights: Array, reduction: str) -> Array:
+  """What the masked KL sum is divided by: the counted positions ('token_mean') or the rows ('batchmean')."""
+  if reduction not in KL_REDUCTIONS:
+    raise ValueError(f"kl reduction must be one of {'|'.join(KL_REDUCTIONS)}, got {reduction!r}")
+  if reduction == "batchmean":
+    return jnp.asarray(kl_weights.shape[0], jnp.float32)
+  return jnp.maximum(jnp.sum(kl_weights), 1.0)
+
 
 def token_logprobs(logits: Array, targets: Array) -> Array:
   """log softmax(logits)[..., targets]: [b, t, V], [b, t] -> [b, t] fp32 (no normalised [b, t, V] copy)."""
@@ -29,8 +51,7 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
 def _shifted(tokens: Array, mask: Array) -> tuple[Array, Array]:
   """Targets [b, t] (tokens shifted left; last = 0 dummy) and fp32 weights with the last column zeroed."""
   targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-  w = mask.astype(jnp.float32).at[:, -1].set(0.0)
-  return targets, w
+  return targets, target_weights(mask)
 
 
 def cross_entropy(logits: Array, tokens: Array, loss_mask: Array) -> tuple[Array, Array]:
@@ -45,29 +66,32 @@ def cross_entropy(logits: Array, tokens: Array, loss_mask: Array) -> tuple[Array
   return jnp.sum(nll * w) / jnp.maximum(n, 1.0), n
 
 
-def kl_div(teacher_logits: Array, student_logits: Array, loss_mask: Array, temperature: float = 1.0) -> Array:
-  """Mean over masked positions of KL(softmax(teacher / T) || softmax(student / T)).
+def kl_div(teacher_logits: Array, student_logits: Array, kl_mask: Array, temperature: float = 1.0,
+           reduction: str = "token_mean") -> Array:
+  """KL(softmax(teacher / T) || softmax(student / T)) summed over positions with kl_mask = 1, divided per
+  `reduction` (module doc). teacher_logits, student_logits [b, t, V]; kl_mask [b, t] -> scalar fp32.
+  Gradients flow to the student only (the teacher side is stop_gradient'ed).
 
-  teacher_logits, student_logits [b, t, V]; loss_mask [b, t] -> scalar fp32. Gradients flow to the student
-  only (the teacher side is stop_gradient'ed).
-
-  The mask means what it means for `cross_entropy` (position t's next-token distribution counts; the
-  last position never counts), so `kl * n_tokens` from `cross_entropy` is the exact masked KL sum.
+  Every position with kl_mask = 1 counts, the last one included (no target is involved). To take the KL where
+  `cross_entropy` counts (so that `kl * n_tokens` is the exact sum there), pass `target_weights(loss_mask)`.
 
   No T^2 factor is applied. The reference (jxiw/MambaInLlama train_mamba/train_hybrid.py and
   trainer/kd_trainer.py) computes `F.kl_div(F.log_softmax(student), F.softmax(teacher),
-  reduction='batchmean')` with no temperature at all; we keep T = 1 as the default so the loss equals the
-  reference's per-token KL. Note the reference's 'batchmean' on [b, t, V] divides the sum over all tokens
-  (padding included) by b, i.e. a per-sequence sum; we average over masked tokens instead, so a recipe's
-  kl_weight is relative to a per-token KL here.
+  reduction='batchmean')` with no temperature at all, over every position of its padded rows; T = 1 with
+  kl_mask = real_positions(segment_ids) and reduction 'batchmean' is that loss without the padding.
   """
   inv_t = 1.0 / temperature
   t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) * inv_t, axis=-1)
   s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) * inv_t, axis=-1)
   # sum_v p_t (log p_t - log p_s); exp is fused into the reduction by XLA.
   kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)  # [b, t]
-  w = loss_mask.astype(jnp.float32).at[:, -1].set(0.0)
-  return jnp.sum(kl * w) / jnp.maximum(jnp.sum(w), 1.0)
+  w = kl_mask.astype(jnp.float32)
+  return jnp.sum(kl * w) / _kl_denominator(w, reduction)
+
+
+def target_weights(loss_mask: Array) -> Array:
+  """The positions `cross_entropy` counts, as fp32 weights: loss_mask with the last column zeroed. [b, t]."""
+  return loss_mask.astype(jnp.float32).at[:, -1].set(0.0)
 
 
 def sequence_logprob(logits: Array, tokens: Array, mask: Array) -> Array:
@@ -115,13 +139,14 @@ def dpo_loss(pi_c: Array, pi_r: Array, ref_c: Array, ref_r: Array, beta: float, 
 
 def fused_ce_kl_loss(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: Array,
                      t_hidden: Array | None = None, t_head: Array | None = None, *, ce_weight: float = 1.0,
-                     kl_weight: float = 0.0, temperature: float = 1.0, chunk: int = 0, dtype=jnp.bfloat16
+                     kl_weight: float = 0.0, temperature: float = 1.0, kl_mask: Array | None = None,
+                     kl_reduction: str = "token_mean", chunk: int = 0, dtype=jnp.bfloat16
                      ) -> tuple[Array, Array, Array, Array]:
   """The training loss `ce_weight * ce + kl_weight * kl` of `chunked_ce_kl`, with its LM-head gradient made
   in the forward pass (the loss is a scalar, so d loss / d logits is known per chunk without a backward).
 
   Same arguments as `chunked_ce_kl`. Returns (loss, ce, kl, n_tokens); only `loss` carries gradients (to
-  s_hidden and s_head); ce and kl are stop-gradient'ed metrics.
+  s_hidden and s_head); ce and kl are stop-gradient'ed metrics (kl as `kl_reduction` reduces it).
   Why: under autodiff, `chunked_ce_kl` runs the student's and the teacher's LM-head matmul again in the
   backward pass and adds a [D, V] fp32 head gradient once per chunk. Here each chunk's logits are made once:
   d loss / d logits gives d hidden (one matmul) and the head gradient (one matmul, fp32 accumulation, summed
@@ -133,9 +158,11 @@ def fused_ce_kl_loss(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: A
   v = s_head.shape[1]
   chunk = chunk if chunk > 0 else _default_chunk(b, t, v)
   targets, w = _shifted(tokens, loss_mask)
+  wk = w if kl_mask is None else kl_mask.astype(jnp.float32)
   pad = (-t) % chunk
   nc = (t + pad) // chunk
   denom = jnp.maximum(jnp.sum(w), 1.0)
+  kl_denom = _kl_denominator(wk, kl_reduction)
   split = functools.partial(_split_time, b=b, nc=nc, chunk=chunk, pad=pad)
   inv_t = 1.0 / temperature
   with_teacher = t_hidden is not None and kl_weight != 0.0
@@ -145,21 +172,21 @@ def fused_ce_kl_loss(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: A
 
   def body(carry, xs):
     g_head, ce_acc, kl_acc = carry
-    s_h, t_h, tgt, wc = xs
+    s_h, t_h, tgt, wc, wkc = xs
     s_h = s_h.astype(dtype)
     z = jnp.einsum("btd,dv->btv", s_h, w_s, preferred_element_type=jnp.float32)
     logp = jax.nn.log_softmax(z, axis=-1)
     onehot = jax.nn.one_hot(tgt, v, dtype=jnp.float32)
     ce_acc = ce_acc - jnp.sum(jnp.sum(logp * onehot, axis=-1) * wc)
-    dz = ce_weight * (jnp.exp(logp) - onehot)
+    dz = (ce_weight * (jnp.exp(logp) - onehot)) * (wc / denom)[..., None]
     if with_teacher:
       t_logits = jnp.einsum("btd,dv->btv", t_h.astype(dtype), w_t, preferred_element_type=jnp.float32)
       t_logp = jax.nn.log_softmax(t_logits * inv_t, axis=-1)
       s_logp = jax.nn.log_softmax(z * inv_t, axis=-1) if temperature != 1.0 else logp
       p_t = jnp.exp(t_logp)
-      kl_acc = kl_acc + jnp.sum(jnp.sum(p_t * (t_logp - s_logp), axis=-1) * wc)
-      dz = dz + (kl_weight * inv_t) * (jnp.exp(s_logp) - p_t)
-    dz = (dz * (wc / denom)[..., None]).astype(dtype)
+      kl_acc = kl_acc + jnp.sum(jnp.sum(p_t * (t_logp - s_logp), axis=-1) * wkc)
+      dz = dz + (kl_weight * inv_t) * (jnp.exp(s_logp) - p_t) * (wkc / kl_denom)[..., None]
+    dz = dz.astype(dtype)
     g_h = jnp.einsum("btv,dv->btd", dz, w_s, preferred_element_type=jnp.float32)
     g_head = g_head + jnp.einsum("btd,btv->dv", s_h, dz, preferred_element_type=jnp.float32)
     return (g_head, ce_acc, kl_acc), g_h
@@ -167,9 +194,10 @@ def fused_ce_kl_loss(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: A
   t_in = split(sg(t_hidden)) if with_teacher else split(jnp.zeros((b, t, 1), dtype))
   zero = jnp.zeros((), jnp.float32)
   (g_head, ce_sum, kl_sum), g_h = jax.lax.scan(
-      body, (jnp.zeros((d, v), jnp.float32), zero, zero), (split(sg(s_hidden)), t_in, split(targets), split(w)))
+      body, (jnp.zeros((d, v), jnp.float32), zero, zero),
+      (split(sg(s_hidden)), t_in, split(targets), split(w), split(wk)))
   g_hidden = jnp.moveaxis(g_h, 0, 1).reshape(b, nc * chunk, d)[:, :t]
-  ce, kl = ce_sum / denom, kl_sum / denom
+  ce, kl = ce_sum / denom, kl_sum / kl_denom
   value = ce_weight * ce + (kl_weight * kl if with_teacher else 0.0)
   link = (jnp.sum(g_hidden * s_hidden.astype(jnp.float32)) + jnp.sum(g_head * s_head.astype(jnp.float32)))
   loss = value + link - sg(link)
@@ -190,11 +218,13 @@ def _split_time(x: Array, *, b: int, nc: int, chunk: int, pad: int) -> Array:
 
 def chunked_ce_kl(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: Array,
                   t_hidden: Array | None = None, t_head: Array | None = None, temperature: float = 1.0,
-                  chunk: int = 0, dtype=jnp.bfloat16) -> tuple[Array, Array, Array]:
+                  chunk: int = 0, dtype=jnp.bfloat16, kl_mask: Array | None = None,
+                  kl_reduction: str = "token_mean") -> tuple[Array, Array, Array]:
   """`cross_entropy` and `kl_div` from final hidden states, never holding [b, t, V] logits at once.
 
   s_hidden [b, t, D] (student), s_head [D, V]; t_hidden [b, t, Dt], t_head [Dt, V] (teacher, optional: then
-  kl = 0). The time axis is cut into chunks; each chunk's logits (matmul in `dtype`, fp32 accumulation, as
+  kl = 0); kl_mask [b, t] (default: where CE counts) and kl_reduction as in `kl_div`. The time axis is cut
+  into chunks; each chunk's logits (matmul in `dtype`, fp32 accumulation, as
   hybrid.logits_from_hidden) are made, reduced and dropped, and rebuilt in the backward pass (jax.checkpoint),
   so a 128k-vocab teacher + student fit at long sequence lengths for ~2 extra LM-head matmuls per token.
   Returns (ce, kl, n_tokens) with the exact semantics (and values) of the unchunked functions.
@@ -204,6 +234,7 @@ def chunked_ce_kl(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: Arra
   if chunk <= 0:  # ~128 MiB of fp32 logits per side and chunk
     chunk = max(16, min(t, (1 << 25) // max(1, b * v)))
   targets, w = _shifted(tokens, loss_mask)
+  wk = w if kl_mask is None else kl_mask.astype(jnp.float32)
   pad = (-t) % chunk
   nc = (t + pad) // chunk
 
@@ -215,7 +246,7 @@ def chunked_ce_kl(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: Arra
   with_teacher = t_hidden is not None
 
   @jax.checkpoint
-  def piece(s_h, t_h, tgt, wc):
+  def piece(s_h, t_h, tgt, wc, wkc):
     s_logits = jnp.einsum("btd,dv->btv", s_h.astype(dtype), s_head.astype(dtype),
                           preferred_element_type=jnp.float32)
     ce = -jnp.sum(token_logprobs(s_logits, tgt) * wc)
@@ -225,7 +256,7 @@ def chunked_ce_kl(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: Arra
                           preferred_element_type=jnp.float32)
     t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(t_logits) * inv_t, axis=-1)
     s_logp = jax.nn.log_softmax(s_logits * inv_t, axis=-1)
-    kl = jnp.sum(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * wc)
+    kl = jnp.sum(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1) * wkc)
     return ce, kl
 
   def body(carry, xs):
@@ -234,7 +265,7 @@ def chunked_ce_kl(s_hidden: Array, s_head: Array, tokens: Array, loss_mask: Arra
 
   t_in = split(jax.lax.stop_gradient(t_hidden)) if with_teacher else split(jnp.zeros((b, t, 1), s_hidden.dtype))
   zero = jnp.zeros((), jnp.float32)
-  (ce_sum, kl_sum), _ = jax.lax.scan(body, (zero, zero), (split(s_hidden), t_in, split(targets), split(w)))
+  (ce_sum, kl_sum), _ = jax.lax.scan(body, (zero, zero),
+                                     (split(s_hidden), t_in, split(targets), split(w), split(wk)))
   n = jnp.sum(w)
-  denom = jnp.maximum(n, 1.0)
-  return ce_sum / denom, kl_sum / denom, n
+  return ce_sum / jnp.maximum(n, 1.0), kl_sum / _kl_denominator(wk, kl_reduction), n

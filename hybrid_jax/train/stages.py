@@ -1,6 +1,7 @@
 """Per-stage losses and the jitted train / eval steps.
 
-align, distill: kl_weight * KL(teacher || student, T) + ce_weight * CE(student) on loss_mask tokens
+align, distill: kl_weight * KL(teacher || student, T) at every real position (loss.kl_reduction: per position
+                or per row) + ce_weight * CE(student) on loss_mask (assistant) tokens
 sft:            ce_weight * CE on assistant tokens (the data's loss_mask) [+ kl_weight * KL if a teacher is given]
 dpo:            DPO(policy vs frozen reference = the starting model) on chosen/rejected pairs
 
@@ -80,9 +81,11 @@ def make_loss_fn(cfg: TrainConfig, student_cfg: ModelConfig, frozen_cfg: ModelCo
       t_hidden, _ = hybrid.forward(teacher_params, frozen_cfg, toks, segment_ids=seg, return_hidden=True,
                                    kernel_options=kernel_options)
       t_hidden, t_head = jax.lax.stop_gradient(t_hidden), hybrid.lm_head_weight(teacher_params, frozen_cfg)
+    # KL at every real position (prompt and template too), as the reference; CE on the assistant tokens only.
     loss, ce, kl, n = losses.fused_ce_kl_loss(
         s_hidden, hybrid.lm_head_weight(params, student_cfg), toks, mask, t_hidden, t_head, ce_weight=ce_w,
-        kl_weight=kl_w, temperature=lc.temperature, dtype=student_cfg.compute_dtype)
+        kl_weight=kl_w, temperature=lc.temperature, kl_mask=losses.real_positions(seg),
+        kl_reduction=lc.kl_reduction, dtype=student_cfg.compute_dtype)
     m = {"ce": ce, "n_tokens": jnp.asarray(n, jnp.float32)}
     if with_teacher:
       m["kl"] = kl
@@ -147,7 +150,7 @@ def make_eval_step(student_cfg: ModelConfig, teacher_cfg: ModelConfig | None, te
     out = {"ce_sum": ce * n, "n": n}
     if teacher_params is not None:
       t = _logits(teacher_params, teacher_cfg, toks, seg, kernel_options)
-      out["kl_sum"] = losses.kl_div(t, s, mask, temperature=temperature) * n
+      out["kl_sum"] = losses.kl_div(t, s, losses.target_weights(mask), temperature=temperature) * n
       tce, _ = losses.cross_entropy(t, toks, mask)
       out["teacher_ce_sum"] = tce * n
     return out

@@ -1,0 +1,101 @@
+"""Fidelity evaluation: held-out sets, scores against a direct per-document computation, answers, the table."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hybrid_jax.evaluate import fidelity as fd
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, teacher_dir):
+  """A tiny random Llama teacher with the real SmolLM2 tokenizer (saved, for the data generator) and its
+  hybrid student (layer 1 a Mamba mixer initialised from the attention)."""
+  from hybrid_jax.checkpoint import load_tokenizer, save_model
+  from hybrid_jax.config import ModelConfig
+  from hybrid_jax.model import hybrid
+  from hybrid_jax.model.init import hybrid_config, init_from_teacher
+  tok = load_tokenizer(teacher_dir)
+  cfg = ModelConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, num_key_value_heads=1, eos_token_id=(2,), tie_word_embeddings=True)
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.05)
+  tdir = save_model(str(tmp_path_factory.mktemp("tiny") / "teacher"), params, cfg, tok)
+  scfg = hybrid_config(cfg, (0,), "mamba", d_state=4, scan_impl="reference")
+  sparams = init_from_teacher(params, cfg, scfg, jax.random.PRNGKey(1))
+  return (sparams, scfg, tok), (params, cfg, tok), tdir
+
+
+def test_human_text_is_prose_and_deterministic():
+  a, b = fd.human_text(12), fd.human_text(12)
+  assert a == b and len(set(a)) == 12
+  for p in a:
+    assert len(p.split()) >= 40 and "\n" not in p and "::=" not in p and "****" not in p
+  assert fd.human_text(3) != a[:3]  # spread over the topics, not the first paragraphs
+  with pytest.raises(ValueError, match="paragraphs"):
+    fd.human_text(10 ** 6)
+
+
+def _direct_nll(model, docs, seq_len):
+  """Sum of -log p over the scored tokens and their count, one unpadded forward per document."""
+  from hybrid_jax.model import hybrid
+  params, cfg, _ = model
+  nll, n = 0.0, 0
+  for ids, target in docs:
+    ids, target = ids[:seq_len], target[:seq_len]
+    logits, _ = hybrid.forward(params, cfg, jnp.asarray(ids)[None])
+    logp = np.asarray(jax.nn.log_softmax(logits[0], -1))
+    for t in range(len(ids) - 1):
+      if target[t + 1]:
+        nll -= logp[t, ids[t + 1]]
+        n += 1
+  return nll, n
+
+
+def test_evaluate_fidelity_scores_answers_and_table(tiny, tmp_path):
+  from hybrid_jax.data.tokenize import chat_tokens, text_tokens
+  student, teacher, tdir = tiny
+  tok = teacher[2]
+  opts = fd.FidelityOptions(n_conversations=3, answer_tokens=4, n_text=3, seq_len=80, batch_size=2,
+                            n_answers=2, max_new_tokens=5, cache_dir=str(tmp_path / "cache"))
+  convs = fd.heldout_conversations(tdir, opts)
+  assert len(convs) == 3 and convs == fd.heldout_conversations(tdir, opts)  # cached, deterministic
+  assert all(c[0]["role"] == "user" and c[1]["role"] == "assistant" for c in convs)
+  res = fd.evaluate_fidelity(student, teacher, teacher_dir=tdir, options=opts)
+  assert set(res) == {"conversations", "text", "answers", "settings"}
+  texts = fd.human_text(3)
+  docs = {"conversations": [chat_tokens(tok, c) for c in convs],
+          "text": [(ids, np.ones_like(ids)) for ids in (text_tokens(tok, t) for t in texts)]}
+  assert any(len(ids) > opts.seq_len for ids, _ in docs["text"])  # the cut at seq_len is exercised
+  for name, d in docs.items():
+    r = res[name]
+    assert r["documents"] == 3
+    for model, key in ((teacher, "teacher_ppl"), (student, "student_ppl")):
+      nll, n = _direct_nll(model, d, opts.seq_len)
+      assert r["n_tokens"] == n
+      np.testing.assert_allclose(r[key], np.exp(nll / n), rtol=1e-4)
+    np.testing.assert_allclose(r["ppl_ratio"], r["student_ppl"] / r["teacher_ppl"])
+    assert 0.0 <= r["top1_agreement"] <= 1.0 and r["kl"] > 0
+  assert [a["prompt"] for a in res["answers"]] == list(fd.PROMPTS[:2])
+  assert res["answers"][0]["teacher"] == fd.greedy_answers(teacher, fd.PROMPTS[:1], 5)[0]
+  assert res["settings"]["seed"] == fd.HELDOUT_SEED and res["settings"]["text_source"] == fd.TEXT_SOURCE
+
+  same = fd.evaluate_fidelity(teacher, teacher, conversations=convs, texts=texts, options=opts)
+  for name in ("conversations", "text"):
+    assert same[name]["top1_agreement"] == 1.0 and same[name]["ppl_ratio"] == 1.0
+  assert all(a["teacher"] == a["student"] for a in same["answers"])
+
+  table = fd.format_table(res, answers=1)
+  assert "teacher-written conversations" in table and "human-written text" in table
+  assert f"{res['text']['student_ppl']:.3f}" in table
+  assert fd.PROMPTS[0] in table and fd.PROMPTS[1] not in table
+  json.dumps(res)  # plain data
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+  assert fd.main(["--model", str(tmp_path / "nope"), "--teacher", str(tmp_path / "nope")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error:") and err.count("\n") == 1
+  with pytest.raises(ValueError, match="n_answers"):
+    fd.FidelityOptions(n_answers=len(fd.PROMPTS) + 1)
