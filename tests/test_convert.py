@@ -84,7 +84,7 @@ def test_checkpoint_save_load_generic_pytree_and_overwrite(tmp_path):
   cfg = ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
                     num_attention_heads=2, num_key_value_heads=1)
   params = {"embed_tokens": jnp.arange(88.0).reshape(11, 8),
-            "layers": [{"mamba": {"A_log": jnp.ones((4, 3), jnp.bfloat16), "nested": [jnp.zeros(2)]}}],
+            "blocks": [{"mamba": {"A_log": jnp.ones((4, 3), jnp.bfloat16), "nested": [jnp.zeros(2)]}}],
             "steps": np.arange(3, dtype=np.int32)}
   d = tmp_path / "ck"
   save_model(d, params, cfg, extra={"teacher_config.json": {"model_type": "llama"}})
