@@ -9,7 +9,7 @@ import pytest
 
 from hybrid_jax.checkpoint import load_model
 from hybrid_jax.config import ModelConfig, SSMConfig
-from hybrid_jax.model import HybridLM, Mamba, Mamba2, full_context
+from hybrid_jax.model import HybridLM, Mamba, Mamba2, cached_context, full_context
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -66,3 +66,17 @@ def test_checkpoint_of_the_earlier_layout_loads_with_the_same_logits(variant):
   tokens = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6]], jnp.int32)
   logits, _ = HybridLM(cfg).apply({"params": params}, tokens)
   np.testing.assert_allclose(np.asarray(logits), np.load(os.path.join(d, "logits.npy")), rtol=1e-5, atol=1e-5)
+
+
+def test_pure_ssm_cache_builds_no_key_mask():
+  """A model without attention layers has an unbounded cache (max_len 2^30): no call may build a key mask over
+  it (an eager speculative call used to allocate arange(2^30))."""
+  cfg = CFG.replace(attn_layers=())
+  params = HybridLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 2), jnp.int32))["params"]
+  model = HybridLM(cfg)
+  cache = model.init_cache(1, 16)
+  assert not cache.has_attention and cached_context(cfg, cache, 3).mask is None
+  _, cache = model.apply({"params": params}, jnp.asarray([[1, 2, 3]]), cache=cache)
+  cache = model.speculative_cache(cache, 2)
+  logits, cache = model.apply({"params": params}, jnp.asarray([[4, 5, 6]]), cache=cache, speculative="commit")
+  assert logits.shape == (1, 3, 64) and int(cache.pos[0]) == 6
