@@ -1,6 +1,6 @@
 """The training loop: sharded jitted steps, progress bar, metrics, periodic eval, checkpoints, resume, signals.
 
-`train(...)` takes already-built models and data iterators (see `hybrid_jax.train.run` for the CLI glue), so
+`train(...)` takes already-built models and data iterators (see `hybrid_jax.train.cli` for the CLI glue), so
 tests can drive it with tiny random models.
 """
 from __future__ import annotations
