@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
   ap.add_argument("--draft", default=None,
-                  help="draft checkpoint directory, or 'ngram' (prompt lookup, no draft model): speculative "
-                       "decoding (the same answer when greedy)")
+                  help="draft checkpoint directory, 'ngram' (prompt lookup, no draft model) or 'self:0,1,2' "
+                       "(the model's own layers 0, 1, 2 as the draft): speculative decoding (the same answer "
+                       "when greedy)")
   ap.add_argument("--k", type=_k_arg, default=4,
                   help="draft tokens proposed per target call (with --draft), or 'auto': chosen each round "
                        "(up to 8) from the acceptance measured so far")
@@ -49,8 +50,17 @@ def make_answer_fn(args):
   sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
   if args.draft:
     from hybrid_jax.checkpoint import load_model
-    from hybrid_jax.decode.speculative import NgramDraft, speculative_generate_text
-    draft = NgramDraft(args.ngram_n) if args.draft == "ngram" else load_model(args.draft)
+    from hybrid_jax.decode.speculative import NgramDraft, layer_skip_draft, speculative_generate_text
+    if args.draft == "ngram":
+      draft = NgramDraft(args.ngram_n)
+    elif args.draft.startswith("self:"):
+      try:
+        layers = [int(i) for i in args.draft[len("self:"):].split(",") if i.strip()]
+      except ValueError:
+        raise ValueError(f"--draft {args.draft!r}: expected self:LAYER,LAYER,...") from None
+      draft = layer_skip_draft(model[0], model[1], layers)
+    else:
+      draft = load_model(args.draft)
 
     def answer_speculative(messages):
       text, st = speculative_generate_text(model, draft, messages, max_new_tokens=args.max_new_tokens, k=args.k,

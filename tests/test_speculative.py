@@ -16,6 +16,7 @@ from hybrid_jax.decode.speculative import (
   choose_k,
   controlled_acceptance_hook,
   greedy_accept,
+  layer_skip_draft,
   ngram_propose,
   sampling_accept,
   speculative_generate,
@@ -333,3 +334,23 @@ def test_auto_k_sampling_matches_target_distribution():
   assert 1 <= stats["mean_k"] < 4, stats  # the first round proposes 2 of at most 4
   counts = np.bincount([np.ravel_multi_index(t[:n_tok], (v,) * n_tok) for t in got], minlength=v ** n_tok)
   assert chi_square_pvalue(counts, probs) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Self-draft by layer skipping
+def test_layer_skip_draft():
+  """All layers kept: the draft is the target (everything accepted); layers skipped: still the target's output.
+  The hybrid's attention layer is re-indexed in the draft's config; the arrays are the target's own."""
+  cfg = tiny_cfg("mamba", layers=3, attn=(1,))
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  dparams, dcfg = layer_skip_draft(params, cfg, [0, 1, 2])
+  assert dcfg == cfg and dparams["layers_2"] is params["layers_2"]
+  want = generate(params, cfg, PROMPTS, 12)
+  got, stats = speculative_generate(params, cfg, dparams, dcfg, PROMPTS, 12, 3)
+  assert got == want and stats["acceptance_rate"] == 1.0, stats
+  dparams, dcfg = layer_skip_draft(params, cfg, [1, 2])
+  assert dcfg.num_hidden_layers == 2 and dcfg.attn_layers == (0,) and dparams["layers_0"] is params["layers_1"]
+  got, _ = speculative_generate(params, cfg, dparams, dcfg, PROMPTS, 12, 3)
+  assert got == want
+  with pytest.raises(ValueError, match="layer_skip_draft"):
+    layer_skip_draft(params, cfg, [3])

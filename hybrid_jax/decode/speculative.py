@@ -137,9 +137,9 @@ def controlled_acceptance_hook(logits: Array, gen_idx: Array, key: Array, hook_a
 class NgramDraft:
   """Prompt-lookup (n-gram) draft: costs no model call. Each round proposes the k tokens that followed the
   most recent earlier occurrence of the last n tokens of the sequence (prompt + generated so far); without
-  one, of the last n - 1 tokens, ... down to min_n. Pays off where answers copy from the prompt or repeat themselves
-  (code edits, summaries, extraction, lists). Pass it as the draft: `speculative_generate(params, cfg,
-  NgramDraft(3), None, ...)`."""
+  one, of the last n - 1 tokens, ... down to min_n. Pays off where answers copy from the prompt or repeat
+  themselves (code edits, summaries, extraction, lists). Pass it as the draft: `speculative_generate(params,
+  cfg, NgramDraft(3), None, ...)`."""
   n: int = 3
   min_n: int = 1
 
@@ -177,6 +177,22 @@ def ngram_propose(hist: Array, end: Array, k: int, n: int = 3, min_n: int = 1) -
   last = jnp.take_along_axis(hist, jnp.clip(end - 1, 0, t - 1)[:, None], axis=1)
   prop = jnp.maximum(jnp.where(found[:, None], prop, last), 0)  # always a valid token id
   return prop, jnp.where(found, jnp.take_along_axis(run, best[:, None], axis=1)[:, 0], 0)
+
+
+def layer_skip_draft(params: dict, cfg: ModelConfig, layers: Sequence[int]) -> tuple[dict, ModelConfig]:
+  """A self-draft: the target's embedding, final norm, head and the decoder layers listed (in order), with no
+  weights of its own (the arrays are the target's). Returns (draft params, draft config) for
+  `speculative_generate`; it keeps its own caches like any draft model."""
+  layers = sorted({int(i) for i in layers})
+  if not layers or layers[0] < 0 or layers[-1] >= cfg.num_hidden_layers:
+    raise ValueError(f"layer_skip_draft: layers must be a non-empty subset of 0..{cfg.num_hidden_layers - 1},"
+                     f" got {layers}")
+  dparams = {name: value for name, value in params.items() if not name.startswith("layers_")}
+  dparams.update({f"layers_{new}": params[f"layers_{old}"] for new, old in enumerate(layers)})
+  attn = None
+  if cfg.attn_layers is not None:
+    attn = tuple(new for new, old in enumerate(layers) if cfg.is_attention(old))
+  return dparams, cfg.replace(num_hidden_layers=len(layers), attn_layers=attn)
 
 
 # ------------------------------------------------------------------------------------------------
