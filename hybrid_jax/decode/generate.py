@@ -63,7 +63,7 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_l
                                              "kernel_options"), donate_argnames=("cache",))
 def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache, key: Array, eos: Array,
                 max_new_tokens: int, temperature: float, top_k: int, top_p: float, kernel_options=None
-                ) -> tuple[Array, Array]:
+                ) -> tuple[Array, Array, Cache]:
   """Samples from last_logits [b, V], then feeds one token at a time until all rows hit EOS.
 
   eos [n_eos] int32 (may be empty). Returns tokens [b, max_new_tokens] (-1 after a row's EOS / past the stop),
