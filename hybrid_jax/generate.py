@@ -49,18 +49,9 @@ def make_answer_fn(args):
   model = load_for_generation(args.model)
   sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
   if args.draft:
-    from hybrid_jax.checkpoint import load_model
-    from hybrid_jax.decode.speculative import NgramDraft, layer_skip_draft, speculative_generate_text
-    if args.draft == "ngram":
-      draft = NgramDraft(args.ngram_n)
-    elif args.draft.startswith("self:"):
-      try:
-        layers = [int(i) for i in args.draft[len("self:"):].split(",") if i.strip()]
-      except ValueError:
-        raise ValueError(f"--draft {args.draft!r}: expected self:LAYER,LAYER,...") from None
-      draft = layer_skip_draft(model[0], model[1], layers)
-    else:
-      draft = load_model(args.draft)
+    from hybrid_jax.decode.speculative import NgramDraft, resolve_draft, speculative_generate_text
+    dparams, dcfg = resolve_draft(args.draft, model[0], model[1], args.ngram_n)
+    draft = dparams if isinstance(dparams, NgramDraft) else (dparams, dcfg)
 
     def answer_speculative(messages):
       text, st = speculative_generate_text(model, draft, messages, max_new_tokens=args.max_new_tokens, k=args.k,

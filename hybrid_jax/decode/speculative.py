@@ -195,6 +195,23 @@ def layer_skip_draft(params: dict, cfg: ModelConfig, layers: Sequence[int]) -> t
   return dparams, cfg.replace(num_hidden_layers=len(layers), attn_layers=attn)
 
 
+def resolve_draft(spec: str, params: dict, cfg: ModelConfig, ngram_n: int = 3):
+  """A draft named by a string, for the target (params, cfg): 'ngram' (prompt lookup, `NgramDraft(ngram_n)`),
+  'self:0,1,2' (`layer_skip_draft` of those target layers) or a checkpoint directory. Returns what
+  `speculative_generate` takes as (draft_params, draft_cfg): an (NgramDraft, None) or a (params, cfg) pair."""
+  if spec == "ngram":
+    return NgramDraft(ngram_n), None
+  if spec.startswith("self:"):
+    try:
+      layers = [int(i) for i in spec[len("self:"):].split(",") if i.strip()]
+    except ValueError:
+      raise ValueError(f"draft {spec!r}: expected self:LAYER,LAYER,...") from None
+    return layer_skip_draft(params, cfg, layers)
+  from hybrid_jax.checkpoint import load_model
+  dparams, dcfg, _ = load_model(spec)
+  return dparams, dcfg
+
+
 # ------------------------------------------------------------------------------------------------
 # The jitted loop
 def _is_eos(tok: Array, eos: Array) -> Array:
