@@ -1,7 +1,8 @@
 """Speculative decoding benchmark (docs/DESIGN.md §5). Meant for a GPU; `--tiny` runs a small smoke version on CPU.
 
-Part A (only with --target DIR [--draft DIR]): real checkpoints. End-to-end tokens/s of plain greedy decoding
-  vs speculative decoding for each k, the measured mean accepted length and the measured speedup.
+Part A (only with --target DIR [--draft D ...]): real checkpoints. End-to-end tokens/s of plain greedy decoding
+  vs speculative decoding for each draft (a checkpoint, 'ngram' or 'self:LAYERS') and k (an integer or 'auto'),
+  the measured mean accepted length, the measured speedup, and whether the output equals plain greedy's.
 Part B (--parts b; random weights, shapes of Llama-3.2-1B / 3B with 50% of the layers Mamba): the cost of one
   verification call of k+1 tokens against one plain decode step (both MEASURED), and speedups PROJECTED from
   them at an assumed per-token acceptance alpha (expected tokens per round (1 - alpha^(k+1)) / (1 - alpha)):
@@ -120,8 +121,9 @@ def verify_step_time(params, cfg, batch: int, ctx: int, iters: int, k: int) -> f
   return timeit(run, params, cache) / iters
 
 
-def end_to_end(tparams, tcfg, dparams, dcfg, prompts, max_new: int, k: int | None) -> tuple[float, dict]:
-  """MEASURED generated tokens/s (second call; the first compiles), and the speculative stats."""
+def end_to_end(tparams, tcfg, dparams, dcfg, prompts, max_new: int, k: int | str | None
+               ) -> tuple[float, dict, list]:
+  """MEASURED generated tokens/s (second call; the first compiles), the speculative stats, the tokens."""
   if k is None:
     fn = lambda: generate(tparams, tcfg, prompts, max_new, eos_ids=())
   else:
@@ -131,7 +133,7 @@ def end_to_end(tparams, tcfg, dparams, dcfg, prompts, max_new: int, k: int | Non
   res = fn()
   dt = time.perf_counter() - t
   toks, stats = (res, {}) if k is None else res
-  return sum(len(s) for s in toks) / dt, stats
+  return sum(len(s) for s in toks) / dt, stats, toks
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -257,8 +259,8 @@ def markdown(rows: list) -> str:
 
 def part_a(args) -> dict:
   from hybrid_jax.checkpoint import load_model
+  from hybrid_jax.decode.speculative import resolve_draft
   tparams, tcfg, tok = load_model(args.target)
-  dparams, dcfg, _ = load_model(args.draft) if args.draft else (tparams, tcfg, None)
   texts = ["Explain how a state space model differs from attention.", "Write a haiku about the sea.",
            "List three prime numbers and explain why they are prime.", "What is the capital of France?"]
   batch = max(args.batches)
@@ -269,13 +271,14 @@ def part_a(args) -> dict:
     prompts = [list(range(1, args.prompt_len + 1))]
   # batch 1 (the latency case speculation is for): each prompt on its own, totals over all of them.
   groups = [[p] for p in prompts] if batch == 1 else [(prompts * batch)[:batch]]
-  print(f"\n== Part A: target {args.target}, draft {args.draft or '(the target itself)'}, batch {len(groups[0])}, "
-        f"{len(groups)} prompt group(s), {args.max_new} new tokens each (no EOS stop) ==")
+  print(f"\n== Part A: target {args.target}, batch {len(groups[0])}, {len(groups)} prompt group(s), "
+        f"{args.max_new} new tokens each (no EOS stop) ==")
 
-  def run_all(k):
-    n_tok, secs, calls, acc, prop = 0, 0.0, 0, 0.0, 0.0
+  def run_all(dparams, dcfg, k):
+    n_tok, secs, calls, acc, prop, outs = 0, 0.0, 0, 0.0, 0.0, []
     for g in groups:
-      tps, st = end_to_end(tparams, tcfg, dparams, dcfg, g, args.max_new, k)
+      tps, st, toks = end_to_end(tparams, tcfg, dparams, dcfg, g, args.max_new, k)
+      outs.append(toks)
       n = len(g) * args.max_new
       n_tok, secs = n_tok + n, secs + n / tps
       if st:
@@ -283,25 +286,30 @@ def part_a(args) -> dict:
         acc += st["accepted_per_step"] * st["target_calls"]
         prop += st["acceptance_rate"] * st["target_calls"]
     stats = {"target_calls": calls, "accepted_per_step": acc / calls, "acceptance_rate": prop / calls} if calls else {}
-    return n_tok / secs, stats
+    return n_tok / secs, stats, outs
 
-  tps_plain, _ = run_all(None)
+  tps_plain, _, plain_out = run_all(None, None, None)
   print(f"MEASURED plain greedy: {tps_plain:.1f} tok/s")
   rows = []
-  for k in args.ks:
-    tps, st = run_all(k)
-    rows.append(dict(st, k=k, tps=tps, speedup=tps / tps_plain))
-    print(f"MEASURED k={k:>2}: {tps:8.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/step "
-          f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls "
-          f"{st['target_calls']}")
-  return {"target": args.target, "draft": args.draft, "plain_tps": tps_plain, "rows": rows}
+  for spec in args.draft or [args.target]:
+    dparams, dcfg = resolve_draft(spec, tparams, tcfg)
+    for k in args.ks:
+      tps, st, out = run_all(dparams, dcfg, k)
+      same = out == plain_out
+      rows.append(dict(st, draft=spec, k=k, tps=tps, speedup=tps / tps_plain, same_as_plain=same))
+      print(f"MEASURED draft {spec} k={k!s:>4}: {tps:8.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/step "
+            f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls "
+            f"{st['target_calls']}  output {'= plain greedy' if same else 'DIFFERS from plain greedy'}")
+  return {"target": args.target, "plain_tps": tps_plain, "rows": rows}
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--tiny", action="store_true", help="small shapes, few iterations: a CPU smoke test")
   ap.add_argument("--target", help="checkpoint dir of a distilled hybrid (part A)")
-  ap.add_argument("--draft", help="checkpoint dir of its draft (part A; default: the target itself)")
+  ap.add_argument("--draft", action="append",
+                  help="part A's draft: a checkpoint dir, 'ngram' (prompt lookup) or 'self:0,1,2' (the target's "
+                       "own layers); repeatable (default: the target itself)")
   ap.add_argument("--parts", default="c", help="random-weight parts: comma list of b (verify cost), c (measured "
                                                "end-to-end at controlled acceptance)")
   ap.add_argument("--sizes", default="1b,3b", help="target shapes: comma list of 1b,3b ('' to skip B and C)")
@@ -321,7 +329,7 @@ def main(argv=None):
   ap.add_argument("--dtype", default="bfloat16", help="random-weight dtype (part A keeps the checkpoint's)")
   ap.add_argument("--json", help="write the results here (rewritten after every part-C model)")
   args = ap.parse_args(argv)
-  args.ks = [int(x) for x in args.ks.split(",") if x]
+  args.ks = [x if x == "auto" else int(x) for x in args.ks.split(",") if x]
   args.alphas = [float(x) for x in args.alphas.split(",") if x]
   args.batches = [int(x) for x in args.batches.split(",") if x]
   sizes, variants = [s for s in args.sizes.split(",") if s], [v for v in args.variants.split(",") if v]
