@@ -26,7 +26,7 @@ from hybrid_jax.model import hybrid
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import convert_torch
-from hybrid_jax import generate as generate_cli
+from hybrid_jax import chat as generate_cli
 from hybrid_jax.train import cli as train_cli
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -106,7 +106,7 @@ def assert_usage_error(r, flag: str) -> None:
   assert f"error: argument {flag}:" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
-GENERATE = ("-m", "hybrid_jax.generate")
+GENERATE = ("-m", "hybrid_jax.chat")
 TRAIN = (os.path.join(REPO, "train.py"),)
 CONVERT = (os.path.join(REPO, "convert_torch.py"),)
 ORBAX_JSON = ("_METADATA", "_CHECKPOINT_METADATA")  # Orbax's plain JSON files in params/

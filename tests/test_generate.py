@@ -142,7 +142,7 @@ def test_left_pad_and_errors():
 
 @pytest.mark.slow
 def test_chat_cli_capital_of_france(teacher_dir, capsys):
-  from hybrid_jax import generate as cli
+  from hybrid_jax import chat as cli
   assert cli.main(["--model", teacher_dir, "--prompt", "What is the capital of France?",
                    "--max-new-tokens", "24"]) == 0
   out = capsys.readouterr().out
@@ -151,7 +151,7 @@ def test_chat_cli_capital_of_france(teacher_dir, capsys):
 
 
 def test_chat_loop_keeps_conversation(monkeypatch, capsys):
-  from hybrid_jax import generate as cli
+  from hybrid_jax import chat as cli
   seen = []
 
   def answer(messages):
@@ -165,7 +165,7 @@ def test_chat_loop_keeps_conversation(monkeypatch, capsys):
 
 
 def test_generate_cli_missing_model(tmp_path, capsys):
-  from hybrid_jax import generate as cli
+  from hybrid_jax import chat as cli
   assert cli.main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
   err = capsys.readouterr().err
   assert err == f"error: {tmp_path / 'nope'}: checkpoint directory not found\n"

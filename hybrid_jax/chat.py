@@ -1,7 +1,7 @@
 """Chat with a hybrid_jax checkpoint.
 
-  python -m hybrid_jax.generate --model DIR --prompt "What is the capital of France?"
-  python -m hybrid_jax.generate --model DIR --chat            # interactive, keeps the conversation
+  python -m hybrid_jax.chat --model DIR --prompt "What is the capital of France?"
+  python -m hybrid_jax.chat --model DIR --chat            # interactive, keeps the conversation
 
 Prints only the generated answer. Greedy unless --temperature > 0 is given.
 """
