@@ -25,8 +25,19 @@ teacher: $(TEACHER_DIR)/config.json
 $(TEACHER_DIR)/config.json: | $(VENV)/.installed
 	$(PY) convert_torch.py --default-teacher --output $(TEACHER_DIR)
 
+# The GPU recipe when JAX sees an accelerator, else the CPU one (a small demonstration); then the student next to
+# its teacher on held-out text (hybrid_jax.evaluate.fidelity) and the command to chat with it.
 distill: install teacher
-	$(PY) train.py --stage=distill --config configs/distill_default.yaml --teacher $(TEACHER_DIR)
+	@backend=$$($(PY) -c "import jax; print(jax.default_backend())") || exit 1; \
+	if [ "$$backend" = cpu ]; then recipe=distill_default; \
+	  echo "No accelerator found: the CPU recipe configs/$$recipe.yaml, a small demonstration (~15 min on 2 cores)"; \
+	  eval_args="--conversations 16 --texts 16"; \
+	else recipe=distill_gpu; echo "JAX backend $$backend: the GPU recipe configs/$$recipe.yaml"; eval_args=; fi; \
+	run=runs/$$recipe; \
+	$(PY) train.py --stage=distill --config configs/$$recipe.yaml --teacher $(TEACHER_DIR) --output $$run && \
+	$(PY) -m hybrid_jax.evaluate.fidelity --model $$run/model --teacher $(TEACHER_DIR) $$eval_args \
+	  --json $$run/fidelity.json && \
+	echo && echo "Chat with the student:  $(PY) -m hybrid_jax.chat --model $$run/model --chat"
 
 test: install teacher
 	HYBRID_JAX_TEACHER=$(TEACHER_DIR) $(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -1,4 +1,5 @@
 """Fidelity evaluation: held-out sets, scores against a direct per-document computation, answers, the table."""
+import itertools
 import json
 
 import jax
@@ -99,3 +100,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
   assert err.startswith("error:") and err.count("\n") == 1
   with pytest.raises(ValueError, match="n_answers"):
     fd.FidelityOptions(n_answers=len(fd.PROMPTS) + 1)
+
+
+def test_gpu_recipe_chains_are_nested_and_valid():
+  """bench/fidelity.py's chains: every stage config exists and loads; each alignment stage keeps the Mamba layers
+  of the one before (progressive: a growing Mamba set) and the distill stage keeps the last layout."""
+  import importlib.util
+  import os
+
+  from hybrid_jax.train import config as tcfg
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("bench_fidelity", os.path.join(repo, "bench", "fidelity.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  assert len(bench.RECIPES) == 6
+  for name, chain in bench.RECIPES.items():
+    variant, attn = name.split("_")
+    cfgs = [tcfg.load(os.path.join(repo, "configs", f"{c}.yaml")) for c in chain]
+    assert [c.stage for c in cfgs] == ["align"] * (len(cfgs) - 1) + ["distill"]
+    assert all(c.model.variant == variant for c in cfgs)
+    layouts = [set(c.model.attn_layers) for c in cfgs]
+    assert all(b <= a for a, b in itertools.pairwise(layouts)), name  # attention only ever shrinks
+    assert layouts[-1] == layouts[-2]
+    assert round(100 * len(layouts[-1]) / 30) == {"attn50": 50, "attn25": 27, "attn12": 13}[attn]
+    assert all(c.loss.kl_reduction == "batchmean" for c in cfgs[:-1])
+  assert bench.main(["--teacher", "/nonexistent", "--recipes", "mamba_attn99"]) == 2

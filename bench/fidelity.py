@@ -1,0 +1,270 @@
+"""Runs the GPU fidelity recipes (stepwise alignment, then end-to-end distillation) and writes their table.
+
+A recipe is a chain of configs/gpu_<variant>_attn<pct>_<stage>.yaml stages, each started from the previous
+one's model (--init); the alignment stages replace a growing set of layers (50% -> 25% -> 12.5% attention,
+nested layouts), so the shorter chains are prefixes of the longer ones and are run once:
+
+  mamba_attn50:  gpu_mamba_attn50_align -> gpu_mamba_attn50_distill
+  mamba_attn25:  gpu_mamba_attn50_align -> gpu_mamba_attn25_align -> gpu_mamba_attn25_distill
+  mamba_attn12:  ... -> gpu_mamba_attn25_align -> gpu_mamba_attn12_align -> gpu_mamba_attn12_distill
+  (mamba2_* the same with Mamba-2 mixers)
+
+Each stage writes RUNS/<chain so far>/ (train.py's run dir); a finished stage (its model/ exists) is skipped, an
+interrupted one resumes from its checkpoint. So when a command may run only so long (--deadline-s), run the
+same command again: it continues where it stopped. After a recipe's last stage, its model is evaluated against
+the teacher (hybrid_jax.evaluate.fidelity: held-out perplexity on teacher-written conversations and
+human-written text, KL, top-1 agreement, greedy answers). The results go to OUT/fidelity.json and
+OUT/fidelity.md, with the device, the library versions and the command.
+
+  python bench/fidelity.py --teacher .cache/teachers/smollm2-135m-instruct --recipes mamba_attn50,mamba2_attn50
+  python bench/fidelity.py --teacher DIR --smoke          # 2 steps per stage, tiny data: a CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("mamba", "mamba2")
+ATTENTION = {"attn50": "50%", "attn25": "25%", "attn12": "12.5%"}
+ALIGN_CHAIN = {"attn50": ("attn50",), "attn25": ("attn50", "attn25"), "attn12": ("attn50", "attn25", "attn12")}
+RECIPES = {f"{v}_{a}": tuple(f"gpu_{v}_{s}_align" for s in ALIGN_CHAIN[a]) + (f"gpu_{v}_{a}_distill",)
+           for v in VARIANTS for a in ATTENTION}
+
+# A CPU check of the whole chain: tiny data, 2 steps a stage, fp32, a small evaluation.
+SMOKE_SET = ("train.steps=2", "train.log_every=1", "train.eval_batches=1", "train.save_every=0",
+             "data.batch_size=2", "data.seq_len=64", "model.dtype=float32", "default_data.n_train=8",
+             "default_data.n_eval=2", "default_data.max_new_tokens=8", "default_data.batch_size=10")
+SMOKE_EVAL = ("--conversations", "2", "--texts", "2", "--answers", "1", "--max-new-tokens", "4",
+              "--seq-len", "64", "--batch-size", "2")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--teacher", required=True, help="the teacher's checkpoint directory (convert_torch.py output)")
+  ap.add_argument("--recipes", default=",".join(RECIPES),
+                  help=f"comma list of {', '.join(RECIPES)} (default: all, in this order)")
+  ap.add_argument("--runs", default="runs/fidelity", help="run directories (one per stage chain)")
+  ap.add_argument("--out", default="runs/fidelity/results", help="where fidelity.json and fidelity.md go")
+  ap.add_argument("--cache-dir", default=".cache", help="generated data (training and held-out) cache")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="a config override for every stage, e.g. --set train.steps=100 (repeatable)")
+  ap.add_argument("--eval-args", default="", help="extra arguments of python -m hybrid_jax.evaluate.fidelity")
+  ap.add_argument("--deadline-s", type=float, default=0.0,
+                  help="stop (checkpointing the running stage) after this many seconds; 0 = no limit")
+  ap.add_argument("--smoke", action="store_true", help="2 steps a stage on tiny data (a CPU check)")
+  ap.add_argument("--python", default=sys.executable, help="interpreter for train.py and the evaluation")
+  return ap.parse_args(argv)
+
+
+def _versions(python: str) -> dict:
+  """Device and versions, read in a child process (so this one never holds the accelerator)."""
+  code = ("import json, platform, jax, flax, optax; d = jax.devices(); print(json.dumps({'device': "
+          "d[0].device_kind, 'device_count': len(d), 'backend': jax.default_backend(), 'jax': jax.__version__, "
+          "'flax': flax.__version__, 'optax': optax.__version__, 'python': platform.python_version()}))")
+  out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+  info = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-500:]}
+  try:
+    info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                                    check=False).stdout.strip() or None
+  except OSError:
+    info["commit"] = None
+  info["host"] = platform.node()
+  return info
+
+
+class Deadline:
+  def __init__(self, seconds: float):
+    self.end = time.monotonic() + seconds if seconds > 0 else None
+
+  def left(self) -> float:
+    return float("inf") if self.end is None else self.end - time.monotonic()
+
+
+def _run(cmd: list[str], log_path: str, deadline: Deadline) -> tuple[int, float]:
+  """Runs cmd with its output teed to log_path; past the deadline it gets SIGTERM (train.py then saves a
+  checkpoint) and 60 s to exit. Returns (exit code, wall seconds)."""
+  print("$ " + shlex.join(cmd), flush=True)
+  t0 = time.monotonic()
+  with open(log_path, "a", encoding="utf-8") as log:
+    log.write(f"\n$ {shlex.join(cmd)}\n")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    stopped = False
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+      if not stopped and deadline.left() <= 0:
+        proc.send_signal(signal.SIGTERM)
+        stopped, kill_at = True, time.monotonic() + 60
+      if stopped and time.monotonic() > kill_at:
+        proc.kill()
+      if sel.select(timeout=1.0):
+        line = proc.stdout.readline()
+        if not line:
+          break
+        sys.stdout.write(line)
+        log.write(line)
+    rc = proc.wait()
+  return rc, time.monotonic() - t0
+
+
+def _last_eval(run_dir: str) -> dict:
+  """The last held-out numbers train.py logged (eval/ppl, eval/teacher_ppl, eval/kl) and the step."""
+  path = os.path.join(run_dir, "logs", "metrics.jsonl")
+  out = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if "eval/ppl" in row:
+          out = {k: row[k] for k in ("step", "eval/ppl", "eval/teacher_ppl", "eval/kl") if k in row}
+  return out
+
+
+def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadline) -> dict:
+  """One train.py stage (skipped when finished, resumed when interrupted) -> its record."""
+  record = {"config": f"configs/{config}.yaml", "run_dir": run_dir}
+  timing_path = os.path.join(run_dir, "timing.json")
+  if os.path.isfile(os.path.join(run_dir, "model", "config.json")):
+    with open(timing_path) as f:
+      return {**record, **json.load(f), "skipped": True, "eval": _last_eval(run_dir)}
+  os.makedirs(run_dir, exist_ok=True)
+  stage = "align" if config.endswith("_align") else "distill"
+  cmd = [args.python, "train.py", f"--stage={stage}", "--config", record["config"], "--teacher", args.teacher,
+         "--output", run_dir, "--cache-dir", args.cache_dir, "--no-progress"]
+  if init:
+    cmd += ["--init", os.path.join(init, "model")]
+  if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    cmd.append("--resume")
+  cmd += list(SMOKE_SET if args.smoke else ()) + args.set
+  earlier = {}
+  if os.path.isfile(timing_path):
+    with open(timing_path) as f:
+      earlier = json.load(f)
+  rc, wall = _run(cmd, os.path.join(run_dir, "train.log"), deadline)
+  timing = {"wall_s": round(earlier.get("wall_s", 0.0) + wall, 1), "calls": earlier.get("calls", 0) + 1,
+            "command": shlex.join(cmd)}
+  with open(timing_path, "w") as f:
+    json.dump(timing, f)
+  done = rc == 0 and os.path.isfile(os.path.join(run_dir, "model", "config.json"))
+  return {**record, **timing, "rc": rc, "done": done, "eval": _last_eval(run_dir)}
+
+
+def evaluate(model_dir: str, args, out_json: str) -> tuple[int, dict | None]:
+  cmd = [args.python, "-m", "hybrid_jax.evaluate.fidelity", "--model", model_dir, "--teacher", args.teacher,
+         "--cache-dir", args.cache_dir, "--json", out_json]
+  cmd += list(SMOKE_EVAL if args.smoke else ()) + shlex.split(args.eval_args)
+  rc, wall = _run(cmd, out_json[:-len(".json")] + ".log", Deadline(0))
+  if rc != 0:
+    return rc, None
+  with open(out_json) as f:
+    return rc, {**json.load(f), "wall_s": round(wall, 1), "command": shlex.join(cmd)}
+
+
+def markdown(results: dict) -> str:
+  info = results["environment"]
+  title = (f"# Fidelity recipes ({info.get('device', '?')} x{info.get('device_count', '?')}, "
+           f"jax {info.get('jax', '?')}, flax {info.get('flax', '?')}, python {info.get('python', '?')}, "
+           f"commit {str(info.get('commit'))[:12]})")
+  lines = [title, "", f"Command: `{results['command']}`", "",
+           ("| recipe | variant | attention | stages | train wall (s) | conversations ppl teacher / student "
+            "(ratio) | text ppl teacher / student (ratio) | top-1 agreement conv / text | KL conv / text |"),
+           "|---|---|---|---|---|---|---|---|---|"]
+  for name, r in results["recipes"].items():
+    v, a = name.split("_")
+    wall = sum(s.get("wall_s", 0.0) for s in r["stages"])
+    f = r.get("fidelity")
+    if f and "conversations" in f and "text" in f:
+      c, t = f["conversations"], f["text"]
+      cells = (f"{c['teacher_ppl']:.3f} / {c['student_ppl']:.3f} ({c['ppl_ratio']:.2f}x)",
+               f"{t['teacher_ppl']:.2f} / {t['student_ppl']:.2f} ({t['ppl_ratio']:.2f}x)",
+               f"{100 * c['top1_agreement']:.1f}% / {100 * t['top1_agreement']:.1f}%",
+               f"{c['kl']:.3f} / {t['kl']:.3f}")
+    else:
+      cells = (r.get("status", "not run"),) + ("",) * 3
+    lines.append(f"| {name} | {v} | {ATTENTION[a]} | {len(r['stages'])} | {wall:.0f} | " + " | ".join(cells) + " |")
+  lines += ["", "Stages (train.py's own held-out numbers on the recipe's eval split, answer tokens):", "",
+            "| recipe | stage | wall (s) | calls | step | student ppl | teacher ppl | KL |",
+            "|---|---|---|---|---|---|---|---|"]
+  for name, r in results["recipes"].items():
+    for s in r["stages"]:
+      e = s.get("eval", {})
+      cells = [f"{e[k]:.{p}f}" if k in e else "" for k, p in (("eval/ppl", 3), ("eval/teacher_ppl", 3),
+                                                               ("eval/kl", 4))]
+      lines.append(f"| {name} | {os.path.basename(s['config'])} | {s.get('wall_s', 0):.0f} | {s.get('calls', 0)} | "
+                   f"{e.get('step', '')} | " + " | ".join(cells) + " |")
+  for name, r in results["recipes"].items():
+    for a in (r.get("fidelity") or {}).get("answers", []):
+      lines += ["", f"**{name}: {a['prompt']}**", f"- teacher: {' '.join(a['teacher'].split())}",
+                f"- student: {' '.join(a['student'].split())}"]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+  bad = [n for n in names if n not in RECIPES]
+  if bad:
+    print(f"error: unknown recipe(s) {bad}; known: {', '.join(RECIPES)}", file=sys.stderr)
+    return 2
+  if not os.path.isfile(os.path.join(args.teacher, "config.json")):
+    print(f"error: --teacher {args.teacher} is not a checkpoint directory (no config.json)", file=sys.stderr)
+    return 2
+  args.teacher = os.path.abspath(args.teacher)
+  deadline = Deadline(args.deadline_s)
+  os.makedirs(args.out, exist_ok=True)
+  results = {"command": shlex.join([os.path.basename(sys.executable), "bench/fidelity.py"]
+                                   + list(sys.argv[1:] if argv is None else argv)),
+             "environment": _versions(args.python), "recipes": {}}
+  complete = True
+  for name in names:
+    stages, prev, chain_dir = [], None, args.runs
+    status = "done"
+    for config in RECIPES[name]:
+      chain_dir = os.path.join(chain_dir, config)  # a stage's dir names its whole chain: prefixes are shared
+      if deadline.left() <= 0:
+        status = "stopped at the deadline"
+        break
+      rec = run_stage(config, chain_dir, prev, args, deadline)
+      stages.append(rec)
+      if not (rec.get("skipped") or rec.get("done")):
+        status = f"stage {config} unfinished (rc {rec.get('rc')})"
+        break
+      prev = chain_dir
+    entry = {"stages": stages, "status": status}
+    if status == "done":
+      out_json = os.path.join(args.out, f"{name}.json")
+      if os.path.isfile(out_json) and os.path.getmtime(out_json) > os.path.getmtime(os.path.join(prev, "model")):
+        with open(out_json) as f:
+          entry["fidelity"] = json.load(f)
+      elif deadline.left() > 0:
+        rc, res = evaluate(os.path.join(prev, "model"), args, out_json)
+        entry["fidelity"] = res
+        if res is None:
+          entry["status"] = f"evaluation failed (rc {rc})"
+      else:
+        entry["status"] = "trained; evaluation not run (deadline)"
+    complete &= entry["status"] == "done" and entry.get("fidelity") is not None
+    results["recipes"][name] = entry
+    with open(os.path.join(args.out, "fidelity.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(args.out, "fidelity.md"), "w") as f:
+      f.write(markdown(results))
+  print(markdown(results))
+  if not complete:
+    print("not complete: run the same command again to continue", file=sys.stderr)
+    return 3
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
