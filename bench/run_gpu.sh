@@ -22,6 +22,13 @@ Tables:
   bandwidth     the verify kernel's bandwidth at batch 32, 128, 256 (section 3)
   scan          the training scans against the lax.scan reference (section 3)
   scan-bwd      the Mamba-1 scan's backward kernel by tile (section 3)
+  decode-b1     plain greedy decoding beside transformers, batch 1, both shapes (section 2.3)
+  decode-b64    the same at batch 64, prompt 2048, 512 new tokens, 1B shape (section 2.3)
+  fidelity      the GPU fidelity recipes, 50% attention, both variants, with their held-out table
+                (section 4; bench/fidelity.py; converts the default teacher first when it is missing)
+  spec-fidelity speculative decoding of the 50% Mamba-2 fidelity model with the drafts that need no
+                training: prompt lookup and layer-skip self-drafts (section 2.1)
+  harness       lm-evaluation-harness loglikelihood throughput against HFLM, 1B shape (section 6)
   kernels       verify, bandwidth, scan and scan-bwd
   all           every table
 
@@ -48,7 +55,8 @@ done
 
 PY=${PYTHON:-python3}
 TEACHER=${TEACHER:-.cache/teachers/smollm2-135m-instruct}
-KNOWN=" train spec-default spec-b1 spec-b8 spec-verify verify bandwidth scan scan-bwd "
+KNOWN=" train spec-default spec-b1 spec-b8 spec-verify verify bandwidth scan scan-bwd decode-b1 decode-b64 fidelity \
+spec-fidelity harness "
 expanded=()
 for t in "${TABLES[@]}"; do
   case $t in
@@ -76,10 +84,14 @@ run() {  # run NAME CMD...: one process, its output in NAME.log
   return "$rc"
 }
 
+teacher() {  # the default teacher, converted once
+  [ -f "$TEACHER/config.json" ] || run teacher "$PY" convert_torch.py --default-teacher --output "$TEACHER"
+}
+
+FIDELITY_MODEL=runs/fidelity/gpu_mamba2_attn50_align/gpu_mamba2_attn50_distill/model
+
 spec_default() {
-  if [ ! -f "$TEACHER/config.json" ]; then
-    run spec-default-teacher "$PY" convert_torch.py --default-teacher --output "$TEACHER" || return
-  fi
+  teacher || return
   local train=("$PY" train.py --stage=distill --teacher "$TEACHER" --no-progress)
   if [ ! -f runs/distill_gpu/model/config.json ]; then
     run spec-default-target "${train[@]}" --config configs/distill_gpu.yaml --overwrite || return
@@ -111,6 +123,16 @@ for t in "${expanded[@]}"; do
     bandwidth) run bandwidth "$PY" bench/verify_ratio.py --seeds 3 --batches 32,128,256 --ks 1 --bandwidth ;;
     scan) run scan "$PY" bench/bench_kernels.py --skip verify,sweep --bw-batches "" --out "$OUT/scan.json" ;;
     scan-bwd) run scan-bwd "$PY" bench/scan_bwd.py --tiles 256,512,1024,2048 ;;
+    decode-b1) run decode-b1 "$PY" bench/bench_decode.py --shapes 135m,1b --cases b1 --out "$OUT/decode-b1.json" ;;
+    decode-b64) run decode-b64 "$PY" bench/bench_decode.py --shapes 1b --cases b64 --out "$OUT/decode-b64.json" ;;
+    fidelity) teacher && run fidelity "$PY" bench/fidelity.py --teacher "$TEACHER" \
+                --recipes mamba2_attn50,mamba_attn50 --out "$OUT/fidelity" ;;
+    spec-fidelity)
+      [ -f "$FIDELITY_MODEL/config.json" ] || { echo "spec-fidelity: run the fidelity table first"; failed=1; continue; }
+      run spec-fidelity "$PY" bench/bench_speculative.py --target "$FIDELITY_MODEL" --sizes "" --max-new 256 \
+        --draft ngram --draft self:0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 --draft self:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28 \
+        --ks 2,4,auto --json "$OUT/spec-fidelity.json" ;;
+    harness) run harness "$PY" bench/bench_harness.py --n 1000 --batch-size 16 --json "$OUT/harness.json" ;;
   esac
 done
 exit "$failed"
