@@ -2,7 +2,7 @@
 
   python bench/profile_verify.py [--out DIR]
 For each (variant, batch, K) it times the device loop as bench_kernels does, then traces one run of it and
-sums the GPU time of every kernel on the device timeline: `busy` = kernel time per layer and call, `wall` =
+sums the GPU time of every kernel on the GPU timeline: `busy` = kernel time per layer and call, `wall` =
 the loop's time per layer and call; wall - busy is launch and dependency latency between kernels, which no
 change inside the kernel can remove. The single-step XLA update (K = 1 reference) is traced the same way.
 """
@@ -27,7 +27,7 @@ def gpu_time_us(trace_dir: str) -> tuple[float, dict]:
   path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
   per_line, _ = profile_summary.device_lines(profile_summary.load_events(path))
   streams = [c for line, c in per_line.items() if "XLA" not in line]  # the XLA lines repeat the kernels
-  if not streams:  # no device timeline (a CPU run): nothing to split
+  if not streams:  # no GPU timeline (a CPU run): nothing to split
     return 0.0, {}
   busiest = max(streams, key=lambda c: sum(c.values()))
   return float(sum(busiest.values())), dict(busiest.most_common(4))
