@@ -23,7 +23,7 @@ def describe(e: BaseException) -> str:
   if isinstance(e, NotADirectoryError):
     return "is not a directory"
   if isinstance(e, OSError) and e.strerror:
-    return e.strerror
+    return " ".join(str(e.strerror).split())  # tensorstore's read errors are OSErrors over several lines
   text = " ".join(str(e).split())  # some libraries spread one message over several lines
   if isinstance(e, KeyError):
     text = f"missing key {text}"
@@ -59,5 +59,4 @@ def error_line(e: BaseException) -> str:
   """`error: <message>` for a command line's stderr: one line; OS errors name their file."""
   if isinstance(e, OSError) and e.filename is not None:
     return f"error: {os.fspath(e.filename)}: {describe(e)}"
-  lines = str(e).strip().splitlines()
-  return f"error: {lines[0] if lines else type(e).__name__}"
+  return f"error: {' '.join(str(e).split()) or type(e).__name__}"

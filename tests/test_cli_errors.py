@@ -319,3 +319,11 @@ def test_argtypes():
                    (argtypes.non_negative_float, "inf"), (argtypes.positive_int, "2.5")]:
     with pytest.raises(argparse.ArgumentTypeError):
       fn(text)
+
+
+def test_error_line_is_one_line_for_multi_line_messages():
+  """Some readers (tensorstore) raise OSErrors whose text spans several lines; the CLI still prints one."""
+  from hybrid_jax.errors import error_line
+  e = OSError(5, "OUT_OF_RANGE: Error reading\n  byte range [1, 2)\n  is not valid", "/ck/params")
+  assert error_line(e) == "error: /ck/params: OUT_OF_RANGE: Error reading byte range [1, 2) is not valid"
+  assert error_line(ValueError("/ck/config.json:\nbad\nvalue")) == "error: /ck/config.json: bad value"
