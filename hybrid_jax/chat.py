@@ -49,9 +49,8 @@ def make_answer_fn(args):
   model = load_for_generation(args.model)
   sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
   if args.draft:
-    from hybrid_jax.decode.speculative import NgramDraft, resolve_draft, speculative_generate_text
-    dparams, dcfg = resolve_draft(args.draft, model[0], model[1], args.ngram_n)
-    draft = dparams if isinstance(dparams, NgramDraft) else (dparams, dcfg)
+    from hybrid_jax.decode.speculative import resolve_draft, speculative_generate_text
+    draft = resolve_draft(args.draft, model[0], model[1], args.ngram_n)
 
     def answer_speculative(messages):
       text, st = speculative_generate_text(model, draft, messages, max_new_tokens=args.max_new_tokens, k=args.k,

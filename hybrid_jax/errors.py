@@ -22,9 +22,8 @@ def describe(e: BaseException) -> str:
     return "is a directory, expected a file"
   if isinstance(e, NotADirectoryError):
     return "is not a directory"
-  if isinstance(e, OSError) and e.strerror:
-    return " ".join(str(e.strerror).split())  # tensorstore's read errors are OSErrors over several lines
-  text = " ".join(str(e).split())  # some libraries spread one message over several lines
+  message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+  text = " ".join(str(message).split())  # some libraries (tensorstore) spread one message over several lines
   if isinstance(e, KeyError):
     text = f"missing key {text}"
   return text or type(e).__name__

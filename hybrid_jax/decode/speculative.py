@@ -457,7 +457,8 @@ def speculative_generate_text(model, draft, messages, max_new_tokens: int = 256,
   """`generate_text` with speculative decoding: (answer, stats of `speculative_generate`).
 
   model / draft: checkpoint directories or (params, cfg, tokenizer) tuples; the draft needs no tokenizer
-  of its own (it must share the target's vocabulary). draft may also be an `NgramDraft` (no model).
+  of its own (it must share the target's vocabulary). draft may also be an `NgramDraft` (no model), or a pair
+  from `resolve_draft`.
   """
   import os
 

@@ -66,7 +66,7 @@ def generate_tokens(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[i
   max_len = tokens.shape[1] + max_new_tokens
   last, cache = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), max_len)
   out, _, _ = decode_loop(params, cfg, last, cache, jax.random.PRNGKey(seed), jnp.asarray(stop_ids, jnp.int32),
-                       max_new_tokens, float(temperature), int(top_k), float(top_p))
+                          max_new_tokens, float(temperature), int(top_k), float(top_p))
   stops = set(stop_ids)
   results = []
   for row in np.asarray(out).tolist():
