@@ -98,7 +98,7 @@ def load_model(args, dtype: str):
   from hybrid_jax.model import hybrid
   cfg = ModelConfig(**SHAPES["tiny" if args.tiny else "1b"], bos_token_id=1, eos_token_id=(2,), dtype=dtype,
                     param_dtype=dtype)
-  params = jax.jit(lambda k: hybrid.init_params(cfg, k))(jax.random.PRNGKey(args.seed))
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(args.seed))
   return params, cfg, word_tokenizer(cfg.vocab_size)
 
 

@@ -75,8 +75,8 @@ def make_cfg(shape, variant: str | None, dtype: str) -> ModelConfig:
 def models(args, size: str, variant: str):
   tcfg = make_cfg(SHAPES[size], variant, args.dtype)
   dcfg = make_cfg(draft_shape(args, size), None, args.dtype)
-  init = jax.jit(hybrid.init_params, static_argnums=(0,))
-  return tcfg, init(tcfg, jax.random.PRNGKey(0)), dcfg, init(dcfg, jax.random.PRNGKey(1))
+  return (tcfg, hybrid.init_params(tcfg, jax.random.PRNGKey(0)), dcfg,
+          hybrid.init_params(dcfg, jax.random.PRNGKey(1)))
 
 
 def timeit(fn, *args, repeats: int = 3) -> float:

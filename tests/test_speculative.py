@@ -260,7 +260,7 @@ def test_ngram_sampling_matches_target_distribution():
   v, n_tok, samples = 8, 3, 20000
   sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
   cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)
-  params = hybrid.init_params(cfg, jax.random.PRNGKey(11), std=0.5)
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(17), std=0.5)  # weights that accept ~30% of lookups
   prompt = [1, 2, 3, 1, 2]  # the lookup proposes 3, 1, 2, ... from the start
   probs = exact_joint(params, cfg, prompt, n_tok, **sampling)
   got, stats = speculative_generate(params, cfg, NgramDraft(2), None, [prompt] * samples, n_tok, 2, seed=3,
