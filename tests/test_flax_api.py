@@ -9,7 +9,7 @@ import pytest
 
 from hybrid_jax.checkpoint import load_model
 from hybrid_jax.config import ModelConfig, SSMConfig
-from hybrid_jax.model import HybridLM, Mamba, Mamba2, cached_context, full_context
+from hybrid_jax.model import HybridLM, Mamba, Mamba2, cached_context, full_context, hybrid
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -31,6 +31,19 @@ def test_init_apply_and_remat_agree():
     return jax.jit(jax.grad(lambda p: jnp.mean(m.apply({"params": p}, tokens)[0] ** 2)))(variables["params"])
   g, g_remat = grad(model), grad(remat)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g, g_remat)
+
+
+@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
+def test_init_params_has_the_tree_of_module_init(variant):
+  """hybrid.init_params builds a layer at a time; its tree, shapes and dtypes are those of HybridLM.init."""
+  cfg = CFG.replace(ssm=SSMConfig(variant=variant, d_state=8, scan_impl="reference"), param_dtype="bfloat16")
+  spec = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+  want = jax.eval_shape(lambda k: HybridLM(cfg).init(k, jnp.zeros((1, 1), jnp.int32))["params"],
+                        jax.random.PRNGKey(0))
+  got = hybrid.init_params(cfg, jax.random.PRNGKey(0))
+  assert spec(got) == spec(want)
+  a, b = got["layers_0"]["mamba"]["out_proj"], got["layers_2"]["mamba"]["out_proj"]
+  assert not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))  # each layer its own draw
 
 
 @pytest.mark.parametrize("mixer_cls", [Mamba, Mamba2])

@@ -81,18 +81,20 @@ def test_spec_forward_rollback_matches_full_forward(target):
   k, b = 3, 3
   rng = np.random.default_rng(0)
   prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, 4)), jnp.int32)
+  # jitted: one compilation per call shape instead of one per primitive
+  fwd = jax.jit(hybrid.forward, static_argnums=(1,), static_argnames=("speculative",))
   cache = hybrid.init_cache(cfg, b, 32)
-  _, cache = hybrid.forward(params, cfg, prompt, cache=cache)
+  _, cache = fwd(params, cfg, prompt, cache=cache)
   cache = hybrid.speculative_cache(cfg, cache, k)
   seqs = [list(map(int, r)) for r in prompt]
   keep_plan = [[0, 3, 1], [4, 2, 0], [1, 4, 4]]  # tokens kept after each call, per sequence (<= k + 1)
   for keep in keep_plan:
     new = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, k + 1)), jnp.int32)
     pos0 = cache.pos
-    logits, cache = hybrid.forward(params, cfg, new, cache=cache, speculative="commit")
+    logits, cache = fwd(params, cfg, new, cache=cache, speculative="commit")
     for i in range(b):
       full = jnp.asarray([seqs[i] + list(map(int, new[i]))], jnp.int32)
-      want, _ = hybrid.forward(params, cfg, full)
+      want, _ = fwd(params, cfg, full)
       np.testing.assert_allclose(logits[i], want[0, -(k + 1):], atol=2e-4, rtol=2e-4)
       seqs[i] += list(map(int, new[i, :keep[i]]))
     cache = cache.replace(pos=pos0 + jnp.asarray(keep, jnp.int32))

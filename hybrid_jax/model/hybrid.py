@@ -203,16 +203,20 @@ def init_params(cfg: ModelConfig, key: Array, std: float = 0.02) -> dict:
   model's forward pass (26 s on a 2-core CPU for the 135M shape)."""
   dt = cfg.params_dtype
   k_embed, k_head, k_layers = jax.random.split(key, 3)
-  normal = jax.jit(nn.initializers.normal(std), static_argnums=(1, 2))
-  params = {"embed_tokens": normal(k_embed, (cfg.vocab_size, cfg.hidden_size), dt)}
+  params = {"embed_tokens": _normal(k_embed, (cfg.vocab_size, cfg.hidden_size), dt, std)}
   kinds: dict[str, int] = {}  # the first layer of each mixer class stands for all layers of that class
   for i in range(cfg.num_hidden_layers):
     first = kinds.setdefault(mixer_class(cfg, i).__name__, i)
     params[f"layers_{i}"] = _init_layer(cfg, first, std, jax.random.fold_in(k_layers, i))
   params["norm"] = jnp.ones((cfg.hidden_size,), dt)
   if not cfg.tie_word_embeddings:
-    params["lm_head"] = normal(k_head, (cfg.hidden_size, cfg.vocab_size), dt)
+    params["lm_head"] = _normal(k_head, (cfg.hidden_size, cfg.vocab_size), dt, std)
   return params
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _normal(key: Array, shape: tuple[int, ...], dtype, std: float) -> Array:
+  return nn.initializers.normal(std)(key, shape, dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
