@@ -9,8 +9,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -25,3 +25,12 @@ def teacher_dir():
   if not os.path.exists(os.path.join(path, "config.json")):
     pytest.fail(f"default teacher missing at {path}: run `make teacher`")
   return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Every XLA:CPU executable keeps its own memory
+  mappings; one process running the whole suite otherwise reaches the kernel's limit on mappings
+  (vm.max_map_count, 65530 by default) and the next compilation aborts."""
+  yield
+  jax.clear_caches()

@@ -204,3 +204,21 @@ def test_hybrid_config_recipes():
   assert (c2.d_inner, c2.ssm.ngroups, c2.ssm.d_state) == (32, 4, 8)
   with pytest.raises(ConfigError):
     hybrid_config(TEACHER, (0,), "mamba3")
+
+
+def test_prefill_attention_in_query_blocks_equals_one_block():
+  """A long prompt written into a cache attends a block of queries at a time (bounded scores memory): same
+  output and cache as all queries at once, with left padding masked."""
+  from hybrid_jax.model.attention import _query_chunk, attention
+  cfg = TEACHER
+  teacher = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.2)
+  p = teacher["layers_0"]["self_attn"]
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, cfg.hidden_size))
+  cache = hybrid.init_cache(cfg, 2, 12).replace(offset=jnp.asarray([0, 3], jnp.int32))
+  ctx = hybrid.cached_context(cfg, cache, 8)
+  run = lambda chunk: attention(p, cfg, x, ctx.cos, ctx.sin, ctx.mask, cache.layers[0], cache.pos, query_chunk=chunk)
+  (whole, kv_whole), (blocks, kv_blocks) = run(8), run(2)
+  np.testing.assert_allclose(blocks, whole, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(kv_blocks["k"], kv_whole["k"])
+  assert _query_chunk(1, 8, 12, 4) == 8 and _query_chunk(64, 2048, 2560, 32) == 64
+  assert _query_chunk(64, 2046, 2560, 32) == 93  # the largest divisor that fits

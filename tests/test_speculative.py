@@ -21,7 +21,7 @@ from hybrid_jax.decode.speculative import (
   sampling_accept,
   speculative_generate,
 )
-from hybrid_jax.model import hybrid, mamba, mamba2
+from hybrid_jax.model import hybrid
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17]]  # batch 3, different lengths
 

@@ -88,15 +88,37 @@ def flash_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
                               causal=True, block_sizes=sizes, interpret=jax.default_backend() != "gpu")
 
 
+SCORE_BYTES = 1 << 31  # the einsum path's fp32 scores per block of queries (b x H x chunk x S x 4 bytes)
+
+
+def _query_chunk(b: int, t: int, s: int, h: int) -> int:
+  """The largest divisor of t whose block of scores fits SCORE_BYTES (t itself when all of them do)."""
+  fits = max(SCORE_BYTES // (4 * b * h * s), 1)
+  return max(c for c in range(1, min(t, fits) + 1) if t % c == 0)
+
+
+def _dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """q [b, t, H, hd], k/v [b, S, Hkv, hd], mask [b, t, S] -> [b, t, H, hd] (fp32 softmax; GQA as HF repeat_kv:
+  query head j uses kv head j // rep)."""
+  b, t, h, hd = q.shape
+  kvh = k.shape[2]
+  qg = q.reshape(b, t, kvh, h // kvh, hd)
+  scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h, hd)
+
+
 def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask: Array,
               kv_cache: dict | None = None, write_pos: Array | None = None,
-              segment_ids: Array | None = None) -> tuple[Array, dict | None]:
+              segment_ids: Array | None = None, query_chunk: int | None = None) -> tuple[Array, dict | None]:
   """Causal GQA self-attention.
 
   x [b, t, D]; cos/sin [b, t, hd]; mask [b, t, S] bool (True = may attend), S = t without a cache or the cache
   length with one. kv_cache {'k','v'} [b, S, Hkv, hd]: the new keys/values are written at write_pos [b] first.
   segment_ids [b, t] (cache-free path only; `mask` must be causal & equal segments) enables the flash kernel.
-  Returns out [b, t, D] and the updated kv cache (None without one).
+  query_chunk: queries per block of the einsum path (a divisor of t; None: blocks whose fp32 scores stay under
+  SCORE_BYTES). Returns out [b, t, D] and the updated kv cache (None without one).
   """
   dtype = cfg.compute_dtype
   b, t, _ = x.shape
@@ -114,13 +136,13 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
   elif cfg.attention_impl == "cudnn" and kv_cache is None:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
   else:
-    rep = h // kvh  # query head j uses kv head j // rep (HF repeat_kv)
-    qg = q.reshape(b, t, kvh, rep, hd)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(hd)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    chunk = query_chunk or _query_chunk(b, t, k.shape[1], h)
+    if chunk >= t:
+      out = _dense_attention(q, k, v, mask)
+    else:  # a long prompt into a cache: a block of queries at a time bounds the fp32 scores
+      split = lambda a: jnp.moveaxis(a.reshape(b, t // chunk, chunk, *a.shape[2:]), 1, 0)
+      out = jax.lax.map(lambda qm: _dense_attention(qm[0], k, v, qm[1]), (split(q), split(mask)))
+      out = jnp.moveaxis(out, 0, 1)
   out = out.reshape(b, t, h * hd)
   return dense(out, p["o_proj"], dtype), new_cache
 
