@@ -204,9 +204,9 @@ def init_params(cfg: ModelConfig, key: Array, std: float = 0.02) -> dict:
   dt = cfg.params_dtype
   k_embed, k_head, k_layers = jax.random.split(key, 3)
   params = {"embed_tokens": _normal(k_embed, (cfg.vocab_size, cfg.hidden_size), dt, std)}
-  kinds: dict[str, int] = {}  # the first layer of each mixer class stands for all layers of that class
+  first_of: dict[type, int] = {}  # the first layer of each mixer class stands for all layers of that class
   for i in range(cfg.num_hidden_layers):
-    first = kinds.setdefault(mixer_class(cfg, i).__name__, i)
+    first = first_of.setdefault(mixer_class(cfg, i), i)
     params[f"layers_{i}"] = _init_layer(cfg, first, std, jax.random.fold_in(k_layers, i))
   params["norm"] = jnp.ones((cfg.hidden_size,), dt)
   if not cfg.tie_word_embeddings:
