@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -131,19 +132,24 @@ def read_params(directory: str) -> Any:
 def _reading_tensors(directory: str) -> Iterator[None]:
   """reading() for Orbax / tensorstore reads (their messages name the array and the file).
 
-  When one array fails, the reads still in flight complete later into Orbax's already closed event loop, and
-  each reports 'RuntimeError: Event loop is closed' as an unraisable exception (a traceback on stderr, even
-  at exit): after a failure those reports, and only those, are dropped.
+  When one array fails, Orbax closes its event loop while other reads are still in flight. Each of those later
+  completes into the closed loop and reports 'RuntimeError: Event loop is closed' as an unraisable exception
+  from a tensorstore thread, and asyncio logs 'Task exception was never retrieved' for each failed read that
+  nobody awaited: tracebacks on stderr, before or after the one error that matters. The filter for the first
+  is installed before reading, since such a report can arrive before the failure reaches this frame; the
+  second is silenced once a read has failed.
   """
+  _drop_closed_loop_reports()
   try:
     yield
   except Exception as e:  # Orbax / tensorstore raise many types for a bad tensor store
-    _drop_closed_loop_reports()
+    logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_reports)
     problem = describe(e).split(" [tensorstore_spec=")[0]  # the spec dump is hundreds of characters
     raise CheckpointError(f"{directory}: {problem}") from e
 
 
 def _drop_closed_loop_reports() -> None:
+  """Drops 'Event loop is closed' unraisable reports (only those); installed once per process."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop_reports", False):
     return
@@ -154,6 +160,10 @@ def _drop_closed_loop_reports() -> None:
     previous(report)
   hook.drops_closed_loop_reports = True
   sys.unraisablehook = hook
+
+
+def _drop_unretrieved_task_reports(record: logging.LogRecord) -> bool:
+  return not str(record.msg).startswith("Task exception was never retrieved")
 
 
 def save_model(directory: str | os.PathLike, params: Any, cfg: ModelConfig, tokenizer: Any = None,
