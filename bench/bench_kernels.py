@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, ".")
-from hybrid_jax import pallas  # noqa: E402
-from hybrid_jax.pallas import KernelOptions  # noqa: E402
-from hybrid_jax.pallas import scan as m1  # noqa: E402
-from hybrid_jax.pallas import ssd as m2  # noqa: E402
+from hybrid_jax import pallas
+from hybrid_jax.pallas import KernelOptions
+from hybrid_jax.pallas import scan as m1
+from hybrid_jax.pallas import ssd as m2
 
 BF = jnp.bfloat16
 F32 = jnp.float32
@@ -101,7 +101,7 @@ def device_loop(step_fn):
   next call's state), so host dispatch stays out of the per-call time. Returns f(layers) -> carry."""
   def f(layers):
     def body(_, carry):
-      states, ys = carry
+      states, _ = carry
       outs = step_fn([dict(a, state=s) for a, s in zip(layers, states)])
       return [o[1] for o in outs], [o[0] for o in outs]
     init = ([a["state"] for a in layers], [o[0] for o in jax.eval_shape(step_fn, layers)])
@@ -262,7 +262,7 @@ def bench_scan(b, l, rows):
     args, kw = scan_inputs(variant, b, l)
     res = {}
     for name, fn in fns.items():
-      fwd = jax.jit(lambda *a, fn=fn: fn(*a, **kw))
+      fwd = jax.jit(lambda *a, fn=fn, kw=kw: fn(*a, **kw))
       grad = jax.jit(scan_value_and_grad(fn, kw))
       out, (_, g) = fwd(*args), grad(*args)
       res[name] = (out, g)

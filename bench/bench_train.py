@@ -32,15 +32,15 @@ from hybrid_jax.train import state as st
 
 MODELS = {
     # SmolLM2-135M-Instruct (the default teacher)
-    "default": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,  # noqa: C408
+    "default": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
                     tie_word_embeddings=True, max_position_embeddings=8192),
     # Llama-3.2-1B
-    "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,  # noqa: C408
+    "llama1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                     num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                     rope_type="llama3", rope_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                     rope_original_max_position=8192, tie_word_embeddings=True, max_position_embeddings=131072),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,  # noqa: C408
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2),
 }
 
@@ -104,7 +104,7 @@ def bench_one(name: str, variant: str, batch: int, seq_len: int, steps: int, dty
   fpt_attn = stages.flops_per_token(cfg, n_s, n_t, student_cfg, teacher_cfg)
   peak = stages.peak_flops_per_device(peak_tflops)
   n_dev = mesh.devices.size
-  return dict(model=name, variant=variant, remat=remat, params_student=st.count_params(state.params), params_teacher=st.count_params(teacher),  # noqa: C408
+  return dict(model=name, variant=variant, remat=remat, params_student=st.count_params(state.params), params_teacher=st.count_params(teacher),
               batch=batch, seq_len=seq_len, dtype=dtype, devices=n_dev, step_ms=dt * 1e3, tokens_per_s=tok_s,
               tflops_per_dev=fpt * tok_s / n_dev / 1e12,
               mfu=(fpt * tok_s / (peak * n_dev)) if peak else float("nan"),

@@ -162,7 +162,7 @@ class ModelConfig:
     s = self.ssm or SSMConfig()
     return s.dt_rank or math.ceil(self.hidden_size / 16)
 
-  def replace(self, **kw) -> "ModelConfig":
+  def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)
 
   # ---- serialisation -------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class ModelConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
@@ -195,7 +195,7 @@ class ModelConfig:
       json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "ModelConfig":
+  def load(cls, path: str | os.PathLike) -> ModelConfig:
     try:
       with open(path) as f:
         return cls.from_dict(json.load(f))
@@ -206,7 +206,7 @@ class ModelConfig:
 
   # ---- Hugging Face --------------------------------------------------------------------------
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+  def from_hf(cls, hf: dict[str, Any], **overrides) -> ModelConfig:
     """Reads a Hugging Face Llama `config.json` dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type", "llama")

@@ -217,7 +217,7 @@ def sequential(inp, variant):
   then the new steps one at a time."""
   ys, ckpts = [], []
   for i in range(inp["state"].shape[0]):
-    sl = lambda v: v[i:i + 1]
+    sl = lambda v, i=i: v[i:i + 1]
     h = sl(inp["state"])
     for k in range(int(inp["n_accept"][i])):
       step = dict(x=sl(inp["cache_x"])[:, k:k + 1], dt=sl(inp["cache_dt"])[:, k:k + 1], B=sl(inp["cache_B"])[:, k:k + 1])
@@ -250,7 +250,7 @@ def test_multistep_matches_reference_and_sequential(variant, kc, k, n_accept):
   inp = ms_inputs(jax.random.PRNGKey(kc * 10 + k), variant, 3, kc, k)
   inp["n_accept"] = jnp.array(n_accept, jnp.int32)
   y, ck, cache = pallas.multistep_scan(**inp, impl="pallas")
-  y_ref, ck_ref, cache_ref = reference.multistep_scan_ref(**inp)
+  y_ref, ck_ref, _ = reference.multistep_scan_ref(**inp)
   y_seq, ck_seq = sequential(inp, variant)
   assert y.shape == inp["x"].shape and ck.shape == inp["state"].shape and ck.dtype == F32
   assert rel(y, y_ref) <= 1e-5 and rel(ck, ck_ref) <= 1e-5

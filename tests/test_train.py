@@ -213,12 +213,11 @@ def test_resume_exact_with_packed_chat_pipeline(teacher_dir, tmp_path):
   from hybrid_jax.train import cli
   tok = load_tokenizer(teacher_dir)
   rng = np.random.default_rng(0)
-  words = "the a cat dog sat ran on under big small red blue house tree".split()
+  words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "big", "small", "red", "blue", "house", "tree"]
   path = tmp_path / "chat.jsonl"
   with open(path, "w") as f:
-    for _ in range(40):
-      f.write(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choice(words, 4))},
-                                       {"role": "assistant", "content": " ".join(rng.choice(words, 6))}]}) + "\n")
+    f.writelines(json.dumps({"messages": [{"role": "user", "content": " ".join(rng.choice(words, 4))},
+                                       {"role": "assistant", "content": " ".join(rng.choice(words, 6))}]}) + "\n" for _ in range(40))
   tcfg_ = TEACHER.replace(vocab_size=len(tok))
   scfg = STUDENT.replace(vocab_size=len(tok))
   tp, sp = hybrid.init_params(tcfg_, jax.random.key(0)), hybrid.init_params(scfg, jax.random.key(1))

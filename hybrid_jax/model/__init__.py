@@ -6,8 +6,15 @@
 """
 from hybrid_jax.model.attention import Attention
 from hybrid_jax.model.cache import Cache
-from hybrid_jax.model.hybrid import (DecoderLayer, HybridLM, cached_context, forward, full_context, init_params,
-                                     mixer_class)
+from hybrid_jax.model.hybrid import (
+  DecoderLayer,
+  HybridLM,
+  cached_context,
+  forward,
+  full_context,
+  init_params,
+  mixer_class,
+)
 from hybrid_jax.model.mamba import Mamba
 from hybrid_jax.model.mamba2 import Mamba2
 from hybrid_jax.model.mixer import Context, SSMMixer

@@ -74,7 +74,7 @@ def flash_attention(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
   jax.experimental with its own backward; interpret mode off-GPU (tests). Same mask as `attention`'s einsum path.
   """
   from jax.experimental.pallas.ops.gpu import attention as pallas_attention
-  b, t, h, hd = q.shape
+  _, t, h, hd = q.shape
   rep = h // k.shape[2]
   if rep > 1:  # the kernel has no GQA: repeat kv heads as HF repeat_kv does (head j uses kv head j // rep)
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)

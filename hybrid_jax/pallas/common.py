@@ -25,7 +25,7 @@ def interpret_mode(platform: str | None = None) -> bool:
 def compiler_params(num_warps: int = 4, num_stages: int = 1):
   """Triton compiler params across jax versions (CompilerParams in >= 0.6, TritonCompilerParams before)."""
   from jax.experimental.pallas import triton as plgpu
-  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 

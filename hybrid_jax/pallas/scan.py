@@ -325,7 +325,7 @@ def checkpointed_vjp(res, starts, cot, chunk: int):
       (gys_c, E_c), all chunks in parallel. Sequential depth ~3 * chunk + l / chunk."""
   delta, x, A, B, C, keep, h0 = res
   gys, g_ht = cot
-  b, l, d = x.shape
+  b, _, d = x.shape
   g, n = B.shape[-2:]
   nc = starts.shape[1]
   A = A.astype(f32)

@@ -78,7 +78,7 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, bp: int = 16, interpret: bool | 
 # Chunked matmul formulation
 def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64):
   b, l, nh, p = x.shape
-  g, n = B.shape[-2:]
+  g = B.shape[-2]
   hpg = nh // g
   chunk = min(chunk, l)
   nc = pl.cdiv(l, chunk)
