@@ -7,6 +7,9 @@ CACHE ?= .cache
 TEACHER_DIR ?= $(CACHE)/teachers/smollm2-135m-instruct
 # A local CPU torch wheel (as on the CI image) avoids pulling several GB of CUDA packages.
 TORCH_REQ ?= $(or $(firstword $(wildcard /opt/wheels/torch-*cpu*cp311*.whl)),torch)
+# Test files run in parallel processes (pytest-xdist), each file whole in one process: its compiled programs
+# and module fixtures are reused by its tests.
+TEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: install teacher distill test lint clean
@@ -40,7 +43,7 @@ distill: install teacher
 	echo && echo "Chat with the student:  $(PY) -m hybrid_jax.chat --model $$run/model --chat"
 
 test: install teacher
-	HYBRID_JAX_TEACHER=$(TEACHER_DIR) $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	HYBRID_JAX_TEACHER=$(TEACHER_DIR) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 lint: install
 	$(VENV)/bin/ruff check hybrid_jax tests bench train.py convert_torch.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,7 +64,9 @@ def launch(setup, out, n: int, *extra: str, name: str) -> list[subprocess.Popen]
           f"train.save_every={SAVE_EVERY}", f"train.keep_checkpoints={STEPS}", "optim.lr=1e-3",
           "model.attn_layers=[1]", "loss.ce_weight=0.5", "mesh.fsdp=-1", *extra]
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "OMPI_", "TPU_"))}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}",
+  xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", f"--xla_force_host_platform_device_count={8 // n}",
+                     os.environ["XLA_FLAGS"])  # conftest's flags, 8 // n devices a process
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags,
              JAX_DEFAULT_MATMUL_PRECISION="highest", JAX_COMPILATION_CACHE_DIR=setup["cache"],
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
              HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
