@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.decode.generate import generate, left_pad
+from hybrid_jax.decode.generate import generate, left_pad, prefill, prefill_chunk
 from hybrid_jax.decode.sampling import processed_logprobs, sample_logits
 from hybrid_jax.model import hybrid
 
@@ -190,3 +190,31 @@ def test_generate_hybrid_left_padded_equals_naive(variant):
     return new
   prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
   assert generate(params, cfg, prompts, 6, eos_ids=()) == [naive(p, 6) for p in prompts]
+
+
+@pytest.mark.parametrize("variant", [None, "mamba", "mamba2"])
+def test_prefill_in_chunks_equals_one_call(variant):
+  """A prompt run as chunks into the cache gives the one call's last logits and cache, with a row whose
+  left padding spans several chunks."""
+  kw = {"attn_layers": (1,), "ssm": {"variant": variant, "d_state": 8, "scan_impl": "reference"}} if variant else {}
+  cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, **kw)
+  params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
+  rng = np.random.default_rng(0)
+  tokens, offsets = left_pad([list(rng.integers(1, 50, n)) for n in (24, 3, 17)], multiple=8)
+  whole = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), 40)
+  chunks = prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), 40, chunk=8)
+  assert jax.tree.structure(whole) == jax.tree.structure(chunks)
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunks)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-5, rtol=2e-5)
+  with pytest.raises(ValueError, match="does not divide"):
+    prefill(params, cfg, jnp.asarray(tokens), jnp.asarray(offsets), 40, chunk=7)
+
+
+def test_prefill_chunk_rule():
+  cfg = ModelConfig(vocab_size=50, hidden_size=2048, intermediate_size=8192, num_hidden_layers=1,
+                    num_attention_heads=32, num_key_value_heads=8)
+  assert prefill_chunk(cfg, 16, 2048) == 2048  # 16 x 2048 x 8192 fp32 = 1 GiB: one call
+  assert prefill_chunk(cfg, 64, 2048) == 1024  # 4 GiB whole: two chunks of 2 GiB
+  assert prefill_chunk(cfg, 64, 3000) == 1000  # the largest divisor under the cap
+  assert prefill_chunk(cfg, 64, 2053) == 2053  # prime: no chunk of at least 128 tokens, so one call

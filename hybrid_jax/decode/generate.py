@@ -46,16 +46,50 @@ def last_logits(params: dict, cfg: ModelConfig, hidden: Array) -> Array:
   return hybrid.HybridLM(cfg).apply({"params": params}, hidden[:, -1:], method=hybrid.HybridLM.logits)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kernel_options"))
-def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int, kernel_options=None
-            ) -> tuple[Array, Cache]:
+# A prompt runs in chunks when one layer's widest activation over the whole batch of prompts, in fp32, would
+# pass this (the MLP's [b, t, intermediate]: 64 prompts of 2048 tokens at the 1B shape's 8192 take 4 GiB).
+PREFILL_ACTIVATION_BYTES = 1 << 31
+MIN_PREFILL_CHUNK = 128  # below this a chunk would under-fill the device: such prompts run whole
+
+
+def prefill_chunk(cfg: ModelConfig, batch: int, length: int) -> int:
+  """Tokens per prefill chunk for `batch` prompts padded to `length`: the largest divisor of `length` whose
+  activations fit PREFILL_ACTIVATION_BYTES (`length` itself when all fits, or when no divisor of at least
+  MIN_PREFILL_CHUNK does)."""
+  cap = PREFILL_ACTIVATION_BYTES // (batch * cfg.intermediate_size * 4)
+  if length <= cap:
+    return length
+  return next((c for c in range(min(cap, length), MIN_PREFILL_CHUNK - 1, -1) if length % c == 0), length)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kernel_options", "chunk"))
+def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int, kernel_options=None,
+            chunk: int | None = None) -> tuple[Array, Cache]:
   """Runs the padded prompts [b, L] into a fresh cache of max_len. Returns last logits [b, V] and the cache.
-  kernel_options (static, also of decode_loop / generate): the SSM kernels' `KernelOptions`, None: defaults."""
-  cache = hybrid.init_cache(cfg, tokens.shape[0], max_len)
+
+  kernel_options (static, also of decode_loop / generate): the SSM kernels' `KernelOptions`, None: defaults.
+  chunk (static): tokens per call, a divisor of L (None: `prefill_chunk`). The chunks run one after another
+  into the cache, as a conversation's turns would: the same logits and cache as one call, with the
+  activations of one chunk at a time.
+  """
+  b, length = tokens.shape
+  chunk = prefill_chunk(cfg, b, length) if chunk is None else chunk
+  if length % chunk:
+    raise ValueError(f"prefill chunk {chunk} does not divide the prompt length {length}")
+  cache = hybrid.init_cache(cfg, b, max_len)
   cache = cache.replace(offset=offsets.astype(jnp.int32))
-  hidden, cache = hybrid.forward(params, cfg, tokens, cache=cache, return_hidden=True,
-                                 kernel_options=kernel_options)
-  return last_logits(params, cfg, hidden), cache
+
+  def run(cache, toks):
+    hidden, cache = hybrid.forward(params, cfg, toks, cache=cache, return_hidden=True,
+                                   kernel_options=kernel_options)
+    return cache, hidden[:, -1]
+
+  if chunk == length:
+    cache, last = run(cache, tokens)
+  else:
+    cache, lasts = jax.lax.scan(run, cache, tokens.reshape(b, length // chunk, chunk).swapaxes(0, 1))
+    last = lasts[-1]
+  return last_logits(params, cfg, last[:, None]), cache
 
 
 # The cache is donated and returned: the loop updates it in place instead of holding a second copy.
