@@ -62,22 +62,19 @@ def prefill_chunk(cfg: ModelConfig, batch: int, length: int) -> int:
   return next((c for c in range(min(cap, length), MIN_PREFILL_CHUNK - 1, -1) if length % c == 0), length)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kernel_options", "chunk"))
-def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int, kernel_options=None,
-            chunk: int | None = None) -> tuple[Array, Cache]:
-  """Runs the padded prompts [b, L] into a fresh cache of max_len. Returns last logits [b, V] and the cache.
+def fill_cache(params: dict, cfg: ModelConfig, tokens: Array, cache: Cache, *, kernel_options=None,
+               chunk: int | None = None) -> tuple[Array, Cache]:
+  """Runs tokens [b, L] into `cache` (traced: call it inside a jitted function). Returns the last position's
+  final hidden state [b, D] and the cache.
 
-  kernel_options (static, also of decode_loop / generate): the SSM kernels' `KernelOptions`, None: defaults.
-  chunk (static): tokens per call, a divisor of L (None: `prefill_chunk`). The chunks run one after another
-  into the cache, as a conversation's turns would: the same logits and cache as one call, with the
-  activations of one chunk at a time.
+  chunk: tokens per call, a divisor of L (None: `prefill_chunk`). The chunks run one after another, as a
+  conversation's turns would: the same hidden state and cache as one call, with one chunk's activations at a
+  time.
   """
   b, length = tokens.shape
   chunk = prefill_chunk(cfg, b, length) if chunk is None else chunk
   if length % chunk:
     raise ValueError(f"prefill chunk {chunk} does not divide the prompt length {length}")
-  cache = hybrid.init_cache(cfg, b, max_len)
-  cache = cache.replace(offset=offsets.astype(jnp.int32))
 
   def run(cache, toks):
     hidden, cache = hybrid.forward(params, cfg, toks, cache=cache, return_hidden=True,
@@ -86,9 +83,21 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_l
 
   if chunk == length:
     cache, last = run(cache, tokens)
-  else:
-    cache, lasts = jax.lax.scan(run, cache, tokens.reshape(b, length // chunk, chunk).swapaxes(0, 1))
-    last = lasts[-1]
+    return last, cache
+  cache, lasts = jax.lax.scan(run, cache, tokens.reshape(b, length // chunk, chunk).swapaxes(0, 1))
+  return lasts[-1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "kernel_options", "chunk"))
+def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_len: int, kernel_options=None,
+            chunk: int | None = None) -> tuple[Array, Cache]:
+  """Runs the padded prompts [b, L] into a fresh cache of max_len. Returns last logits [b, V] and the cache.
+
+  kernel_options (static, also of decode_loop / generate): the SSM kernels' `KernelOptions`, None: defaults.
+  chunk (static): tokens per call (`fill_cache`).
+  """
+  cache = hybrid.init_cache(cfg, tokens.shape[0], max_len).replace(offset=offsets.astype(jnp.int32))
+  last, cache = fill_cache(params, cfg, tokens, cache, kernel_options=kernel_options, chunk=chunk)
   return last_logits(params, cfg, last[:, None]), cache
 
 

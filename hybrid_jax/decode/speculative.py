@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.decode.generate import last_logits, left_pad
+from hybrid_jax.decode.generate import fill_cache, last_logits, left_pad
 from hybrid_jax.decode.sampling import is_greedy, processed_logprobs, sample_logits
 from hybrid_jax.model import hybrid
 
@@ -248,16 +248,16 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
   # Prefill: the target on the whole prompt, the draft on all but the last token (its first round call
   # starts at L - 1 with [prev, pending]).
   tcache = hybrid.init_cache(tcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
-  hidden, tcache = fwd(tparams, tcfg, tokens, cache=tcache, return_hidden=True)
+  last_hidden, tcache = fill_cache(tparams, tcfg, tokens, tcache, kernel_options=kernel_options)
   tcache, dcache = hybrid.speculative_cache(tcfg, tcache, k), None
   if not ngram:
     dcache = hybrid.init_cache(dcfg, b, max_len).replace(offset=offsets.astype(jnp.int32))
     if plen > 1:
-      _, dcache = fwd(dparams, dcfg, tokens[:, :-1], cache=dcache, return_hidden=True)
+      _, dcache = fill_cache(dparams, dcfg, tokens[:, :-1], dcache, kernel_options=kernel_options)
     dcache = hybrid.speculative_cache(dcfg, dcache, k)
   prompt_hist = jnp.where(jnp.arange(plen)[None, :] >= offsets[:, None], tokens.astype(jnp.int32), -1)
   key, sub = jax.random.split(key)
-  first = sample(last_logits(tparams, tcfg, hidden), sub)
+  first = sample(last_logits(tparams, tcfg, last_hidden[:, None]), sub)
   out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
   done = _is_eos(first, eos) | (max_new_tokens <= 1)
   zero = jnp.int32(0)
