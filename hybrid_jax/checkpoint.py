@@ -120,7 +120,7 @@ def read_params(directory: str) -> Any:
   for name in ORBAX_JSON_FILES:
     if os.path.exists(os.path.join(directory, name)):
       read_json(os.path.join(directory, name), CheckpointError)
-  with _reading_tensors(directory):
+  with reading_tensors(directory):
     # the handler's own metadata(): the checkpointer's would log a warning and return None on a bad file
     tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
@@ -129,8 +129,9 @@ def read_params(directory: str) -> Any:
 
 
 @contextlib.contextmanager
-def _reading_tensors(directory: str) -> Iterator[None]:
-  """reading() for Orbax / tensorstore reads (their messages name the array and the file).
+def reading_tensors(directory: str, hint: str = "") -> Iterator[None]:
+  """reading() for Orbax / tensorstore reads (their messages name the array and the file); `hint` ends the
+  message (e.g. what the user can do instead).
 
   When one array fails, Orbax closes its event loop while other reads are still in flight. Each of those later
   completes into the closed loop and reports 'RuntimeError: Event loop is closed' as an unraisable exception
@@ -145,7 +146,7 @@ def _reading_tensors(directory: str) -> Iterator[None]:
   except Exception as e:  # Orbax / tensorstore raise many types for a bad tensor store
     logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_reports)
     problem = describe(e).split(" [tensorstore_spec=")[0]  # the spec dump is hundreds of characters
-    raise CheckpointError(f"{directory}: {problem}") from e
+    raise CheckpointError(f"{directory}: {problem}{hint}") from e
 
 
 def _drop_closed_loop_reports() -> None:

@@ -1,6 +1,7 @@
 """Training loop: exact resume, interrupt -> checkpoint, frozen params in `align`, config/input errors."""
 from __future__ import annotations
 
+import glob
 import os
 import signal
 
@@ -9,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from hybrid_jax.checkpoint import CheckpointError
 from hybrid_jax.config import ConfigError, ModelConfig, SSMConfig
 from hybrid_jax.model import hybrid
 from hybrid_jax.train import checkpointing, loop, optim
@@ -92,6 +94,23 @@ def test_resume_is_exact_and_interrupt_saves(models, tmp_path):
     np.testing.assert_allclose(rest.losses[s], full.losses[s], rtol=1e-6, atol=1e-7)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
                rest.state.params, full.state.params)
+
+
+def test_resume_from_a_damaged_checkpoint_names_it_and_the_one_before(models, tmp_path):
+  """A latest checkpoint with a cut tensor file: resuming fails with CheckpointError naming that step's
+  directory and the earlier checkpoint the run can resume from; nothing is deleted."""
+  cfg = make_cfg(steps=4, train={"save_every": 2})
+  ckpts = run(cfg, models, tmp_path / "r").checkpoint_dir
+  data = glob.glob(os.path.join(ckpts, "4", "state", "**", "d", "*"), recursive=True)
+  biggest = max(data, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  with pytest.raises(CheckpointError) as e:
+    run(cfg, models, tmp_path / "r", resume=True)
+  msg = str(e.value)
+  assert msg.startswith(os.path.join(ckpts, "4") + ": ") and "\n" not in msg, msg
+  assert msg.endswith(f"the checkpoint of step 2 is in {ckpts}: move 4 aside to resume from it"), msg
+  assert sorted(os.listdir(ckpts)) == ["2", "4"]
 
 
 def test_align_freezes_all_but_mamba(models, tmp_path):

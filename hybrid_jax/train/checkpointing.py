@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from hybrid_jax.checkpoint import reading_tensors
 from hybrid_jax.train.state import TrainState
 
 
@@ -108,7 +109,11 @@ class Checkpointer:
     has_data = "data" in self.item_names(step)
     if iterator is not None and has_data:
       items["data"] = _DataRestore(iterator)
-    out = self.mgr.restore(step, args=ocp.args.Composite(**items))
+    earlier = [s for s in self.mgr.all_steps() if s < step]
+    hint = (f"; the checkpoint of step {max(earlier)} is in {self.directory}: move {step} aside to resume from it"
+            if earlier else "")
+    with reading_tensors(os.path.join(self.directory, str(step)), hint):
+      out = self.mgr.restore(step, args=ocp.args.Composite(**items))
     return TrainState.from_dict(out["state"]), dict(out["meta"] or {})
 
   def item_names(self, step: int) -> list[str]:
