@@ -5,8 +5,9 @@ import os
 # optimisation of them costs more than running them: without it the suite takes about 30% less time.
 _TEST_XLA_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
                    "--xla_llvm_disable_expensive_passes=true")
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", "")] + [
-    f for f in _TEST_XLA_FLAGS if f.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]).strip()
+_user_flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join([_user_flags] + [f for f in _TEST_XLA_FLAGS
+                                                    if f.split("=")[0] not in _user_flags]).strip()
 # CLI mains called in-process would turn JAX's persistent compilation cache on for the rest of the session
 # (and write to the user's ~/.cache); tests that need the cache set it themselves.
 os.environ.setdefault("HYBRID_JAX_COMPILATION_CACHE", "off")

@@ -19,6 +19,7 @@ from hybrid_jax.config import ModelConfig
 from hybrid_jax.decode.sampling import sample_logits
 from hybrid_jax.model import hybrid
 from hybrid_jax.model.cache import Cache
+from hybrid_jax.model.layers import largest_divisor
 
 Array = jax.Array
 
@@ -56,10 +57,8 @@ def prefill_chunk(cfg: ModelConfig, batch: int, length: int) -> int:
   """Tokens per prefill chunk for `batch` prompts padded to `length`: the largest divisor of `length` whose
   activations fit PREFILL_ACTIVATION_BYTES (`length` itself when all fits, or when no divisor of at least
   MIN_PREFILL_CHUNK does)."""
-  cap = PREFILL_ACTIVATION_BYTES // (batch * cfg.intermediate_size * 4)
-  if length <= cap:
-    return length
-  return next((c for c in range(min(cap, length), MIN_PREFILL_CHUNK - 1, -1) if length % c == 0), length)
+  chunk = largest_divisor(length, PREFILL_ACTIVATION_BYTES // (batch * cfg.intermediate_size * 4))
+  return chunk if chunk >= MIN_PREFILL_CHUNK else length
 
 
 def fill_cache(params: dict, cfg: ModelConfig, tokens: Array, cache: Cache, *, kernel_options=None,

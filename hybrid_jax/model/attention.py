@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from hybrid_jax.config import ModelConfig
-from hybrid_jax.model.layers import dense
+from hybrid_jax.model.layers import dense, largest_divisor
 from hybrid_jax.model.mixer import Context
 
 Array = jax.Array
@@ -93,8 +93,7 @@ SCORE_BYTES = 1 << 31  # the einsum path's fp32 scores per block of queries (b x
 
 def _query_chunk(b: int, t: int, s: int, h: int) -> int:
   """The largest divisor of t whose block of scores fits SCORE_BYTES (t itself when all of them do)."""
-  fits = max(SCORE_BYTES // (4 * b * h * s), 1)
-  return max(c for c in range(1, min(t, fits) + 1) if t % c == 0)
+  return largest_divisor(t, SCORE_BYTES // (4 * b * h * s))
 
 
 def _dense_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:

@@ -1,4 +1,4 @@
-"""Small shared building blocks: dense, RMSNorm, SwiGLU MLP, initialisers, and their Flax modules."""
+"""Small shared building blocks: dense, RMSNorm, SwiGLU MLP, initialisers, their Flax modules, block sizing."""
 from __future__ import annotations
 
 import math
@@ -97,3 +97,9 @@ class MLP(nn.Module):
          "up_proj": self.param("up_proj", init, (d, f), self.param_dtype),
          "down_proj": self.param("down_proj", init, (f, d), self.param_dtype)}
     return mlp(p, x, self.dtype)
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+  """The largest divisor of n that is at most `at_most` (1 when `at_most` < 1): the block size that splits n
+  evenly under a memory cap."""
+  return max(c for c in range(1, min(n, max(at_most, 1)) + 1) if n % c == 0)
