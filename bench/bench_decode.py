@@ -151,7 +151,8 @@ def compile_pair(params, cfg: ModelConfig, tokens, offsets, new: int):
   return pf, dl
 
 
-def run_jax(params, cfg: ModelConfig, batch: int, prompt: int, new: int, repeats: int) -> dict:
+def run_jax(params, cfg: ModelConfig, batch: int, prompt: int, new: int, repeats: int,
+            profile_dir: str | None = None) -> dict:
   _, tokens, offsets = jax_inputs(cfg, batch, prompt)
   t0 = time.perf_counter()
   pf, dl = compile_pair(params, cfg, tokens, offsets, new)
@@ -169,6 +170,10 @@ def run_jax(params, cfg: ModelConfig, batch: int, prompt: int, new: int, repeats
     if i > 0:
       best_pf, best_dec = min(best_pf, t_pf), min(best_dec, t_dec)
     del cache
+  if profile_dir:  # one more prefill + decode call, traced (bench/profile_summary.py reads it)
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      last, cache = jax.block_until_ready(pf(params, tokens, offsets))
+      jax.block_until_ready(dl(params, last, cache, key, eos))
   return {"compile_s": compile_s, "ttft_s": best_pf, "decode_s": best_dec,
           "first_tokens": np.asarray(out[0, :32]).tolist()}
 
@@ -356,6 +361,9 @@ def main(argv=None) -> int:
   ap.add_argument("--budget-s", type=float, default=0,
                   help="start no new row after this many seconds (0: no limit)")
   ap.add_argument("--out", help="JSON file of all rows (rewritten after each)")
+  ap.add_argument("--profile", metavar="DIR",
+                  help="trace one more call of each hybrid_jax row into DIR/SHAPE-MODEL-CASE (perfetto; summarise "
+                  "with bench/profile_summary.py)")
   args = ap.parse_args(argv)
   shapes = [s for s in args.shapes.split(",") if s]
   models = [m for m in args.only.split(",") if m]
@@ -451,9 +459,10 @@ def main(argv=None) -> int:
             row.update(mem)
           else:
             b, p, n = spec
+          trace = args.profile and os.path.join(args.profile, f"{shape}-{name}-{case}")
           for attempt in range(4):
             try:
-              row.update(batch=b, prompt=p, new_tokens=n, **run_jax(params, cfg, b, p, n, args.repeats))
+              row.update(batch=b, prompt=p, new_tokens=n, **run_jax(params, cfg, b, p, n, args.repeats, trace))
               break
             except Exception as e:
               if spec is not None or not is_oom(e) or attempt == 3 or b <= 8:
