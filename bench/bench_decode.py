@@ -141,21 +141,21 @@ def decode_statics(new: int) -> dict:
   return {"max_new_tokens": new, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
 
 
-def compile_pair(params, cfg: ModelConfig, tokens, offsets, new: int):
+def compile_pair(params, cfg: ModelConfig, tokens, offsets, new: int, pack: bool = True):
   """Ahead-of-time compiled (prefill, decode_loop) for these shapes; arguments may be ShapeDtypeStructs."""
   pf = prefill.lower(params, cfg, tokens, offsets, max_len=tokens.shape[1] + new).compile()
   last, cache = jax.eval_shape(lambda p, t, o: prefill(p, cfg, t, o, tokens.shape[1] + new), params, tokens,
                                offsets)
   key, eos = jax.random.PRNGKey(0), jnp.zeros((0,), jnp.int32)
-  dl = decode_loop.lower(params, cfg, last, cache, key, eos, **decode_statics(new)).compile()
+  dl = decode_loop.lower(params, cfg, last, cache, key, eos, **decode_statics(new), pack=pack).compile()
   return pf, dl
 
 
 def run_jax(params, cfg: ModelConfig, batch: int, prompt: int, new: int, repeats: int,
-            profile_dir: str | None = None) -> dict:
+            profile_dir: str | None = None, pack: bool = True) -> dict:
   _, tokens, offsets = jax_inputs(cfg, batch, prompt)
   t0 = time.perf_counter()
-  pf, dl = compile_pair(params, cfg, tokens, offsets, new)
+  pf, dl = compile_pair(params, cfg, tokens, offsets, new, pack)
   compile_s = time.perf_counter() - t0
   key, eos = jax.random.PRNGKey(0), jnp.zeros((0,), jnp.int32)
   best_pf = best_dec = float("inf")
@@ -361,6 +361,8 @@ def main(argv=None) -> int:
   ap.add_argument("--budget-s", type=float, default=0,
                   help="start no new row after this many seconds (0: no limit)")
   ap.add_argument("--out", help="JSON file of all rows (rewritten after each)")
+  ap.add_argument("--no-pack", action="store_true",
+                  help="decode with the checkpoint's own layout, not hybrid_jax.model.hybrid.pack_params's")
   ap.add_argument("--profile", metavar="DIR",
                   help="trace one more call of each hybrid_jax row into DIR/SHAPE-MODEL-CASE (perfetto; summarise "
                   "with bench/profile_summary.py)")
@@ -444,7 +446,7 @@ def main(argv=None) -> int:
       if args.max_batch:
         plan.append(("max", None))
       for case, spec in plan:
-        row = {"shape": shape, "model": name, "case": case}
+        row = {"shape": shape, "model": name, "case": case, "packed": not args.no_pack}
         if over():
           emit(dict(row, batch=spec[0] if spec else 0, status="skipped: --budget-s spent"))
           continue
@@ -462,7 +464,8 @@ def main(argv=None) -> int:
           trace = args.profile and os.path.join(args.profile, f"{shape}-{name}-{case}")
           for attempt in range(4):
             try:
-              row.update(batch=b, prompt=p, new_tokens=n, **run_jax(params, cfg, b, p, n, args.repeats, trace))
+              row.update(batch=b, prompt=p, new_tokens=n, **run_jax(params, cfg, b, p, n, args.repeats, trace,
+                                                                 not args.no_pack))
               break
             except Exception as e:
               if spec is not None or not is_oom(e) or attempt == 3 or b <= 8:

@@ -222,3 +222,33 @@ def test_prefill_attention_in_query_blocks_equals_one_block():
   np.testing.assert_array_equal(kv_blocks["k"], kv_whole["k"])
   assert _query_chunk(1, 8, 12, 4) == 8 and _query_chunk(64, 2048, 2560, 32) == 64
   assert _query_chunk(64, 2046, 2560, 32) == 93  # the largest divisor that fits
+
+
+@pytest.mark.parametrize("variant,attn", [("mamba", (0, 2)), ("mamba2", (1,))])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_packed_layout_equals_hf_layout(variant, attn, dtype):
+  """pack_params (fused projections, matrices in the compute dtype) computes what the HF layout computes, on
+  the cached and the speculative paths; fp32 params with a bf16 compute dtype are the case it casts."""
+  cfg, _, params = make(variant, attn)
+  cfg = cfg.replace(dtype=dtype)
+  packed = hybrid.pack_params(params, cfg)
+  lp = packed["layers_0"]
+  assert ("qkv_proj" in lp["self_attn"]) if 0 in attn else ("in_proj" in lp["mamba"])
+  assert "gate_up_proj" in lp["mlp"] and lp["mlp"]["down_proj"].dtype == cfg.compute_dtype
+  # the packed tree is exactly what the packed module declares
+  declared = jax.eval_shape(lambda: hybrid.HybridLM(cfg, packed=True).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 3), jnp.int32))["params"])
+  assert jax.tree.structure(declared) == jax.tree.structure(packed)
+  assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(declared), jax.tree.leaves(packed)))
+  tokens = jnp.asarray(np.random.default_rng(1).integers(1, 64, (2, 6)), jnp.int32)
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  for spec in (None, "commit"):
+    outs = []
+    for p, is_packed in ((params, False), (packed, True)):
+      cache = hybrid.init_cache(cfg, 2, 8)
+      if spec:
+        cache = hybrid.speculative_cache(cfg, cache, 6)
+      logits, cache = hybrid.forward(p, cfg, tokens, cache=cache, packed=is_packed, speculative=spec)
+      logits2, _ = hybrid.forward(p, cfg, tokens[:, :1], cache=cache, packed=is_packed, speculative=spec)
+      outs.append(np.concatenate([np.asarray(logits, np.float32), np.asarray(logits2, np.float32)], 1))
+    np.testing.assert_allclose(outs[1], outs[0], atol=tol, rtol=tol)

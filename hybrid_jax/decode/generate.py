@@ -102,17 +102,20 @@ def prefill(params: dict, cfg: ModelConfig, tokens: Array, offsets: Array, max_l
 
 # The cache is donated and returned: the loop updates it in place instead of holding a second copy.
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "kernel_options"), donate_argnames=("cache",))
+                                             "kernel_options", "pack"), donate_argnames=("cache",))
 def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache, key: Array, eos: Array,
-                max_new_tokens: int, temperature: float, top_k: int, top_p: float, kernel_options=None
-                ) -> tuple[Array, Array, Cache]:
+                max_new_tokens: int, temperature: float, top_k: int, top_p: float, kernel_options=None,
+                pack: bool = True) -> tuple[Array, Array, Cache]:
   """Samples from last_logits [b, V], then feeds one token at a time until all rows hit EOS.
 
   eos [n_eos] int32 (may be empty). Returns tokens [b, max_new_tokens] (-1 after a row's EOS / past the stop),
   the number of tokens generated (scalar) and the cache after them (the input `cache` is donated: unusable
-  after the call).
+  after the call). pack: decode with `hybrid.pack_params`'s layout, made once per call (fewer, larger matmuls
+  a step; holds a copy of the matrices in the compute dtype while the call runs).
   """
   b = last_logits.shape[0]
+  if pack:
+    params = hybrid.pack_params(params, cfg)
 
   def pick(logits, key):
     return sample_logits(logits, key, temperature, top_k, top_p)
@@ -131,7 +134,8 @@ def decode_loop(params: dict, cfg: ModelConfig, last_logits: Array, cache: Cache
 
   def body(state):
     i, tok, cache, out, done, key = state
-    logits, cache = hybrid.forward(params, cfg, tok[:, None], cache=cache, kernel_options=kernel_options)
+    logits, cache = hybrid.forward(params, cfg, tok[:, None], cache=cache, kernel_options=kernel_options,
+                                   packed=pack)
     key, sub = jax.random.split(key)
     new = pick(logits[:, 0], sub)
     new = jnp.where(done, -1, new)  # finished rows keep feeding tokens, but their output is ignored

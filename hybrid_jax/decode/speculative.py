@@ -238,7 +238,8 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
   Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
   """
   b, plen = tokens.shape
-  fwd = functools.partial(hybrid.forward, kernel_options=kernel_options)  # kernel_options: static, None = defaults
+  # the rounds' calls run in the decoding layout (hybrid.pack_params), made once after the prefill
+  fwd = functools.partial(hybrid.forward, kernel_options=kernel_options, packed=True)  # kernel_options: static
   ngram = isinstance(dcfg, NgramDraft)
   adaptive = draft_cost is not None
   greedy = is_greedy(temperature)
@@ -258,6 +259,8 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
   prompt_hist = jnp.where(jnp.arange(plen)[None, :] >= offsets[:, None], tokens.astype(jnp.int32), -1)
   key, sub = jax.random.split(key)
   first = sample(last_logits(tparams, tcfg, last_hidden[:, None]), sub)
+  tpacked = hybrid.pack_params(tparams, tcfg)
+  dpacked = None if ngram else hybrid.pack_params(dparams, dcfg)
   out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
   done = _is_eos(first, eos) | (max_new_tokens <= 1)
   zero = jnp.int32(0)
@@ -277,7 +280,7 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
 
   def model_draft(st, k_first, k_draft):
     """-> draft [b, k], q [b, k, V] (None when greedy), the draft's cache."""
-    dl, dcache = fwd(dparams, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
+    dl, dcache = fwd(dpacked, dcfg, jnp.stack([st["prev"], st["pending"]], axis=1),
                                 cache=st["dcache"], speculative="commit")
     d1, q1 = draft_pick(dl[:, -1], k_first, st["n_out"])
 
@@ -286,7 +289,7 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
 
       def step(carry):
         tok, dc = carry
-        lg, dc = fwd(dparams, dcfg, tok[:, None], cache=dc, speculative="append")
+        lg, dc = fwd(dpacked, dcfg, tok[:, None], cache=dc, speculative="append")
         nxt, q = draft_pick(lg[:, 0], step_key, st["n_out"] + i)
         return (nxt, dc), (nxt, q)
 
@@ -315,7 +318,7 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
     # 1. draft k tokens
     draft, q, dcache = ngram_draft(st) if ngram else model_draft(st, k_first, k_draft)
     # 2. verify all k in one target call
-    tl, tcache = fwd(tparams, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
+    tl, tcache = fwd(tpacked, tcfg, jnp.concatenate([st["pending"][:, None], draft], axis=1),
                      cache=st["tcache"], speculative="commit")
     # 3. accept
     k_eff = st["k_eff"]

@@ -113,7 +113,7 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
               segment_ids: Array | None = None, query_chunk: int | None = None) -> tuple[Array, dict | None]:
   """Causal GQA self-attention.
 
-  x [b, t, D]; cos/sin [b, t, hd]; mask [b, t, S] bool (True = may attend), S = t without a cache or the cache
+  p: {q_proj, k_proj, v_proj, o_proj} or the packed {qkv_proj, o_proj} (`Attention.pack`). x [b, t, D]; cos/sin [b, t, hd]; mask [b, t, S] bool (True = may attend), S = t without a cache or the cache
   length with one. kv_cache {'k','v'} [b, S, Hkv, hd]: the new keys/values are written at write_pos [b] first.
   segment_ids [b, t] (cache-free path only; `mask` must be causal & equal segments) enables the flash kernel.
   query_chunk: queries per block of the einsum path (a divisor of t; None: blocks whose fp32 scores stay under
@@ -122,9 +122,11 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
   dtype = cfg.compute_dtype
   b, t, _ = x.shape
   h, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-  q = dense(x, p["q_proj"], dtype).reshape(b, t, h, hd)
-  k = dense(x, p["k_proj"], dtype).reshape(b, t, kvh, hd)
-  v = dense(x, p["v_proj"], dtype).reshape(b, t, kvh, hd)
+  if "qkv_proj" in p:
+    q, k, v = jnp.split(dense(x, p["qkv_proj"], dtype), [h * hd, (h + kvh) * hd], axis=-1)
+  else:
+    q, k, v = (dense(x, p[name], dtype) for name in ("q_proj", "k_proj", "v_proj"))
+  q, k, v = q.reshape(b, t, h, hd), k.reshape(b, t, kvh, hd), v.reshape(b, t, kvh, hd)
   q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
   new_cache = None
   if kv_cache is not None:
@@ -147,20 +149,36 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
 
 
 class Attention(nn.Module):
-  """GQA self-attention mixer with HF Llama's parameter names (q/k/v/o_proj, [in, out]; normal(0, 0.02) init)."""
+  """GQA self-attention mixer with HF Llama's parameter names (q/k/v/o_proj, [in, out]; normal(0, 0.02) init).
+
+  packed: the decoding layout made by `pack` (qkv_proj [D, (H + 2 Hkv) hd], matrices in the compute dtype)."""
   cfg: ModelConfig
   init_std: float = 0.02
+  packed: bool = False
 
   def setup(self):
     cfg = self.cfg
     d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    init, dt = nn.initializers.normal(self.init_std), cfg.params_dtype
-    self.q_proj = self.param("q_proj", init, (d, h * hd), dt)
-    self.k_proj = self.param("k_proj", init, (d, kv * hd), dt)
-    self.v_proj = self.param("v_proj", init, (d, kv * hd), dt)
+    init = nn.initializers.normal(self.init_std)
+    dt = cfg.compute_dtype if self.packed else cfg.params_dtype
+    if self.packed:
+      self.qkv_proj = self.param("qkv_proj", init, (d, (h + 2 * kv) * hd), dt)
+    else:
+      self.q_proj = self.param("q_proj", init, (d, h * hd), dt)
+      self.k_proj = self.param("k_proj", init, (d, kv * hd), dt)
+      self.v_proj = self.param("v_proj", init, (d, kv * hd), dt)
     self.o_proj = self.param("o_proj", init, (h * hd, d), dt)
 
+  @staticmethod
+  def pack(p: dict, cfg: ModelConfig) -> dict:
+    """HF layout -> the packed one: q, k and v read the same input, so one matrix serves all three."""
+    dt = cfg.compute_dtype
+    return {"qkv_proj": jnp.concatenate([p["q_proj"], p["k_proj"], p["v_proj"]], axis=1).astype(dt),
+            "o_proj": p["o_proj"].astype(dt)}
+
   def _params(self) -> dict:
+    if self.packed:
+      return {"qkv_proj": self.qkv_proj, "o_proj": self.o_proj}
     return {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj, "o_proj": self.o_proj}
 
   def __call__(self, u: Array, ctx: Context) -> Array:

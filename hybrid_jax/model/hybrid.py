@@ -39,11 +39,16 @@ def mixer_class(cfg: ModelConfig, layer: int) -> type[nn.Module]:
   return Mamba if cfg.ssm.variant == "mamba" else Mamba2
 
 
-def _mixer(cfg: ModelConfig, layer: int, kernel_options, init_std: float, name: str | None = None) -> nn.Module:
+def _mixer(cfg: ModelConfig, layer: int, kernel_options, init_std: float, name: str | None = None,
+           packed: bool = False) -> nn.Module:
   cls = mixer_class(cfg, layer)
   if cls is Attention:
-    return Attention(cfg, init_std=init_std, name=name)
-  return cls(cfg, kernel_options=kernel_options, name=name)
+    return Attention(cfg, init_std=init_std, packed=packed, name=name)
+  return cls(cfg, kernel_options=kernel_options, packed=packed, name=name)
+
+
+def _mixer_name(cfg: ModelConfig, layer: int) -> str:
+  return "self_attn" if cfg.is_attention(layer) else "mamba"
 
 
 class DecoderLayer(nn.Module):
@@ -52,15 +57,16 @@ class DecoderLayer(nn.Module):
   layer: int
   kernel_options: pallas.KernelOptions | None = None
   init_std: float = 0.02
+  packed: bool = False
 
   def setup(self):
     cfg, dt = self.cfg, self.cfg.params_dtype
     ones = nn.initializers.ones
     self.input_layernorm = self.param("input_layernorm", ones, (cfg.hidden_size,), dt)
     self.post_attention_layernorm = self.param("post_attention_layernorm", ones, (cfg.hidden_size,), dt)
-    name = "self_attn" if cfg.is_attention(self.layer) else "mamba"
-    self.mixer = _mixer(cfg, self.layer, self.kernel_options, self.init_std, name=name)
-    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.compute_dtype, dt, self.init_std)
+    self.mixer = _mixer(cfg, self.layer, self.kernel_options, self.init_std, name=_mixer_name(cfg, self.layer),
+                        packed=self.packed)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.compute_dtype, dt, self.init_std, self.packed)
 
   def __call__(self, x: Array, ctx: Context, state: Any = None, mode: str = FULL) -> tuple[Array, Any]:
     """x [b, t, D] -> (x [b, t, D], the mixer's new state; None in FULL mode)."""
@@ -125,6 +131,7 @@ class HybridLM(nn.Module):
   cfg: ModelConfig
   kernel_options: pallas.KernelOptions | None = None
   init_std: float = 0.02
+  packed: bool = False
 
   def setup(self):
     cfg, dt = self.cfg, self.cfg.params_dtype
@@ -133,7 +140,8 @@ class HybridLM(nn.Module):
     layer_cls = DecoderLayer
     if cfg.remat != "none":  # training: each layer keeps only what the policy saves for the backward pass
       layer_cls = nn.remat(DecoderLayer, policy=_remat_policy(cfg), static_argnums=(4,))
-    self.layers = [layer_cls(cfg, i, self.kernel_options, self.init_std) for i in range(cfg.num_hidden_layers)]
+    self.layers = [layer_cls(cfg, i, self.kernel_options, self.init_std, self.packed)
+                   for i in range(cfg.num_hidden_layers)]
     self.norm = self.param("norm", nn.initializers.ones, (cfg.hidden_size,), dt)
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param("lm_head", init, (cfg.hidden_size, cfg.vocab_size), dt)
@@ -232,10 +240,28 @@ def init_mixer_params(cfg: ModelConfig, layer: int, key: Array) -> dict:
   return jax.jit(lambda k: _mixer(cfg, layer, None, 0.02).init(k, u, ctx)["params"])(key)
 
 
-def forward(params: dict, cfg: ModelConfig, tokens: Array, *, kernel_options=None, **kw
+def forward(params: dict, cfg: ModelConfig, tokens: Array, *, kernel_options=None, packed: bool = False, **kw
             ) -> tuple[Array, Cache | None]:
-  """`HybridLM(cfg).apply({'params': params}, tokens, **kw)`: see `HybridLM.__call__`."""
-  return HybridLM(cfg, kernel_options).apply({"params": params}, tokens, **kw)
+  """`HybridLM(cfg).apply({'params': params}, tokens, **kw)`: see `HybridLM.__call__`. packed: params in the
+  decoding layout (`pack_params`)."""
+  return HybridLM(cfg, kernel_options, packed=packed).apply({"params": params}, tokens, **kw)
+
+
+def pack_params(params: dict, cfg: ModelConfig) -> dict:
+  """Params -> the decoding layout of `HybridLM(cfg, packed=True)`: in each layer the projections that read the
+  same input become one matrix (q/k/v, gate/up, Mamba-1's five), and every matrix and the embedding are cast to
+  the compute dtype once instead of at every step. A decode step is a few hundred small kernels at batch 1, so
+  each matrix fewer is a launch fewer; the cast saves re-reading fp32 weights. Costs a copy of those matrices.
+  params [..] -> params [..] (norms and SSM decay parameters unchanged)."""
+  dt = cfg.compute_dtype
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["embed_tokens"] = params["embed_tokens"].astype(dt)
+  if "lm_head" in params:
+    out["lm_head"] = params["lm_head"].astype(dt)
+  for i in range(cfg.num_hidden_layers):
+    lp, name = params[f"layers_{i}"], _mixer_name(cfg, i)
+    out[f"layers_{i}"] = {**lp, name: mixer_class(cfg, i).pack(lp[name], cfg), "mlp": MLP.pack(lp["mlp"], dt)}
+  return out
 
 
 def lm_head_weight(params: dict, cfg: ModelConfig) -> Array:

@@ -51,9 +51,11 @@ def silu(x: Array) -> Array:
 
 
 def mlp(p: dict, x: Array, dtype) -> Array:
-  """SwiGLU: down(silu(gate(x)) * up(x)). x [..., D] -> [..., D]."""
-  g = dense(x, p["gate_proj"], dtype)
-  u = dense(x, p["up_proj"], dtype)
+  """SwiGLU: down(silu(gate(x)) * up(x)). x [..., D] -> [..., D]; p in either layout of `MLP`."""
+  if "gate_up_proj" in p:
+    g, u = jnp.split(dense(x, p["gate_up_proj"], dtype), 2, axis=-1)
+  else:
+    g, u = dense(x, p["gate_proj"], dtype), dense(x, p["up_proj"], dtype)
   return dense(silu(g) * u, p["down_proj"], dtype)
 
 
@@ -83,20 +85,32 @@ class WeightAndBias(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU MLP with HF Llama's parameter names; matrices [in, out]; HF's normal(0, 0.02) init by default."""
+  """SwiGLU MLP with HF Llama's parameter names; matrices [in, out]; HF's normal(0, 0.02) init by default.
+
+  packed: the decoding layout made by `pack` (gate_up_proj [D, 2F], matrices in the compute dtype)."""
   hidden_size: int
   intermediate_size: int
   dtype: Any
   param_dtype: Any = jnp.float32
   init_std: float = 0.02
+  packed: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     d, f, init = self.hidden_size, self.intermediate_size, nn.initializers.normal(self.init_std)
-    p = {"gate_proj": self.param("gate_proj", init, (d, f), self.param_dtype),
-         "up_proj": self.param("up_proj", init, (d, f), self.param_dtype),
-         "down_proj": self.param("down_proj", init, (f, d), self.param_dtype)}
+    if self.packed:
+      p = {"gate_up_proj": self.param("gate_up_proj", init, (d, 2 * f), self.dtype)}
+    else:
+      p = {"gate_proj": self.param("gate_proj", init, (d, f), self.param_dtype),
+           "up_proj": self.param("up_proj", init, (d, f), self.param_dtype)}
+    p["down_proj"] = self.param("down_proj", init, (f, d), self.dtype if self.packed else self.param_dtype)
     return mlp(p, x, self.dtype)
+
+  @staticmethod
+  def pack(p: dict, dtype) -> dict:
+    """HF layout -> the packed one: gate and up read the same input, so one matrix serves both."""
+    return {"gate_up_proj": jnp.concatenate([p["gate_proj"], p["up_proj"]], axis=1).astype(dtype),
+            "down_proj": p["down_proj"].astype(dtype)}
 
 
 def largest_divisor(n: int, at_most: int) -> int:

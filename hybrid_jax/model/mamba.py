@@ -9,6 +9,7 @@ The full-sequence, cached and speculative paths are `SSMMixer`'s; this module gi
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -58,32 +59,58 @@ class Mamba(SSMMixer):
     d = cfg.hidden_size
     d_inner, d_xb, n, _ = dims(cfg)
     r, dt = cfg.dt_rank, cfg.params_dtype
-    self.in_proj_x = self.param("in_proj_x", linear_init, (d, d_xb), dt)
-    self.in_proj_z = self.param("in_proj_z", linear_init, (d, d_inner), dt)
-    self.B_proj = self.param("B_proj", linear_init, (d, d_xb), dt)
-    self.C_proj = self.param("C_proj", linear_init, (d, d_inner), dt)
+    mat_dt = cfg.compute_dtype if self.packed else dt
+    if self.packed:
+      self.in_proj = self.param("in_proj", linear_init, (d, sum(self.input_widths())), mat_dt)
+    else:
+      self.in_proj_x = self.param("in_proj_x", linear_init, (d, d_xb), dt)
+      self.in_proj_z = self.param("in_proj_z", linear_init, (d, d_inner), dt)
+      self.B_proj = self.param("B_proj", linear_init, (d, d_xb), dt)
+      self.C_proj = self.param("C_proj", linear_init, (d, d_inner), dt)
+      self.dt_proj_down = self.param("dt_proj_down", linear_init, (d, r), dt)
     self.conv1d = conv_module(cfg, d_inner)
-    self.dt_proj_down = self.param("dt_proj_down", linear_init, (d, r), dt)
     # dt_init="random", dt_scale=1: weight ~ U(+-dt_rank^-0.5)
     self.dt_proj = WeightAndBias((r, d_inner), uniform_init(r ** -0.5), dt_bias_init(cfg), dt, name="dt_proj")
     self.A_log = self.param(
         "A_log", lambda _, shape, dtype: jnp.log(jnp.broadcast_to(
             jnp.arange(1, shape[1] + 1, dtype=jnp.float32), shape)).astype(dtype), (d_inner, n), dt)
     self.D = self.param("D", jax.nn.initializers.ones, (d_inner,), dt)
-    self.out_proj = self.param("out_proj", linear_init, (d_inner, d), dt)
+    self.out_proj = self.param("out_proj", linear_init, (d_inner, d), mat_dt)
+
+  @nn.nowrap
+  def input_widths(self) -> tuple[int, ...]:
+    """Output widths of the projections of u, in the packed in_proj's column order (x, z, B, C, dt_down)."""
+    d_inner, d_xb, _, _ = dims(self.cfg)
+    return d_xb, d_inner, d_xb, d_inner, self.cfg.dt_rank
+
+  @staticmethod
+  def pack(p: dict, cfg: ModelConfig) -> dict:
+    """The five projections of u -> one in_proj; matrices in the compute dtype (the decoding layout)."""
+    dt = cfg.compute_dtype
+    names = ("in_proj_x", "in_proj_z", "B_proj", "C_proj", "dt_proj_down")
+    out = {k: v for k, v in p.items() if k not in names}
+    out["in_proj"] = jnp.concatenate([p[k] for k in names], axis=1).astype(dt)
+    out["dt_proj"] = {"weight": p["dt_proj"]["weight"].astype(dt), "bias": p["dt_proj"]["bias"]}
+    out["out_proj"] = p["out_proj"].astype(dt)
+    return out
 
   def conv_input(self, u: Array) -> tuple[Array, dict]:
     """x at the KV width, repeated per group before the conv (repeat_kv_before_conv=True)."""
     dtype = self.cfg.compute_dtype
     b, t, _ = u.shape
     d_inner, d_xb, n, rep = dims(self.cfg)
-    x = dense(u, self.in_proj_x, dtype)
+    if self.packed:
+      x, z, B, C, dt_low = jnp.split(dense(u, self.in_proj, dtype),
+                                     list(itertools.accumulate(self.input_widths()))[:-1], axis=-1)
+    else:
+      x, z, B, C, dt_low = (dense(u, w, dtype) for w in (self.in_proj_x, self.in_proj_z, self.B_proj, self.C_proj,
+                                                         self.dt_proj_down))
     x = jnp.repeat(x.reshape(b, t, d_xb // n, n), rep, axis=2).reshape(b, t, d_inner)
-    B = jnp.repeat(dense(u, self.B_proj, dtype).reshape(b, t, d_xb // n, n), rep, axis=2)
-    C = dense(u, self.C_proj, dtype).reshape(b, t, d_inner // n, n)
-    dt = dense(dense(u, self.dt_proj_down, dtype), self.dt_proj.weight, dtype)
+    B = jnp.repeat(B.reshape(b, t, d_xb // n, n), rep, axis=2)
+    C = C.reshape(b, t, d_inner // n, n)
+    dt = dense(dt_low, self.dt_proj.weight, dtype)
     dt = dt + self.dt_proj.bias.astype(dtype)  # the first of the reference's two dt biases (docs/DESIGN.md)
-    return x, {"z": dense(u, self.in_proj_z, dtype), "B": B, "C": C, "dt": dt}
+    return x, {"z": z, "B": B, "C": C, "dt": dt}
 
   def scan_inputs(self, xc: Array, rest: dict) -> dict:
     return {"x": jax.nn.silu(xc).astype(self.cfg.compute_dtype), **rest}

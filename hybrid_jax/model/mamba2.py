@@ -59,7 +59,8 @@ class Mamba2(SSMMixer):
     cfg = self.cfg
     m = dims(cfg)
     d, dt = cfg.hidden_size, cfg.params_dtype
-    self.in_proj = self.param("in_proj", linear_init, (d, m["d_in_proj"]), dt)
+    mat_dt = cfg.compute_dtype if self.packed else dt
+    self.in_proj = self.param("in_proj", linear_init, (d, m["d_in_proj"]), mat_dt)
     self.conv1d = conv_module(cfg, m["conv_dim"])
     self.dt_bias = self.param("dt_bias", dt_bias_init(cfg), (m["H"],), dt)
     self.A_log = self.param(
@@ -67,7 +68,13 @@ class Mamba2(SSMMixer):
                                                    ).astype(dtype), (m["H"],), dt)
     self.D = self.param("D", jax.nn.initializers.ones, (m["H"],), dt)
     self.norm = self.param("norm", jax.nn.initializers.ones, (m["d_inner"],), dt)
-    self.out_proj = self.param("out_proj", linear_init, (m["d_inner"], d), dt)
+    self.out_proj = self.param("out_proj", linear_init, (m["d_inner"], d), mat_dt)
+
+  @staticmethod
+  def pack(p: dict, cfg: ModelConfig) -> dict:
+    """The decoding layout: in_proj already serves every projection of u; matrices in the compute dtype."""
+    dt = cfg.compute_dtype
+    return {**p, "in_proj": p["in_proj"].astype(dt), "out_proj": p["out_proj"].astype(dt)}
 
   def conv_input(self, u: Array) -> tuple[Array, dict]:
     """in_proj split into z, the conv's (x, B, C) and dt (its bias is added inside the scan)."""

@@ -86,9 +86,11 @@ class SSMMixer(nn.Module):
     output(y, inp)           y -> [b, t, D]
     state_shapes(batch)      {'conv': ..., 'ssm': ...} shapes of the decode state
     step_shapes(batch, r)    {'x', 'dt', 'B'} shapes of r cached scan inputs
+    pack(p, cfg)             (static) its params -> the decoding layout it declares when `packed`
   """
   cfg: ModelConfig
   kernel_options: pallas.KernelOptions | None = None
+  packed: bool = False  # the decoding layout of the variant's `pack`: projections fused, in the compute dtype
 
   @property
   def scan_impl(self) -> pallas.ScanImpl:
