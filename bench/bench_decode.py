@@ -36,6 +36,7 @@ Times are the best of --repeats calls after a warm-up. Results go to --out (JSON
   python bench/bench_decode.py --shapes 135m --cases b1 --out b1.json
   python bench/bench_decode.py --shapes 1b --only teacher,h50-mamba2,hf-static --cases b64
   python bench/bench_decode.py --shapes 135m --only teacher,h50-mamba,h25-mamba --cases '' --max-batch
+  python bench/bench_decode.py --bounds --shapes 1b --cases b1,b64      # bytes per step; no device needed
 """
 from __future__ import annotations
 
@@ -100,6 +101,25 @@ def first_line(e: Exception) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # Bandwidth bound
+def bounds_table(shapes: list[str], models: list[str], cases: dict, dtype: str) -> str:
+  """Markdown: per shape, case and model, the bytes of one decode step (`step_bytes` at the mean context) and
+  the teacher's bytes over the model's, i.e. the largest speed-up over the teacher a step that is bound by
+  memory bandwidth can show (both at the same fraction of the bandwidth)."""
+  lines = ["| shape | case | model | weights GB | cache + state GB | step GB | teacher / model |", "|---" * 7 + "|"]
+  for shape in shapes:
+    for case, (b, p, n) in cases.items():
+      total = {}
+      for name in dict.fromkeys(["teacher", *models]):
+        cfg = model_cfg(shape, name, dtype)
+        params = jax.eval_shape(lambda cfg=cfg: hybrid.init_params(cfg, jax.random.PRNGKey(0)))
+        w, c = step_bytes(cfg, params, b, p + n / 2)
+        total[name] = w + c
+        if name in models:
+          lines.append(f"| {shape} | {case} | {name} | {w / 1e9:.2f} | {c / 1e9:.2f} | {(w + c) / 1e9:.2f} | "
+                       f"{total['teacher'] / (w + c):.2f} |")
+  return "\n".join(lines)
+
+
 def copy_bandwidth(mib: int, repeats: int = 5) -> float:
   """Bytes/s of a device copy (read + write of `mib` MiB)."""
   x = jnp.zeros((mib * (1 << 20) // 4,), jnp.float32)
@@ -361,6 +381,9 @@ def main(argv=None) -> int:
   ap.add_argument("--budget-s", type=float, default=0,
                   help="start no new row after this many seconds (0: no limit)")
   ap.add_argument("--out", help="JSON file of all rows (rewritten after each)")
+  ap.add_argument("--bounds", action="store_true",
+                  help="print only the bytes each decode step must move, per model, and the teacher's bytes over "
+                  "each model's: the speed-up a memory-bound step allows (no device needed)")
   ap.add_argument("--no-pack", action="store_true",
                   help="decode with the checkpoint's own layout, not hybrid_jax.model.hybrid.pack_params's")
   ap.add_argument("--profile", metavar="DIR",
@@ -385,6 +408,9 @@ def main(argv=None) -> int:
     cases[f"b{b}-p{p}-n{n}"] = (b, p, n)
   if args.tiny:
     shapes, args.dtype, args.copy_mib, args.repeats = ["tiny"], "float32", 64, min(args.repeats, 2)
+  if args.bounds:
+    print(bounds_table(shapes, [m for m in models if not m.startswith("hf-")], cases, args.dtype))
+    return 0
   start = time.perf_counter()
   over = lambda: args.budget_s > 0 and time.perf_counter() - start > args.budget_s
   print(f"devices: {jax.devices()}")
