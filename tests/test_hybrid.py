@@ -224,8 +224,7 @@ def test_prefill_attention_in_query_blocks_equals_one_block():
   assert _query_chunk(64, 2046, 2560, 32) == 93  # the largest divisor that fits
 
 
-@pytest.mark.parametrize("variant,attn", [("mamba", (0, 2)), ("mamba2", (1,))])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant,attn,dtype", [("mamba", (0, 2), "float32"), ("mamba2", (1,), "bfloat16")])
 def test_packed_layout_equals_hf_layout(variant, attn, dtype):
   """pack_params (fused projections, matrices in the compute dtype) computes what the HF layout computes, on
   the cached and the speculative paths; fp32 params with a bf16 compute dtype are the case it casts."""
