@@ -113,7 +113,8 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
               segment_ids: Array | None = None, query_chunk: int | None = None) -> tuple[Array, dict | None]:
   """Causal GQA self-attention.
 
-  p: {q_proj, k_proj, v_proj, o_proj} or the packed {qkv_proj, o_proj} (`Attention.pack`). x [b, t, D]; cos/sin [b, t, hd]; mask [b, t, S] bool (True = may attend), S = t without a cache or the cache
+  p: {q_proj, k_proj, v_proj, o_proj} or the packed {qkv_proj, o_proj} (`Attention.pack`).
+  x [b, t, D]; cos/sin [b, t, hd]; mask [b, t, S] bool (True = may attend), S = t without a cache or the cache
   length with one. kv_cache {'k','v'} [b, S, Hkv, hd]: the new keys/values are written at write_pos [b] first.
   segment_ids [b, t] (cache-free path only; `mask` must be causal & equal segments) enables the flash kernel.
   query_chunk: queries per block of the einsum path (a divisor of t; None: blocks whose fp32 scores stay under

@@ -51,23 +51,25 @@ def conv_module(cfg: ModelConfig, channels: int) -> WeightAndBias:
   return WeightAndBias((k, channels), init, init, cfg.params_dtype, name="conv1d")
 
 
+# The projections of the layer input u (x, z, B, C, and dt's low-rank factor): their names, and the column order
+# of the packed layout's single in_proj.
+U_PROJECTIONS = ("in_proj_x", "in_proj_z", "B_proj", "C_proj", "dt_proj_down")
+
+
 class Mamba(SSMMixer):
   """Mamba-1 mixer (MambaInLlama's variant: x and B at the KV width, repeated per group like GQA)."""
 
   def setup(self):
     cfg = self.cfg
     d = cfg.hidden_size
-    d_inner, d_xb, n, _ = dims(cfg)
+    d_inner, _, n, _ = dims(cfg)
     r, dt = cfg.dt_rank, cfg.params_dtype
     mat_dt = cfg.compute_dtype if self.packed else dt
     if self.packed:
-      self.in_proj = self.param("in_proj", linear_init, (d, sum(self.input_widths())), mat_dt)
+      self.in_proj = self.param("in_proj", linear_init, (d, sum(self.input_widths().values())), mat_dt)
     else:
-      self.in_proj_x = self.param("in_proj_x", linear_init, (d, d_xb), dt)
-      self.in_proj_z = self.param("in_proj_z", linear_init, (d, d_inner), dt)
-      self.B_proj = self.param("B_proj", linear_init, (d, d_xb), dt)
-      self.C_proj = self.param("C_proj", linear_init, (d, d_inner), dt)
-      self.dt_proj_down = self.param("dt_proj_down", linear_init, (d, r), dt)
+      for name, width in self.input_widths().items():
+        setattr(self, name, self.param(name, linear_init, (d, width), dt))
     self.conv1d = conv_module(cfg, d_inner)
     # dt_init="random", dt_scale=1: weight ~ U(+-dt_rank^-0.5)
     self.dt_proj = WeightAndBias((r, d_inner), uniform_init(r ** -0.5), dt_bias_init(cfg), dt, name="dt_proj")
@@ -78,18 +80,17 @@ class Mamba(SSMMixer):
     self.out_proj = self.param("out_proj", linear_init, (d_inner, d), mat_dt)
 
   @nn.nowrap
-  def input_widths(self) -> tuple[int, ...]:
-    """Output widths of the projections of u, in the packed in_proj's column order (x, z, B, C, dt_down)."""
+  def input_widths(self) -> dict[str, int]:
+    """{name: output width} of the projections of u, in the packed in_proj's column order."""
     d_inner, d_xb, _, _ = dims(self.cfg)
-    return d_xb, d_inner, d_xb, d_inner, self.cfg.dt_rank
+    return dict(zip(U_PROJECTIONS, (d_xb, d_inner, d_xb, d_inner, self.cfg.dt_rank)))
 
   @staticmethod
   def pack(p: dict, cfg: ModelConfig) -> dict:
     """The five projections of u -> one in_proj; matrices in the compute dtype (the decoding layout)."""
     dt = cfg.compute_dtype
-    names = ("in_proj_x", "in_proj_z", "B_proj", "C_proj", "dt_proj_down")
-    out = {k: v for k, v in p.items() if k not in names}
-    out["in_proj"] = jnp.concatenate([p[k] for k in names], axis=1).astype(dt)
+    out = {k: v for k, v in p.items() if k not in U_PROJECTIONS}
+    out["in_proj"] = jnp.concatenate([p[k] for k in U_PROJECTIONS], axis=1).astype(dt)
     out["dt_proj"] = {"weight": p["dt_proj"]["weight"].astype(dt), "bias": p["dt_proj"]["bias"]}
     out["out_proj"] = p["out_proj"].astype(dt)
     return out
@@ -101,10 +102,9 @@ class Mamba(SSMMixer):
     d_inner, d_xb, n, rep = dims(self.cfg)
     if self.packed:
       x, z, B, C, dt_low = jnp.split(dense(u, self.in_proj, dtype),
-                                     list(itertools.accumulate(self.input_widths()))[:-1], axis=-1)
+                                     list(itertools.accumulate(self.input_widths().values()))[:-1], axis=-1)
     else:
-      x, z, B, C, dt_low = (dense(u, w, dtype) for w in (self.in_proj_x, self.in_proj_z, self.B_proj, self.C_proj,
-                                                         self.dt_proj_down))
+      x, z, B, C, dt_low = (dense(u, getattr(self, name), dtype) for name in U_PROJECTIONS)
     x = jnp.repeat(x.reshape(b, t, d_xb // n, n), rep, axis=2).reshape(b, t, d_inner)
     B = jnp.repeat(B.reshape(b, t, d_xb // n, n), rep, axis=2)
     C = C.reshape(b, t, d_inner // n, n)
