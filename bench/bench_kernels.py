@@ -291,6 +291,7 @@ def main():
   ap.add_argument("--ref", action="store_true", help="also time the lax.scan reference of each verify call")
   ap.add_argument("--bw-batches", default="32", help="extra batches (K = 1, 4, 8; no reference timing) where the "
                   "verify kernel's bytes are large enough for a bandwidth reading ('' to skip)")
+  ap.add_argument("--scan-batch", type=int, default=2, help="batch of the training scan table (l = 2048)")
   a = ap.parse_args()
   print("device:", jax.devices()[0].device_kind, "jax", jax.__version__)
   ceiling = copy_ceiling()
@@ -312,7 +313,7 @@ def main():
     print(f"[verify table: {time.perf_counter() - t0:.0f} s]")
   if "scan" not in skip:
     t0 = time.perf_counter()
-    bench_scan(2, 2048 if not a.quick else 256, scans)
+    bench_scan(a.scan_batch, 2048 if not a.quick else 256, scans)
     print(f"[scan table: {time.perf_counter() - t0:.0f} s]")
   print("\n| variant | batch | K | us/layer kernel | us/layer ref | 1-step XLA us | x 1-step XLA | x K=1 kernel "
         "| x best 1-step | MB | GB/s | % copy | err |")

@@ -135,6 +135,30 @@ def test_ssd_scan_grads(impl):
     assert rel(g, r) <= 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_ssd_kernel_several_chunks(dtype):
+  """The chunk kernel over several chunks of 16 (the last one partial), resets and h0: the chunk start states
+  come from the closed form across chunks."""
+  inp = m2_inputs(jax.random.PRNGKey(21), 2, 45, 4, 24, 2, 20, dtype=dtype)
+  core = functools.partial(ssd.kernel_core, chunk=16, interpret=True)
+  y, h = ssd._front(core, *(inp[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "reset", "h0")))
+  y_ref, h_ref = reference.ssd_scan_ref(**inp)
+  assert rel(y, y_ref) <= TOL[dtype] and rel(h, h_ref) <= TOL[dtype]
+
+
+def test_ssd_kernel_cuda_lowering():
+  """The chunk kernel lowers for CUDA (on this CPU host) as one Triton call; its backward is plain XLA."""
+  inp = m2_inputs(jax.random.PRNGKey(22), 1, 40, 2, 64, 1, 64, dtype=BF16)
+  names = ["x", "dt", "B", "C"]
+
+  def loss(*vals):
+    y, h = ssd.ssd_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False)
+    return jnp.sum(y.astype(F32)) + jnp.sum(h)
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*[inp[k] for k in names]).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 1
+
+
 # -- reset and h0 ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["mamba", "mamba2"])
 @pytest.mark.parametrize("impl", ["pallas", "chunked"])

@@ -1,17 +1,20 @@
-"""Mamba-2 SSD scan: a Pallas (Triton) forward kernel and the chunked matmul formulation in plain JAX.
+"""Mamba-2 SSD scan: a Pallas (Triton) chunk kernel and the chunked matmul formulation in plain JAX.
 
 Both sit behind the signature of `reference.ssd_scan_ref`; the D * x term stays in XLA. Core:
 
     core(delta [b,l,H] f32, x [b,l,H,P], A [H] f32, B, C [b,l,G,N], keep [b,l] f32, h0 [b,H,P,N] f32)
       -> ys [b,l,H,P] f32 (= h_t C_t), hT [b,H,P,N] f32,   h_t = exp(delta_t A) keep_t h_{t-1} + delta_t x_t B_t^T.
 
-Kernel: one program per (sequence, head, block of bp rows of P) keeps its [bp, N] slice of the state in
-registers for all l steps (rows of P never interact). Backward (custom VJP): the VJP of `chunked_core`.
+Chunked ("SSD" of the Mamba-2 paper): split time into chunks of T steps. Inside a chunk
+y = (L o C B^T) (delta x) with L[t, s] = exp(sum_{s<r<=t} log a_r) (zero across a reset): matmuls only. Each
+chunk's end state from a zero start is one more matmul; the states at the chunk starts follow from those in
+closed form, one matmul over chunks with the decay between every pair of chunks (no sequential loop); their
+effect on y is a last matmul.
 
-Chunked formulation (impl 'chunked', "SSD" of the Mamba-2 paper): split time into chunks of T; inside a chunk
-y = (L o C B^T) (delta x) with L[t, s] = exp(sum_{s<r<=t} log a_r) (masked across resets), matmuls only;
-chunk end-states by one matmul per chunk; a short sequential scan over l / T chunk states; their effect on y by
-one more matmul.
+`chunked_core` is all of it in XLA. `kernel_core` runs the per-chunk part, C B^T, the masked decay, both
+matmuls and the chunk's end state, in one Pallas program per (sequence, chunk, head), so the [T, T] matrices
+never leave the chip; the closed form and the last matmul stay in XLA. Backward (custom VJP): the VJP of
+`chunked_core`.
 """
 from __future__ import annotations
 
@@ -29,99 +32,132 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ------------------------------------------------------------------------------------------------
-# Pallas forward kernel
-def _ssd_kernel(delta_ref, x_ref, b_ref, c_ref, keep_ref, a_ref, h0_ref, ys_ref, ht_ref):
-  """One program: one sequence, one head, bp rows of the head's [P, N] state."""
-  a = a_ref[...]  # [1, 1]
-  length = x_ref.shape[0]
-
-  def step(t, h):
-    dl = delta_ref[t]  # [1, 1]
-    xt = x_ref[t].astype(f32)  # [bp, 1]
-    bt = b_ref[t].astype(f32)  # [1, N]
-    ct = c_ref[t].astype(f32)
-    h = (jnp.exp(dl * a) * keep_ref[t]) * h + (dl * xt) * bt
-    ys_ref[t] = jnp.sum(h * ct, axis=-1, keepdims=True)
-    return h
-
-  ht_ref[...] = jax.lax.fori_loop(0, length, step, h0_ref[...])
+# Shared pieces of both forms
+def _chunks(delta, A, keep, chunk):
+  """Per-step terms of the chunked form, time split as [b, nc, T, ...] (padded steps: delta 0, no reset):
+  dl [b,c,T,H], cum [b,c,T,H] (running sum of delta A inside the chunk), seg [b,c,T] (resets seen so far
+  inside the chunk: steps with equal seg are connected)."""
+  b, l = keep.shape
+  nc = pl.cdiv(l, chunk)
+  lp = nc * chunk
+  split = lambda v: common.pad_axis(v.astype(f32), 1, lp).reshape(b, nc, chunk, *v.shape[2:])
+  dl = split(delta)
+  seg = jnp.cumsum(split(1.0 - keep), axis=2)
+  cum = jnp.cumsum(dl * A.astype(f32), axis=2)
+  return dl, cum, seg
 
 
-def kernel_core(delta, x, A, B, C, keep, h0, *, bp: int = 16, interpret: bool | None = None):
-  b, l, nh, p = x.shape
-  g, n = B.shape[-2:]
-  hpg = nh // g
-  n_p = common.next_pow2(n)
-  bp = min(bp, common.next_pow2(p))
-  p_p = pl.cdiv(p, bp) * bp
-  xs = common.pad_axis(x, -1, p_p)[..., None]  # [b, l, H, P_p, 1]
-  bs = common.pad_axis(B, -1, n_p)[:, :, :, None, :]  # [b, l, G, 1, N_p]
-  cs = common.pad_axis(C, -1, n_p)[:, :, :, None, :]
-  h = common.pad_axis(common.pad_axis(h0, -1, n_p), -2, p_p)
-  scal = lambda: pl.BlockSpec((None, l, None, 1, 1), lambda i, hh, j: (i, 0, hh, 0, 0))
-  rows = pl.BlockSpec((None, l, None, bp, 1), lambda i, hh, j: (i, 0, hh, j, 0))
-  grp = pl.BlockSpec((None, l, None, 1, n_p), lambda i, hh, j: (i, 0, hh // hpg, 0, 0))
-  state = pl.BlockSpec((None, None, bp, n_p), lambda i, hh, j: (i, hh, j, 0))
-  ys, ht = common.call(
-      _ssd_kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, l, nh, p_p, 1), f32), jax.ShapeDtypeStruct(h.shape, f32)),
-      grid=(b, nh, p_p // bp),
-      in_specs=[scal(), rows, grp, grp, pl.BlockSpec((None, l, None, 1, 1), lambda i, hh, j: (i, 0, 0, 0, 0)),
-                pl.BlockSpec((None, 1, 1), lambda i, hh, j: (hh, 0, 0)), state],
-      out_specs=(rows, state),
-      num_warps=4, interpret=interpret,
-  )(delta[..., None, None], xs, bs, cs, keep.reshape(b, l, 1, 1, 1), A.astype(f32).reshape(nh, 1, 1), h)
-  return ys[:, :, :, :p, 0], ht[:, :, :p, :n]
+def _chunk_decays(cum, seg):
+  """to_end [b,c,T,H]: decay from step t to the chunk's end; from_start [b,c,T,H]: from the chunk's start to
+  step t (both 0 across a reset). where() before exp: masked entries become exp(-inf) = 0 with a zero gradient."""
+  to_end = jnp.exp(jnp.where((seg[:, :, -1:] == seg)[..., None], cum[:, :, -1:] - cum, -jnp.inf))
+  from_start = jnp.exp(jnp.where((seg == 0)[..., None], cum, -jnp.inf))
+  return to_end, from_start
+
+
+def _chunk_starts(h0, s_local, cum, seg):
+  """States at the chunk starts [b,c,H,P,N] and the final state, from each chunk's end state from a zero start
+  s_local [b,c,H,P,N]: start_c = sum_{j<=c} W[c,j] S_j over S = (h0, s_0, .., s_{c-1}), W[c,j] the decay over
+  the chunks between (exp of a difference of running sums of each chunk's total log-decay; 0 across a reset)."""
+  b, nc = seg.shape[:2]
+  log_decay = cum[:, :, -1]  # [b,c,H] the whole chunk's log-decay without resets
+  has_reset = (seg[:, :, -1] > 0).astype(f32)  # [b,c]
+  excl = lambda v: jnp.concatenate([jnp.zeros_like(v[:, :1]), jnp.cumsum(v, axis=1)], axis=1)  # [b,c+1,...]
+  g, r = excl(log_decay), excl(has_reset)  # g_c = sum_{k<c}
+  idx = jnp.arange(nc + 1)
+  ok = (idx[:, None] >= idx[None, :]) & (r[:, :, None] == r[:, None, :])  # [b,c+1,c+1]
+  w = jnp.exp(jnp.where(ok[..., None], g[:, :, None] - g[:, None, :], -jnp.inf))  # [b,c+1,j+1,H]
+  sources = jnp.concatenate([h0.astype(f32)[:, None], s_local], axis=1)  # [b,c+1,H,P,N]
+  starts = jnp.einsum("bcjh,bjhpn->bchpn", w, sources, precision=HIGHEST)
+  return starts[:, :nc], starts[:, nc]
+
+
+def _off_diagonal(from_start, C, starts, hpg):
+  """The chunk start states' part of y [b,c,T,H,P]: from_start_t (C_t . start)."""
+  ch = jnp.repeat(C.astype(f32), hpg, axis=3)  # [b,c,T,H,N]
+  return jnp.einsum("bcth,bcthn,bchpn->bcthp", from_start, ch, starts, precision=HIGHEST)
+
+
+def _split_time(v, chunk):
+  b, l = v.shape[:2]
+  nc = pl.cdiv(l, chunk)
+  return common.pad_axis(v, 1, nc * chunk).reshape(b, nc, chunk, *v.shape[2:])
 
 
 # ------------------------------------------------------------------------------------------------
-# Chunked matmul formulation
+# Chunked matmul formulation, plain JAX
 def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64):
   b, l, nh, p = x.shape
-  g = B.shape[-2]
-  hpg = nh // g
+  hpg = nh // B.shape[-2]
   chunk = min(chunk, l)
-  nc = pl.cdiv(l, chunk)
-  lp = nc * chunk
-
-  def prep(v, fill=0.0):  # [b, l, ...] -> [b, nc, T, ...]; padded steps are no-ops (delta 0, no reset)
-    v = common.pad_axis(v.astype(f32), 1, lp, fill)
-    return v.reshape(b, nc, chunk, *v.shape[2:])
-
-  dl, xs = prep(delta), prep(x)  # [b,c,T,H], [b,c,T,H,P]
-  bs, cs = prep(B), prep(C)  # [b,c,T,G,N]
-  reset = prep(1.0 - keep)  # [b,c,T]
-  seg = jnp.cumsum(reset, axis=2)  # segment index inside the chunk; 0 = still connected to the chunk start
-  loga = dl * A.astype(f32)  # [b,c,T,H]
-  cum = jnp.cumsum(loga, axis=2)
+  dl, cum, seg = _chunks(delta, A, keep, chunk)
+  xs, bs, cs = (_split_time(v.astype(f32), chunk) for v in (x, B, C))  # [b,c,T,H,P], [b,c,T,G,N]
   t_idx = jnp.arange(chunk)
-  causal = t_idx[:, None] >= t_idx[None, :]
-  same = (seg[:, :, :, None] == seg[:, :, None, :]) & causal  # [b,c,T,S]
-  diff = cum[:, :, :, None, :] - cum[:, :, None, :, :]  # [b,c,T,S,H]
-  # where() before exp: masked entries become exp(-inf) = 0 with zero gradient (no inf * 0 = nan)
-  L = jnp.exp(jnp.where(same[..., None], diff, -jnp.inf))
-  cb = jnp.einsum("bctgn,bcsgn->bcgts", cs, bs, precision=HIGHEST)  # [b,c,G,T,S]
-  cb = jnp.repeat(cb, hpg, axis=2)  # [b,c,H,T,S]
+  same = (seg[:, :, :, None] == seg[:, :, None, :]) & (t_idx[:, None] >= t_idx[None, :])  # [b,c,T,S]
+  L = jnp.exp(jnp.where(same[..., None], cum[:, :, :, None, :] - cum[:, :, None, :, :], -jnp.inf))  # [b,c,T,S,H]
+  cb = jnp.repeat(jnp.einsum("bctgn,bcsgn->bcgts", cs, bs, precision=HIGHEST), hpg, axis=2)  # [b,c,H,T,S]
   u = dl[..., None] * xs  # delta x [b,c,T,H,P]
-  y_diag = jnp.einsum("bchts,bctsh,bcshp->bcthp", cb, L, u, precision=HIGHEST)  # intra-chunk
-  # chunk end-states from a zero start: sum_s exp(cum_T - cum_s) [no reset after s] u_s B_s^T
-  to_end = jnp.exp(jnp.where((seg[:, :, -1:] == seg)[..., None], cum[:, :, -1:] - cum, -jnp.inf))  # [b,c,T,H]
-  bh = jnp.repeat(bs, hpg, axis=3)  # [b,c,T,H,N]
-  ch = jnp.repeat(cs, hpg, axis=3)
-  s_local = jnp.einsum("bcth,bcthp,bcthn->bchpn", to_end, u, bh, precision=HIGHEST)
-  # decay of the chunk start state to step t (0 after a reset in the chunk)
-  from_start = jnp.exp(jnp.where((seg == 0)[..., None], cum, -jnp.inf))  # [b,c,T,H]
+  y_diag = jnp.einsum("bchts,bctsh,bcshp->bcthp", cb, L, u, precision=HIGHEST)
+  to_end, from_start = _chunk_decays(cum, seg)
+  s_local = jnp.einsum("bcth,bcthp,bcthn->bchpn", to_end, u, jnp.repeat(bs, hpg, axis=3), precision=HIGHEST)
+  starts, h_end = _chunk_starts(h0, s_local, cum, seg)
+  ys = y_diag + _off_diagonal(from_start, cs, starts, hpg)
+  return ys.reshape(b, -1, nh, p)[:, :l], h_end
 
-  def carry(h, inp):
-    p_c, s_c = inp
-    return p_c[:, :, None, None] * h + s_c, h
 
-  h_end, starts = jax.lax.scan(carry, h0.astype(f32),
-                               (from_start[:, :, -1].swapaxes(0, 1), s_local.swapaxes(0, 1)))
-  starts = starts.swapaxes(0, 1)  # [b,c,H,P,N]
-  y_off = jnp.einsum("bcth,bcthn,bchpn->bcthp", from_start, ch, starts, precision=HIGHEST)
-  ys = (y_diag + y_off).reshape(b, lp, nh, p)[:, :l]
-  return ys, h_end
+# ------------------------------------------------------------------------------------------------
+# Pallas chunk kernel
+def _chunk_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, wend_ref, y_ref, s_ref):
+  """One program: one sequence, one chunk of T steps, one head. y_ref [T, P] = (L o C B^T) (delta x);
+  s_ref [P, N] = the chunk's end state from a zero start = (x * wend)^T B."""
+  x = x_ref[...].astype(f32)  # [T, P]
+  bm = b_ref[...].astype(f32)  # [T, N]
+  cm = c_ref[...].astype(f32)
+  cum, seg = cum_ref[...], seg_ref[...]  # [T]
+  t = x.shape[0]
+  rows = jax.lax.broadcasted_iota(jnp.int32, (t, t), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (t, t), 1)
+  same = (rows >= cols) & (seg[:, None] == seg[None, :])
+  decay = jnp.exp(jnp.where(same, cum[:, None] - cum[None, :], -jnp.inf))
+  cb = jax.lax.dot_general(cm, bm, (((1,), (1,)), ((), ())), preferred_element_type=f32)  # [T, T]
+  y_ref[...] = jnp.dot(cb * decay * dl_ref[...][None, :], x, preferred_element_type=f32)
+  xw = x * wend_ref[...][:, None]
+  s_ref[...] = jax.lax.dot_general(xw, bm, (((0,), (0,)), ((), ())), preferred_element_type=f32)  # [P, N]
+
+
+def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64, num_warps: int = 4,
+                interpret: bool | None = None):
+  """`chunked_core` with the per-chunk part in the Pallas kernel (same arguments and results). Triton tiles
+  are powers of two of at least 16: the chunk, P and N are padded up to that (zeros and no-op steps)."""
+  b, l, nh, p = x.shape
+  g, n = B.shape[-2:]
+  hpg = nh // g
+  chunk = max(16, min(chunk, common.next_pow2(l)))
+  p_p, n_p = max(16, common.next_pow2(p)), max(16, common.next_pow2(n))
+  dl, cum, seg = _chunks(delta, A, keep, chunk)
+  nc = dl.shape[1]
+  to_end, from_start = _chunk_decays(cum, seg)
+  flat = lambda v: v.reshape(b, nc * chunk, *v.shape[3:])
+  xs = common.pad_axis(_split_time(x, chunk).reshape(b, nc * chunk, nh, p), -1, p_p)
+  bs, cs = (common.pad_axis(_split_time(v, chunk).reshape(b, nc * chunk, g, n), -1, n_p) for v in (B, C))
+  per_head = pl.BlockSpec((None, chunk, None), lambda i, c, hh: (i, c, hh))
+  group = pl.BlockSpec((None, chunk, None, n_p), lambda i, c, hh: (i, c, hh // hpg, 0))
+  rows_p = pl.BlockSpec((None, chunk, None, p_p), lambda i, c, hh: (i, c, hh, 0))
+  y_diag, s_local = common.call(
+      _chunk_kernel,
+      out_shape=(jax.ShapeDtypeStruct((b, nc * chunk, nh, p_p), f32),
+                 jax.ShapeDtypeStruct((b, nc, nh, p_p, n_p), f32)),
+      grid=(b, nc, nh),
+      in_specs=[rows_p, group, group, per_head, per_head, pl.BlockSpec((None, chunk), lambda i, c, hh: (i, c)),
+                per_head],
+      out_specs=(rows_p, pl.BlockSpec((None, None, None, p_p, n_p), lambda i, c, hh: (i, c, hh, 0, 0))),
+      num_warps=num_warps, interpret=interpret,
+  )(xs, bs, cs, flat(dl), flat(cum), seg.reshape(b, nc * chunk), flat(to_end * dl))
+  s_local = s_local[..., :p, :n]
+  starts, h_end = _chunk_starts(h0, s_local, cum, seg)
+  cs_f = _split_time(C.astype(f32), chunk)
+  ys = y_diag[..., :p].reshape(b, nc, chunk, nh, p) + _off_diagonal(from_start, cs_f, starts, hpg)
+  return ys.reshape(b, -1, nh, p)[:, :l], h_end
 
 
 # ------------------------------------------------------------------------------------------------
