@@ -82,9 +82,9 @@ def mesh():
 
 # (stage, student, scan impl, Mosaic calls, Triton calls): Mamba-1 AUTO (the kernel; on GPU also its backward
 # kernel; on TPU the backward is plain JAX); Mamba-2 as PALLAS (AUTO takes the chunked form on both platforms,
-# see the decode test), whose backward is the chunked form's; DPO with Mamba-1 AUTO: the policy's forward and
+# see the decode test): on GPU its two chunk kernels, backward the chunked form's; DPO with Mamba-1 AUTO: the policy's forward and
 # backward and the reference's forward
-STEPS = [("distill", MAMBA1, "auto", 1, 2), ("distill", MAMBA2, "pallas", 1, 1), ("dpo", MAMBA1, "auto", 2, 3)]
+STEPS = [("distill", MAMBA1, "auto", 1, 2), ("distill", MAMBA2, "pallas", 1, 2), ("dpo", MAMBA1, "auto", 2, 3)]
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

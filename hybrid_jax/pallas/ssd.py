@@ -11,10 +11,10 @@ chunk's end state from a zero start is one more matmul; the states at the chunk 
 closed form, one matmul over chunks with the decay between every pair of chunks (no sequential loop); their
 effect on y is a last matmul.
 
-`chunked_core` is all of it in XLA. `kernel_core` runs the per-chunk part, C B^T, the masked decay, both
-matmuls and the chunk's end state, in one Pallas program per (sequence, chunk, head), so the [T, T] matrices
-never leave the chip; the closed form and the last matmul stay in XLA. Backward (custom VJP): the VJP of
-`chunked_core`.
+`chunked_core` is all of it in XLA. `kernel_core` runs the per-chunk work in two Pallas kernels of one
+program per (sequence, chunk, head): the chunk's end state, then y (C B^T, the masked decay and both matmuls),
+so the [T, T] matrices never leave the chip; only the closed form over chunks stays in XLA. Backward (custom
+VJP): the VJP of `chunked_core`.
 """
 from __future__ import annotations
 
@@ -57,25 +57,20 @@ def _chunk_decays(cum, seg):
 
 def _chunk_starts(h0, s_local, cum, seg):
   """States at the chunk starts [b,c,H,P,N] and the final state, from each chunk's end state from a zero start
-  s_local [b,c,H,P,N]: start_c = sum_{j<=c} W[c,j] S_j over S = (h0, s_0, .., s_{c-1}), W[c,j] the decay over
-  the chunks between (exp of a difference of running sums of each chunk's total log-decay; 0 across a reset)."""
-  b, nc = seg.shape[:2]
+  s_local [b,c,H,P,N]: start_c = W[c,0] h0 + sum_{j<c} W[c,j+1] s_j, W[c,j] the decay over the chunks between
+  (exp of a difference of running sums of each chunk's total log-decay; 0 across a reset). One matmul over
+  chunks instead of a sequential loop over them."""
+  nc = seg.shape[1]
   log_decay = cum[:, :, -1]  # [b,c,H] the whole chunk's log-decay without resets
   has_reset = (seg[:, :, -1] > 0).astype(f32)  # [b,c]
   excl = lambda v: jnp.concatenate([jnp.zeros_like(v[:, :1]), jnp.cumsum(v, axis=1)], axis=1)  # [b,c+1,...]
   g, r = excl(log_decay), excl(has_reset)  # g_c = sum_{k<c}
   idx = jnp.arange(nc + 1)
-  ok = (idx[:, None] >= idx[None, :]) & (r[:, :, None] == r[:, None, :])  # [b,c+1,c+1]
+  ok = (idx[:, None] >= idx[None, :]) & (r[:, :, None] == r[:, None, :])  # [b,c+1,j+1]
   w = jnp.exp(jnp.where(ok[..., None], g[:, :, None] - g[:, None, :], -jnp.inf))  # [b,c+1,j+1,H]
-  sources = jnp.concatenate([h0.astype(f32)[:, None], s_local], axis=1)  # [b,c+1,H,P,N]
-  starts = jnp.einsum("bcjh,bjhpn->bchpn", w, sources, precision=HIGHEST)
+  starts = (jnp.einsum("bcjh,bjhpn->bchpn", w[:, :, 1:], s_local, precision=HIGHEST)
+            + w[:, :, 0, :, None, None] * h0.astype(f32)[:, None])
   return starts[:, :nc], starts[:, nc]
-
-
-def _off_diagonal(from_start, C, starts, hpg):
-  """The chunk start states' part of y [b,c,T,H,P]: from_start_t (C_t . start)."""
-  ch = jnp.repeat(C.astype(f32), hpg, axis=3)  # [b,c,T,H,N]
-  return jnp.einsum("bcth,bcthn,bchpn->bcthp", from_start, ch, starts, precision=HIGHEST)
 
 
 def _split_time(v, chunk):
@@ -101,18 +96,26 @@ def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64):
   to_end, from_start = _chunk_decays(cum, seg)
   s_local = jnp.einsum("bcth,bcthp,bcthn->bchpn", to_end, u, jnp.repeat(bs, hpg, axis=3), precision=HIGHEST)
   starts, h_end = _chunk_starts(h0, s_local, cum, seg)
-  ys = y_diag + _off_diagonal(from_start, cs, starts, hpg)
+  y_off = jnp.einsum("bcth,bcthn,bchpn->bcthp", from_start, jnp.repeat(cs, hpg, axis=3), starts, precision=HIGHEST)
+  ys = y_diag + y_off
   return ys.reshape(b, -1, nh, p)[:, :l], h_end
 
 
 # ------------------------------------------------------------------------------------------------
-# Pallas chunk kernel
-def _chunk_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, wend_ref, y_ref, s_ref):
-  """One program: one sequence, one chunk of T steps, one head. y_ref [T, P] = (L o C B^T) (delta x);
-  s_ref [P, N] = the chunk's end state from a zero start = (x * wend)^T B."""
+# Pallas chunk kernels
+def _state_kernel(x_ref, b_ref, wend_ref, s_ref):
+  """One program: one sequence, one chunk of T steps, one head. s_ref [P, N] = the chunk's end state from a
+  zero start = (x * wend)^T B, wend_t = delta_t times the decay from t to the chunk's end."""
+  xw = x_ref[...].astype(f32) * wend_ref[...][:, None]  # [T, P]
+  s_ref[...] = jax.lax.dot_general(xw, b_ref[...].astype(f32), (((0,), (0,)), ((), ())),
+                                   preferred_element_type=f32)
+
+
+def _output_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, fs_ref, st_ref, y_ref):
+  """One program: one sequence, one chunk of T steps, one head. y_ref [T, P] = (L o C B^T) (delta x) + the
+  chunk start state's part, from_start_t (C_t . start); L is the masked decay inside the chunk."""
   x = x_ref[...].astype(f32)  # [T, P]
-  bm = b_ref[...].astype(f32)  # [T, N]
-  cm = c_ref[...].astype(f32)
+  bm, cm = b_ref[...].astype(f32), c_ref[...].astype(f32)  # [T, N]
   cum, seg = cum_ref[...], seg_ref[...]  # [T]
   t = x.shape[0]
   rows = jax.lax.broadcasted_iota(jnp.int32, (t, t), 0)
@@ -120,15 +123,16 @@ def _chunk_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, wend_ref, y_ref
   same = (rows >= cols) & (seg[:, None] == seg[None, :])
   decay = jnp.exp(jnp.where(same, cum[:, None] - cum[None, :], -jnp.inf))
   cb = jax.lax.dot_general(cm, bm, (((1,), (1,)), ((), ())), preferred_element_type=f32)  # [T, T]
-  y_ref[...] = jnp.dot(cb * decay * dl_ref[...][None, :], x, preferred_element_type=f32)
-  xw = x * wend_ref[...][:, None]
-  s_ref[...] = jax.lax.dot_general(xw, bm, (((0,), (0,)), ((), ())), preferred_element_type=f32)  # [P, N]
+  y = jnp.dot(cb * decay * dl_ref[...][None, :], x, preferred_element_type=f32)
+  c_start = jax.lax.dot_general(cm, st_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=f32)  # [T, P]
+  y_ref[...] = y + fs_ref[...][:, None] * c_start
 
 
 def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64, num_warps: int = 4,
                 interpret: bool | None = None):
-  """`chunked_core` with the per-chunk part in the Pallas kernel (same arguments and results). Triton tiles
-  are powers of two of at least 16: the chunk, P and N are padded up to that (zeros and no-op steps)."""
+  """`chunked_core` with the per-chunk work in two Pallas kernels (same arguments and results): the chunks'
+  end states, then (after the closed form over chunks, in XLA) y. The [T, T] matrices never leave the chip.
+  Triton tiles are powers of two of at least 16: the chunk, P and N are padded up to that (zeros, no-op steps)."""
   b, l, nh, p = x.shape
   g, n = B.shape[-2:]
   hpg = nh // g
@@ -140,24 +144,23 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64, num_warps: int 
   flat = lambda v: v.reshape(b, nc * chunk, *v.shape[3:])
   xs = common.pad_axis(_split_time(x, chunk).reshape(b, nc * chunk, nh, p), -1, p_p)
   bs, cs = (common.pad_axis(_split_time(v, chunk).reshape(b, nc * chunk, g, n), -1, n_p) for v in (B, C))
+  grid = (b, nc, nh)
   per_head = pl.BlockSpec((None, chunk, None), lambda i, c, hh: (i, c, hh))
   group = pl.BlockSpec((None, chunk, None, n_p), lambda i, c, hh: (i, c, hh // hpg, 0))
   rows_p = pl.BlockSpec((None, chunk, None, p_p), lambda i, c, hh: (i, c, hh, 0))
-  y_diag, s_local = common.call(
-      _chunk_kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, nc * chunk, nh, p_p), f32),
-                 jax.ShapeDtypeStruct((b, nc, nh, p_p, n_p), f32)),
-      grid=(b, nc, nh),
+  state = pl.BlockSpec((None, None, None, p_p, n_p), lambda i, c, hh: (i, c, hh, 0, 0))
+  s_local = common.call(
+      _state_kernel, out_shape=jax.ShapeDtypeStruct((b, nc, nh, p_p, n_p), f32), grid=grid,
+      in_specs=[rows_p, group, per_head], out_specs=state, num_warps=num_warps, interpret=interpret,
+  )(xs, bs, flat(to_end * dl))
+  starts, h_end = _chunk_starts(common.pad_axis(common.pad_axis(h0, -1, n_p), -2, p_p), s_local, cum, seg)
+  ys = common.call(
+      _output_kernel, out_shape=jax.ShapeDtypeStruct((b, nc * chunk, nh, p_p), f32), grid=grid,
       in_specs=[rows_p, group, group, per_head, per_head, pl.BlockSpec((None, chunk), lambda i, c, hh: (i, c)),
-                per_head],
-      out_specs=(rows_p, pl.BlockSpec((None, None, None, p_p, n_p), lambda i, c, hh: (i, c, hh, 0, 0))),
-      num_warps=num_warps, interpret=interpret,
-  )(xs, bs, cs, flat(dl), flat(cum), seg.reshape(b, nc * chunk), flat(to_end * dl))
-  s_local = s_local[..., :p, :n]
-  starts, h_end = _chunk_starts(h0, s_local, cum, seg)
-  cs_f = _split_time(C.astype(f32), chunk)
-  ys = y_diag[..., :p].reshape(b, nc, chunk, nh, p) + _off_diagonal(from_start, cs_f, starts, hpg)
-  return ys.reshape(b, -1, nh, p)[:, :l], h_end
+                per_head, state],
+      out_specs=rows_p, num_warps=num_warps, interpret=interpret,
+  )(xs, bs, cs, flat(dl), flat(cum), seg.reshape(b, nc * chunk), flat(from_start), starts)
+  return ys[:, :l, :, :p], h_end[:, :, :p, :n]
 
 
 # ------------------------------------------------------------------------------------------------
