@@ -147,16 +147,22 @@ def test_ssd_kernel_several_chunks(dtype):
 
 
 def test_ssd_kernel_cuda_lowering():
-  """The chunk kernels lower for CUDA (on this CPU host) as two Triton calls; the backward is plain XLA."""
+  """The chunk kernels lower for CUDA (on this CPU host) as two Triton calls, their matmuls at the precision
+  asked for whatever the global default (the tests set 'highest'); differentiated, the chunked form runs
+  instead (no kernel)."""
   inp = m2_inputs(jax.random.PRNGKey(22), 1, 40, 2, 64, 1, 64, dtype=BF16)
   names = ["x", "dt", "B", "C"]
 
-  def loss(*vals):
-    y, h = ssd.ssd_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False)
+  def run(*vals, options=None):
+    y, h = ssd.ssd_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False, options=options)
     return jnp.sum(y.astype(F32)) + jnp.sum(h)
-  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(*[inp[k] for k in names]).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert text.count("custom_call @__gpu$xla.gpu.triton") == 2  # the chunk states, then y
+  lower = lambda f: f.trace(*[inp[k] for k in names]).lower(lowering_platforms=("cuda",)).as_text()
+  for tf32 in (True, False):
+    f = functools.partial(run, options=KernelOptions(ssd_tf32=tf32))
+    assert lower(jax.jit(f)).count("custom_call @__gpu$xla.gpu.triton") == 2  # the chunk states, then y
+    jaxpr = str(jax.make_jaxpr(f)(*[inp[k] for k in names]))
+    assert ("precision=(Precision.DEFAULT" in jaxpr) == tf32  # DEFAULT: TF32 in the Triton lowering
+  assert "triton" not in lower(jax.jit(jax.grad(run, argnums=(0, 1, 2, 3))))
 
 
 # -- reset and h0 ----------------------------------------------------------------------------------------
@@ -184,13 +190,16 @@ def test_dispatch():
   CPU 'auto' is the reference); a bad impl is a one-line error."""
   inp = m1_inputs(jax.random.PRNGKey(8), 1, 5, 4, 2, 3)
   inp2 = m2_inputs(jax.random.PRNGKey(9), 1, 5, 2, 3, 1, 4)
-  for fn, ref_fn, args in ((pallas.selective_scan, reference.selective_scan_ref, inp),
-                           (pallas.ssd_scan, reference.ssd_scan_ref, inp2)):
+  opts = KernelOptions()
+  for fn, ref_fn, args, picks in ((pallas.selective_scan, reference.selective_scan_ref, inp,
+                                   (opts.gpu_mamba, opts.tpu_mamba)),
+                                  (pallas.ssd_scan, reference.ssd_scan_ref, inp2, (opts.gpu_mamba2, opts.tpu_mamba2))):
     ref = ref_fn(**args)
     for impl in (*ScanImpl, "auto", "reference", "pallas", "chunked"):
       assert rel(fn(**args, impl=impl)[0], ref[0]) <= 1e-5, impl
       jaxpr = str(jax.make_jaxpr(lambda a, fn=fn, impl=impl: fn(**a, impl=impl))(args))
-      assert ("pallas_call" in jaxpr) == (ScanImpl(impl) is ScanImpl.PALLAS), impl
+      runs = ops._training_impl(impl, opts.target(), *picks)  # AUTO: the backend's pick (CPU: the reference)
+      assert ("pallas_call" in jaxpr) == (runs is ScanImpl.PALLAS), impl
     with pytest.raises(ValueError, match="scan impl must be one of auto"):
       fn(**args, impl="triton")
 

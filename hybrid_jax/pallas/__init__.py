@@ -6,10 +6,11 @@
 
 impl 'pallas'  : Pallas forward kernels, Triton-lowered (interpret mode on CPU), on TPU the Mosaic ones
                  (tpu_scan, tpu_multistep); backward: Mamba-1 a Pallas kernel (TPU: chunk-parallel JAX) from
-                 the forward's chunk checkpoints, Mamba-2 the VJP of the chunked SSD form.
+                 the forward's chunk checkpoints, Mamba-2 the VJP of the chunked SSD form (on GPU the
+                 chunked form also runs the forward when differentiated).
 impl 'chunked' : plain-JAX chunked scans (Mamba-1: two-level scan; Mamba-2: SSD matmul form), any backend.
-impl 'auto'    : on GPU the faster of the two per variant as measured on an H100 (docs/KERNELS.md;
-                 KernelOptions.gpu_mamba / gpu_mamba2); on TPU KernelOptions.tpu_mamba / tpu_mamba2 (the
+impl 'auto'    : on GPU the kernels, as measured on an H100 (docs/KERNELS.md; KernelOptions.gpu_mamba /
+                 gpu_mamba2); on TPU KernelOptions.tpu_mamba / tpu_mamba2 (the
                  Mosaic kernel / the chunked SSD form, not timed on a TPU yet); elsewhere the reference.
 KernelOptions.platform: lower for a platform other than the host's (e.g. exporting for TPU from a CPU host).
 This package imports nothing else of hybrid_jax.

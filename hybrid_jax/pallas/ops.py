@@ -75,7 +75,7 @@ def ssd_scan(x, dt, A, B, C, D, dt_bias, reset=None, h0=None, *, impl: ScanImpl 
     return _per_shard(run, options, (x, dt, A, B, C, D, dt_bias, reset, h0), *M2_SCAN_LAYOUT)
   if impl is ScanImpl.PALLAS:
     return ssd.ssd_scan_pallas(x, dt, A, B, C, D, dt_bias, reset=reset, h0=h0,
-                               interpret=common.interpret_mode(options.platform))
+                               interpret=common.interpret_mode(options.platform), options=options)
   return ssd.ssd_scan_chunked(x, dt, A, B, C, D, dt_bias, reset=reset, h0=h0)
 
 

@@ -57,7 +57,8 @@ class KernelOptions:
   hashable: a static argument of the jitted / custom-VJP functions. Fields by kernel:
 
   Dispatch (ScanImpl.AUTO on GPU): gpu_mamba / gpu_mamba2, chosen by bench/bench_kernels.py on an H100 (seq
-  2048, forward + backward). On TPU: tpu_mamba / tpu_mamba2, picked without a TPU timing (none has been
+  2048, forward + backward; Mamba-2's kernel runs the forward of a prefill, and under differentiation the
+  chunked form runs forward and backward, so its training cost is the chunked form's). On TPU: tpu_mamba / tpu_mamba2, picked without a TPU timing (none has been
   taken yet): Mamba-1 the Mosaic kernel (`tpu_scan`: the state stays on chip, where the chunked form is
   element-wise scans through memory), Mamba-2 the chunked SSD form, whose matmuls are MXU work (the Mosaic
   kernel runs Mamba-2 as element-wise vector work).
@@ -90,9 +91,15 @@ class KernelOptions:
   lane_scalars: Mamba-2's per-step scalars one step per lane, broadcast by warp shuffles (compiled CUDA only;
   interpret mode runs the per-thread form): batch 8, K = 8 1664 -> 1304 instructions per warp, 8.07 -> 7.69
   us on an H200, same error.
+
+  Mamba-2 training scan (`ssd`, ScanImpl.PALLAS): ssd_chunk / ssd_warps, steps per chunk (a power of two,
+  at least 16) and warps of the two chunk kernels; H100, batch 4, l 2048, 32 heads, P = N = 64, forward 0.42
+  ms at (128, 8) against 0.52 at (64, 4) and 0.96 for the chunked form in XLA. ssd_tf32: the kernels' matmuls
+  take TF32 inputs on GPU (relative error 1e-3 against the float32 reference at that shape, below the bf16
+  rounding of y; mamba_ssm's kernels round those operands to bf16); False: full float32 products.
   """
   gpu_mamba: ScanImpl = ScanImpl.PALLAS
-  gpu_mamba2: ScanImpl = ScanImpl.CHUNKED
+  gpu_mamba2: ScanImpl = ScanImpl.PALLAS
   tpu_mamba: ScanImpl = ScanImpl.PALLAS
   tpu_mamba2: ScanImpl = ScanImpl.CHUNKED
   platform: str | None = None
@@ -114,6 +121,9 @@ class KernelOptions:
   fma: bool = True
   ptx_rcp: bool = True
   lane_scalars: bool = True
+  ssd_chunk: int = 128
+  ssd_warps: int = 8
+  ssd_tf32: bool = True
 
   def __post_init__(self):
     for name in ("gpu_mamba", "gpu_mamba2", "tpu_mamba", "tpu_mamba2"):
@@ -129,9 +139,12 @@ class KernelOptions:
       object.__setattr__(self, "platform", platform)
     if self.bwd_impl not in ("kernel", "chunked"):
       raise ValueError(f"KernelOptions.bwd_impl must be 'kernel' or 'chunked', got {self.bwd_impl!r}")
-    for name in ("fwd_tile", "fwd_warps", "bwd_tile", "bwd_warps", "bwd_chunk"):
+    for name in ("fwd_tile", "fwd_warps", "bwd_tile", "bwd_warps", "bwd_chunk", "ssd_warps"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"KernelOptions.{name} must be positive, got {getattr(self, name)!r}")
+    chunk = int(self.ssd_chunk)
+    if chunk < 16 or chunk & (chunk - 1):
+      raise ValueError(f"KernelOptions.ssd_chunk must be a power of two of at least 16, got {self.ssd_chunk!r}")
     # lists (from a command line or a config file) become tuples: the options stay hashable
     for name in ("batch_axes", "channel_axes"):
       object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))

@@ -13,8 +13,8 @@ effect on y is a last matmul.
 
 `chunked_core` is all of it in XLA. `kernel_core` runs the per-chunk work in two Pallas kernels of one
 program per (sequence, chunk, head): the chunk's end state, then y (C B^T, the masked decay and both matmuls),
-so the [T, T] matrices never leave the chip; only the closed form over chunks stays in XLA. Backward (custom
-VJP): the VJP of `chunked_core`.
+so the [T, T] matrices never leave the chip; only the closed form over chunks stays in XLA. Differentiated
+(custom VJP), the chunked form runs instead: its backward needs its forward's intermediates.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from hybrid_jax.pallas import common
+from hybrid_jax.pallas.options import KernelOptions, resolve
 
 Array = jax.Array
 f32 = jnp.float32
@@ -103,15 +104,15 @@ def chunked_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64):
 
 # ------------------------------------------------------------------------------------------------
 # Pallas chunk kernels
-def _state_kernel(x_ref, b_ref, wend_ref, s_ref):
+def _state_kernel(x_ref, b_ref, wend_ref, s_ref, *, precision):
   """One program: one sequence, one chunk of T steps, one head. s_ref [P, N] = the chunk's end state from a
   zero start = (x * wend)^T B, wend_t = delta_t times the decay from t to the chunk's end."""
   xw = x_ref[...].astype(f32) * wend_ref[...][:, None]  # [T, P]
-  s_ref[...] = jax.lax.dot_general(xw, b_ref[...].astype(f32), (((0,), (0,)), ((), ())),
+  s_ref[...] = jax.lax.dot_general(xw, b_ref[...].astype(f32), (((0,), (0,)), ((), ())), precision=precision,
                                    preferred_element_type=f32)
 
 
-def _output_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, fs_ref, st_ref, y_ref):
+def _output_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, fs_ref, st_ref, y_ref, *, precision):
   """One program: one sequence, one chunk of T steps, one head. y_ref [T, P] = (L o C B^T) (delta x) + the
   chunk start state's part, from_start_t (C_t . start); L is the masked decay inside the chunk."""
   x = x_ref[...].astype(f32)  # [T, P]
@@ -122,17 +123,21 @@ def _output_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, fs_ref, st_ref
   cols = jax.lax.broadcasted_iota(jnp.int32, (t, t), 1)
   same = (rows >= cols) & (seg[:, None] == seg[None, :])
   decay = jnp.exp(jnp.where(same, cum[:, None] - cum[None, :], -jnp.inf))
-  cb = jax.lax.dot_general(cm, bm, (((1,), (1,)), ((), ())), preferred_element_type=f32)  # [T, T]
-  y = jnp.dot(cb * decay * dl_ref[...][None, :], x, preferred_element_type=f32)
-  c_start = jax.lax.dot_general(cm, st_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=f32)  # [T, P]
+  dot = lambda a, b, dims: jax.lax.dot_general(a, b, (dims, ((), ())), precision=precision,
+                                               preferred_element_type=f32)
+  cb = dot(cm, bm, ((1,), (1,)))  # [T, T]
+  y = dot(cb * decay * dl_ref[...][None, :], x, ((1,), (0,)))
+  c_start = dot(cm, st_ref[...], ((1,), (1,)))  # [T, P]
   y_ref[...] = y + fs_ref[...][:, None] * c_start
 
 
-def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64, num_warps: int = 4,
+def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 128, num_warps: int = 8, tf32: bool = True,
                 interpret: bool | None = None):
   """`chunked_core` with the per-chunk work in two Pallas kernels (same arguments and results): the chunks'
   end states, then (after the closed form over chunks, in XLA) y. The [T, T] matrices never leave the chip.
-  Triton tiles are powers of two of at least 16: the chunk, P and N are padded up to that (zeros, no-op steps)."""
+  Triton tiles are powers of two of at least 16: the chunk, P and N are padded up to that (zeros, no-op steps).
+  tf32: the matmuls take TF32 inputs on GPU (explicit precision: the global matmul-precision setting does not
+  change the kernel); interpret mode computes them in float32 either way."""
   b, l, nh, p = x.shape
   g, n = B.shape[-2:]
   hpg = nh // g
@@ -145,17 +150,18 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64, num_warps: int 
   xs = common.pad_axis(_split_time(x, chunk).reshape(b, nc * chunk, nh, p), -1, p_p)
   bs, cs = (common.pad_axis(_split_time(v, chunk).reshape(b, nc * chunk, g, n), -1, n_p) for v in (B, C))
   grid = (b, nc, nh)
+  precision = jax.lax.Precision.DEFAULT if tf32 else jax.lax.Precision.HIGHEST
   per_head = pl.BlockSpec((None, chunk, None), lambda i, c, hh: (i, c, hh))
   group = pl.BlockSpec((None, chunk, None, n_p), lambda i, c, hh: (i, c, hh // hpg, 0))
   rows_p = pl.BlockSpec((None, chunk, None, p_p), lambda i, c, hh: (i, c, hh, 0))
   state = pl.BlockSpec((None, None, None, p_p, n_p), lambda i, c, hh: (i, c, hh, 0, 0))
   s_local = common.call(
-      _state_kernel, out_shape=jax.ShapeDtypeStruct((b, nc, nh, p_p, n_p), f32), grid=grid,
+      functools.partial(_state_kernel, precision=precision), out_shape=jax.ShapeDtypeStruct((b, nc, nh, p_p, n_p), f32), grid=grid,
       in_specs=[rows_p, group, per_head], out_specs=state, num_warps=num_warps, interpret=interpret,
   )(xs, bs, flat(to_end * dl))
   starts, h_end = _chunk_starts(common.pad_axis(common.pad_axis(h0, -1, n_p), -2, p_p), s_local, cum, seg)
   ys = common.call(
-      _output_kernel, out_shape=jax.ShapeDtypeStruct((b, nc * chunk, nh, p_p), f32), grid=grid,
+      functools.partial(_output_kernel, precision=precision), out_shape=jax.ShapeDtypeStruct((b, nc * chunk, nh, p_p), f32), grid=grid,
       in_specs=[rows_p, group, group, per_head, per_head, pl.BlockSpec((None, chunk), lambda i, c, hh: (i, c)),
                 per_head, state],
       out_specs=rows_p, num_warps=num_warps, interpret=interpret,
@@ -164,18 +170,20 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 64, num_warps: int 
 
 
 # ------------------------------------------------------------------------------------------------
-# custom VJP: Pallas forward, chunked backward
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _pallas_core(delta, x, A, B, C, keep, h0, interpret):
-  return kernel_core(delta, x, A, B, C, keep, h0, interpret=interpret)
+# custom VJP: the kernels forward; under differentiation the chunked form forward and backward
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _pallas_core(delta, x, A, B, C, keep, h0, interpret, options):
+  return kernel_core(delta, x, A, B, C, keep, h0, chunk=options.ssd_chunk, num_warps=options.ssd_warps,
+                     tf32=options.ssd_tf32, interpret=interpret)
 
 
-def _pallas_core_fwd(delta, x, A, B, C, keep, h0, interpret):
-  return kernel_core(delta, x, A, B, C, keep, h0, interpret=interpret), (delta, x, A, B, C, keep, h0)
+def _pallas_core_fwd(delta, x, A, B, C, keep, h0, interpret, options):
+  # the backward needs the chunked form's intermediates: computing them is its forward, so the kernels would
+  # only add their own cost
+  return jax.vjp(chunked_core, delta, x, A, B, C, keep, h0)
 
 
-def _pallas_core_bwd(interpret, res, cot):
-  _, vjp = jax.vjp(chunked_core, *res)
+def _pallas_core_bwd(interpret, options, vjp, cot):
   return vjp(cot)
 
 
@@ -193,10 +201,13 @@ def _front(core, x, dt, A, B, C, D, dt_bias, reset, h0):
   return y.astype(x.dtype), ht
 
 
-def ssd_scan_pallas(x, dt, A, B, C, D, dt_bias, reset=None, h0=None, *, interpret: bool | None = None):
-  """`ssd_scan_ref` with the Pallas kernel forward and the chunked-JAX backward."""
+def ssd_scan_pallas(x, dt, A, B, C, D, dt_bias, reset=None, h0=None, *, interpret: bool | None = None,
+                    options: KernelOptions | None = None):
+  """`ssd_scan_ref` with the Pallas chunk kernels forward (tuning: `KernelOptions.ssd_*`); differentiated, the
+  chunked form in plain JAX forward and backward."""
   interp = common.interpret_mode() if interpret is None else interpret
-  return _front(lambda *a: _pallas_core(*a, interp), x, dt, A, B, C, D, dt_bias, reset, h0)
+  options = resolve(options)
+  return _front(lambda *a: _pallas_core(*a, interp, options), x, dt, A, B, C, D, dt_bias, reset, h0)
 
 
 def ssd_scan_chunked(x, dt, A, B, C, D, dt_bias, reset=None, h0=None, *, chunk: int = 64):
