@@ -136,6 +136,21 @@ def end_to_end(tparams, tcfg, dparams, dcfg, prompts, max_new: int, k: int | str
   return sum(len(s) for s in toks) / dt, stats, toks
 
 
+def first_difference(tparams, tcfg, prompts, plain: list, spec: list) -> str:
+  """Where speculative output first leaves plain greedy, and the target's top-2 logit margin there on the
+  plain prefix (one full-sequence forward): a margin near the logits' rounding says a near-tie decided by the
+  order of floating-point sums (a verify call's matmuls have K + 1 rows, a decode step's one), not a wrong
+  accept."""
+  for prompt, a, b in zip(prompts, plain, spec):
+    i = next((j for j, (u, v) in enumerate(zip(a, b)) if u != v), None)
+    if i is None:
+      continue
+    logits, _ = hybrid.forward(tparams, tcfg, jnp.asarray([list(prompt) + list(a[:i])], jnp.int32))
+    top2 = np.sort(np.asarray(logits[0, -1], np.float32))[-2:]
+    return f"first at new token {i} of {len(a)}: top-2 margin {top2[1] - top2[0]:.4f} ({tcfg.compute_dtype})"
+  return "same tokens"
+
+
 def expected_tokens(alpha: float, k: int) -> float:
   return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
@@ -296,10 +311,13 @@ def part_a(args) -> dict:
     for k in args.ks:
       tps, st, out = run_all(dparams, dcfg, k)
       same = out == plain_out
-      rows.append(dict(st, draft=spec, k=k, tps=tps, speedup=tps / tps_plain, same_as_plain=same))
+      where = "" if same else first_difference(tparams, tcfg, [p for g in groups for p in g],
+                                               [t for o in plain_out for t in o], [t for o in out for t in o])
+      rows.append(dict(st, draft=spec, k=k, tps=tps, speedup=tps / tps_plain, same_as_plain=same,
+                       difference=where))
       print(f"MEASURED draft {spec} k={k!s:>4}: {tps:8.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/step "
             f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls "
-            f"{st['target_calls']}  output {'= plain greedy' if same else 'DIFFERS from plain greedy'}")
+            f"{st['target_calls']}  output {'= plain greedy' if same else 'DIFFERS from plain greedy: ' + where}")
   return {"target": args.target, "plain_tps": tps_plain, "rows": rows}
 
 
