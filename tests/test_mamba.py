@@ -20,10 +20,11 @@ B, T = 2, 7
 
 def tiny_cfg(variant: str, **ssm) -> ModelConfig:
   # D=32, H=4, hd=8, Hkv=2: d_inner=32, d_xb=16, GQA/group repeat 2.
+  ssm = {"scan_impl": "reference", **ssm}
   if variant == "mamba":
-    s = SSMConfig(variant="mamba", d_state=8, scan_impl="reference", **ssm)
+    s = SSMConfig(variant="mamba", d_state=8, **ssm)
   else:
-    s = SSMConfig(variant="mamba2", d_state=8, ngroups=4, scan_impl="reference", **ssm)
+    s = SSMConfig(variant="mamba2", d_state=8, ngroups=4, **ssm)
   return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, attn_layers=(0,), ssm=s)
 
@@ -57,9 +58,12 @@ def _run_jax(variant, cfg, p, u, seg=None):
   return np.asarray(y)
 
 
-@pytest.mark.parametrize("variant", ["mamba", "mamba2"])
-def test_mixer_matches_torch_loop(variant):
-  cfg = tiny_cfg(variant)
+@pytest.mark.parametrize("variant,impl", [("mamba", "reference"), ("mamba2", "reference"), ("mamba", "pallas"),
+                                          ("mamba2", "pallas")])
+def test_mixer_matches_torch_loop(variant, impl):
+  """The mixer's full-sequence path against the torch loop, with the reference scan and with the Pallas kernels
+  (interpret mode on CPU)."""
+  cfg = tiny_cfg(variant, scan_impl=impl)
   p = _params(variant, cfg)
   u = jax.random.normal(jax.random.PRNGKey(3), (B, T, cfg.hidden_size))
   y = _run_jax(variant, cfg, p, u)
