@@ -386,6 +386,9 @@ def main(argv=None) -> int:
                   "each model's: the speed-up a memory-bound step allows (no device needed)")
   ap.add_argument("--no-pack", action="store_true",
                   help="decode with the checkpoint's own layout, not hybrid_jax.model.hybrid.pack_params's")
+  ap.add_argument("--decode-attention", default="xla", choices=("xla", "pallas"),
+                  help="ModelConfig.decode_attention of the hybrid_jax rows: the einsums or the one-kernel "
+                  "Pallas attention over the cache")
   ap.add_argument("--profile", metavar="DIR",
                   help="trace one more call of each hybrid_jax row into DIR/SHAPE-MODEL-CASE (perfetto; summarise "
                   "with bench/profile_summary.py)")
@@ -466,13 +469,14 @@ def main(argv=None) -> int:
   teacher_tokens: dict = {}
   for shape in shapes:
     for name in [m for m in models if not m.startswith("hf-")]:
-      cfg = model_cfg(shape, name, args.dtype)
+      cfg = model_cfg(shape, name, args.dtype).replace(decode_attention=args.decode_attention)
       params = hybrid.init_params(cfg, jax.random.PRNGKey(0 if name == "teacher" else 1))
       plan = list(cases.items())
       if args.max_batch:
         plan.append(("max", None))
       for case, spec in plan:
-        row = {"shape": shape, "model": name, "case": case, "packed": not args.no_pack}
+        row = {"shape": shape, "model": name, "case": case, "packed": not args.no_pack,
+               "decode_attention": args.decode_attention}
         if over():
           emit(dict(row, batch=spec[0] if spec else 0, status="skipped: --budget-s spent"))
           continue

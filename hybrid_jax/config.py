@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")
+DECODE_ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "dots", "full")
 
 
@@ -83,9 +84,12 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   # Runtime choices (no effect on the math): how attention runs without a cache ('auto': the Pallas flash
-  # kernel with segment ids on GPU, the einsum elsewhere | 'xla' | 'pallas' | 'cudnn'), and what each decoder
-  # layer keeps for the backward pass ('none': everything | 'dots': matmul outputs | 'full': only its input).
+  # kernel with segment ids on GPU, the einsum elsewhere | 'xla' | 'pallas' | 'cudnn'); how a few new queries
+  # attend over a cache, decode steps and verify calls ('xla': einsums | 'pallas': one kernel per call,
+  # hybrid_jax.pallas.decode_attention, where its shapes allow); and what each decoder layer keeps for the
+  # backward pass ('none': everything | 'dots': matmul outputs | 'full': only its input).
   attention_impl: str = "auto"
+  decode_attention: str = "xla"
   remat: str = "none"
 
   def __post_init__(self):
@@ -122,6 +126,9 @@ class ModelConfig:
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a dtype") from e
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ConfigError(f"attention_impl must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
+    if self.decode_attention not in DECODE_ATTENTION_IMPLS:
+      raise ConfigError(f"decode_attention must be one of {'|'.join(DECODE_ATTENTION_IMPLS)}, "
+                        f"got {self.decode_attention!r}")
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"remat must be one of {'|'.join(REMAT_POLICIES)}, got {self.remat!r}")
 

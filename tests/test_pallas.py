@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 
 from hybrid_jax import pallas
-from hybrid_jax.pallas import KernelOptions, ScanImpl, common, multistep, ops, reference, scan, ssd
+from hybrid_jax.pallas import (
+  KernelOptions,
+  ScanImpl,
+  common,
+  decode_attention,
+  multistep,
+  ops,
+  reference,
+  scan,
+  ssd,
+)
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 TOL = {F32: 1e-5, BF16: 1e-2}
@@ -405,3 +415,43 @@ def test_multistep_k1_is_single_step(variant):
   # and the next call with nothing accepted starts from that checkpoint unchanged
   nxt = dict(inp, state=ck, n_accept=jnp.zeros((2,), jnp.int32))
   assert rel(pallas.multistep_scan(**nxt, impl="pallas")[1], ck) == 0.0
+
+
+# -- attention of a few queries over a KV cache -------------------------------------------------------------
+def _dense_attention(q, k, v, mask):
+  """The einsum path's semantics, written out (GQA as repeat_kv, fp32 softmax, masked keys at float32's min)."""
+  rep = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, rep, axis=2).astype(F32), jnp.repeat(v, rep, axis=2).astype(F32)
+  s = jnp.einsum("bthd,bshd->bhts", q.astype(F32), k) / np.sqrt(q.shape[-1])
+  s = jnp.where(mask[:, None], s, jnp.finfo(F32).min)
+  return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
+
+
+@pytest.mark.parametrize("b,t,h,kvh,s_len,hd,dtype", [(2, 1, 9, 3, 384, 64, F32), (2, 5, 8, 2, 128, 32, F32),
+                                                      (1, 3, 4, 4, 192, 16, BF16)])
+def test_decode_attention_matches_einsum(b, t, h, kvh, s_len, hd, dtype):
+  """GQA decode step and verify-sized calls, left padding, a row that sees no key (it averages every value, as
+  the einsum path does); bf16 to the rounding of its probabilities."""
+  ks = jax.random.split(jax.random.PRNGKey(t), 3)
+  q, k, v = (jax.random.normal(kk, shape, F32).astype(dtype)
+             for kk, shape in zip(ks, [(b, t, h, hd), (b, s_len, kvh, hd), (b, s_len, kvh, hd)]))
+  pos, off = jnp.array([s_len // 2 + 3, s_len - t][:b]), jnp.array([5, 0][:b])
+  keys, queries = jnp.arange(s_len)[None, None], pos[:, None, None] + jnp.arange(t)[None, :, None]
+  mask = (keys <= queries) & (keys >= off[:, None, None])
+  mask = mask.at[0, t - 1].set(False)
+  got = decode_attention.decode_attention(q, k, v, mask, interpret=True)
+  assert got.shape == q.shape and got.dtype == dtype
+  assert rel(got, _dense_attention(q, k, v, mask)) <= (1e-6 if dtype == F32 else 1e-2)
+
+
+def test_decode_attention_shapes_and_cuda_lowering():
+  """`supported` refuses what the kernel cannot take; the kernel lowers for CUDA (on this CPU host) as one
+  Triton call with a cache length that is a multiple of the block but not a power of two."""
+  assert decode_attention.supported(1, 9, 3, 384, 64) and decode_attention.supported(9, 32, 8, 2560, 64)
+  assert not decode_attention.supported(1, 9, 3, 100, 64)  # not whole blocks of keys
+  assert not decode_attention.supported(1, 9, 3, 384, 48)  # head dim not a power of two
+  assert not decode_attention.supported(17, 32, 8, 2560, 64)  # 68 query rows per KV head
+  args = [jax.ShapeDtypeStruct(shape, BF16) for shape in [(1, 1, 9, 64), (1, 384, 3, 64), (1, 384, 3, 64)]]
+  f = jax.jit(lambda *a: decode_attention.decode_attention(*a, interpret=False))
+  text = f.trace(*args, jax.ShapeDtypeStruct((1, 1, 384), jnp.bool_)).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 1

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from hybrid_jax.config import ModelConfig
 from hybrid_jax.model.layers import dense, largest_divisor
 from hybrid_jax.model.mixer import Context
+from hybrid_jax.pallas import decode_attention
 
 Array = jax.Array
 
@@ -137,6 +138,9 @@ def attention(p: dict, cfg: ModelConfig, x: Array, cos: Array, sin: Array, mask:
     out = flash_attention(q, k, v, segment_ids)
   elif cfg.attention_impl == "cudnn" and kv_cache is None:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+  elif (kv_cache is not None and cfg.decode_attention == "pallas"
+        and decode_attention.supported(t, h, kvh, k.shape[1], hd)):
+    out = decode_attention.decode_attention(q, k, v, mask)
   else:
     chunk = query_chunk or _query_chunk(b, t, k.shape[1], h)
     if chunk >= t:
@@ -196,6 +200,8 @@ class Attention(nn.Module):
 
   @nn.nowrap
   def init_state(self, batch: int, max_len: int, dtype) -> dict:
+    if self.cfg.decode_attention == "pallas":  # whole blocks of keys for the kernel; the mask hides the rest
+      max_len = -(-max_len // decode_attention.BLOCK) * decode_attention.BLOCK
     shape = (batch, max_len, self.cfg.num_key_value_heads, self.cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

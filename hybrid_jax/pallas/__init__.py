@@ -1,4 +1,5 @@
-"""The SSM scans: lax.scan references, Pallas kernels and chunked plain-JAX forms, behind one dispatcher each.
+"""The kernels: the SSM scans (lax.scan references, Pallas kernels and chunked plain-JAX forms, behind one
+dispatcher each) and attention over a KV cache.
 
   selective_scan (Mamba-1), ssd_scan (Mamba-2): training / prefill scans; multistep_scan: the
   speculative-verification update. `impl` (ScanImpl) picks the implementation, `options` (KernelOptions)
@@ -13,6 +14,7 @@ impl 'auto'    : on GPU the kernels, as measured on an H100 (docs/KERNELS.md; Ke
                  gpu_mamba2); on TPU KernelOptions.tpu_mamba / tpu_mamba2 (the
                  Mosaic kernel / the chunked SSD form, not timed on a TPU yet); elsewhere the reference.
 KernelOptions.platform: lower for a platform other than the host's (e.g. exporting for TPU from a CPU host).
+decode_attention: attention of a few new queries over a KV cache in one kernel (ModelConfig.decode_attention).
 This package imports nothing else of hybrid_jax.
 """
 from hybrid_jax.pallas.multistep import multistep_scan_pallas
