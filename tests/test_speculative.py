@@ -19,7 +19,9 @@ from hybrid_jax.decode.speculative import (
   layer_skip_draft,
   ngram_propose,
   sampling_accept,
+  shared_layers,
   speculative_generate,
+  speculative_loop,
 )
 from hybrid_jax.model import hybrid
 
@@ -357,5 +359,12 @@ def test_layer_skip_draft():
   assert dcfg.num_hidden_layers == 2 and dcfg.attn_layers == (0,) and dparams["layers_0"] is params["layers_1"]
   got, _ = speculative_generate(params, cfg, dparams, dcfg, PROMPTS, 12, 3)
   assert got == want
+  # the loop takes such a draft's decoding layout from the target's instead of packing its layers again
+  assert shared_layers(params, dparams) == (1, 2) and shared_layers(params, jax.tree.map(lambda a: a, dparams)) is None
+  tokens, offsets = jnp.asarray([[1, 2, 3, 4]]), jnp.zeros((1,), jnp.int32)
+  concats = lambda layers: str(jax.make_jaxpr(lambda tp, dp: speculative_loop(
+      tp, cfg, dp, dcfg, tokens, offsets, jax.random.PRNGKey(0), jnp.zeros((0,), jnp.int32), k=2, max_new_tokens=3,
+      max_len=10, temperature=0.0, top_k=0, top_p=1.0, draft_layers=layers))(params, dparams)).count("concatenate[")
+  assert concats((1, 2)) < concats(None)
   with pytest.raises(ValueError, match="layer_skip_draft"):
     layer_skip_draft(params, cfg, [3])

@@ -195,6 +195,20 @@ def layer_skip_draft(params: dict, cfg: ModelConfig, layers: Sequence[int]) -> t
   return dparams, cfg.replace(num_hidden_layers=len(layers), attn_layers=attn)
 
 
+def shared_layers(params: dict, draft_params: dict | None) -> tuple[int, ...] | None:
+  """For a draft made of the target's own arrays (`layer_skip_draft`): the target layer of each draft layer;
+  None for any other draft (an object-identity check, so a copy does not count)."""
+  if not isinstance(draft_params, dict):
+    return None
+  if any(params.get(name) is not v for name, v in draft_params.items() if not name.startswith("layers_")):
+    return None
+  index = {id(v): int(name[len("layers_"):]) for name, v in params.items() if name.startswith("layers_")}
+  try:
+    return tuple(index[id(draft_params[f"layers_{i}"])] for i in range(hybrid.num_layers(draft_params)))
+  except KeyError:
+    return None
+
+
 def resolve_draft(spec: str, params: dict, cfg: ModelConfig, ngram_n: int = 3):
   """A draft named by a string, for the target (params, cfg): 'ngram' (prompt lookup, `NgramDraft(ngram_n)`),
   'self:0,1,2' (`layer_skip_draft` of those target layers) or a checkpoint directory. Returns what
@@ -222,19 +236,21 @@ def _is_eos(tok: Array, eos: Array) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("tcfg", "dcfg", "k", "max_new_tokens", "max_len", "temperature",
                                              "top_k", "top_p", "draft_hook", "draft_cost",
-                                             "kernel_options"))
+                                             "kernel_options", "draft_layers"))
 def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcfg: ModelConfig | NgramDraft,
                      tokens: Array, offsets: Array, key: Array, eos: Array, hook_args: Any = None, *, k: int,
                      max_new_tokens: int, max_len: int, temperature: float, top_k: int, top_p: float,
-                     draft_hook: DraftHook | None = None, draft_cost: float | None = None, kernel_options=None
-                     ) -> tuple[Array, Array, dict]:
+                     draft_hook: DraftHook | None = None, draft_cost: float | None = None, kernel_options=None,
+                     draft_layers: tuple[int, ...] | None = None) -> tuple[Array, Array, dict]:
   """Prefill + speculative rounds until every row has max_new_tokens tokens or an EOS.
 
   tokens [b, P] left-padded prompts, offsets [b] their padding counts, eos [n_eos] int32. dparams / dcfg: the
   draft model, or None / an NgramDraft (no model: proposals looked up in the sequence). draft_hook (static)
   and hook_args (traced pytree, model drafts only): see the module docstring. draft_cost (static; None: every
   round proposes k tokens): round length chosen each round by `choose_k` (at most k) from the acceptance
-  measured so far, for a draft step costing draft_cost target calls.
+  measured so far, for a draft step costing draft_cost target calls. draft_layers (static): for a draft whose
+  layers are target layers (`layer_skip_draft`; `shared_layers` finds them), which ones: its decoding layout
+  is then taken from the target's instead of packed again.
   Returns out [b, max_new_tokens] (-1 past a row's end), n_out [b], and stats counters (device scalars).
   """
   b, plen = tokens.shape
@@ -260,7 +276,13 @@ def speculative_loop(tparams: dict, tcfg: ModelConfig, dparams: dict | None, dcf
   key, sub = jax.random.split(key)
   first = sample(last_logits(tparams, tcfg, last_hidden[:, None]), sub)
   tpacked = hybrid.pack_params(tparams, tcfg)
-  dpacked = None if ngram else hybrid.pack_params(dparams, dcfg)
+  if ngram:
+    dpacked = None
+  elif draft_layers is not None:  # the target's packed arrays, not a second copy of them
+    dpacked = {name: v for name, v in tpacked.items() if not name.startswith("layers_")}
+    dpacked.update({f"layers_{i}": tpacked[f"layers_{j}"] for i, j in enumerate(draft_layers)})
+  else:
+    dpacked = hybrid.pack_params(dparams, dcfg)
   out = jnp.full((b, max_new_tokens + k + 1), -1, jnp.int32).at[:, 0].set(first)
   done = _is_eos(first, eos) | (max_new_tokens <= 1)
   zero = jnp.int32(0)
@@ -409,7 +431,8 @@ def speculative_generate(target_params: dict, target_cfg: ModelConfig, draft_par
           jnp.asarray(eos, jnp.int32), hook_args)
   statics = {"k": k, "max_new_tokens": max_new_tokens, "max_len": max_len, "temperature": float(temperature),
              "top_k": int(top_k), "top_p": float(top_p), "draft_hook": draft_hook,
-             "draft_cost": None if draft_cost is None else float(draft_cost), "kernel_options": kernel_options}
+             "draft_cost": None if draft_cost is None else float(draft_cost), "kernel_options": kernel_options,
+             "draft_layers": shared_layers(target_params, draft_params)}
   t0 = time.perf_counter()
   run = _compiled_loop(target_cfg, draft_cfg, args, statics)
   t1 = time.perf_counter()
