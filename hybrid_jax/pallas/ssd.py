@@ -1,4 +1,4 @@
-"""Mamba-2 SSD scan: a Pallas (Triton) chunk kernel and the chunked matmul formulation in plain JAX.
+"""Mamba-2 SSD scan: Pallas (Triton) chunk kernels and the chunked matmul formulation in plain JAX.
 
 Both sit behind the signature of `reference.ssd_scan_ref`; the D * x term stays in XLA. Core:
 
