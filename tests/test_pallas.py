@@ -158,8 +158,8 @@ def test_ssd_kernel_several_chunks(dtype):
 
 def test_ssd_kernel_cuda_lowering():
   """The chunk kernels lower for CUDA (on this CPU host) as two Triton calls, their matmuls at the precision
-  asked for whatever the global default (the tests set 'highest'); differentiated, the chunked form runs
-  instead (no kernel)."""
+  asked for, or (None) at JAX's default, which the tests set to 'highest'; differentiated, the chunked form
+  runs instead (no kernel)."""
   inp = m2_inputs(jax.random.PRNGKey(22), 1, 40, 2, 64, 1, 64, dtype=BF16)
   names = ["x", "dt", "B", "C"]
 
@@ -167,11 +167,11 @@ def test_ssd_kernel_cuda_lowering():
     y, h = ssd.ssd_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False, options=options)
     return jnp.sum(y.astype(F32)) + jnp.sum(h)
   lower = lambda f: f.trace(*[inp[k] for k in names]).lower(lowering_platforms=("cuda",)).as_text()
-  for tf32 in (True, False):
+  for tf32 in (True, False, None):
     f = functools.partial(run, options=KernelOptions(ssd_tf32=tf32))
     assert lower(jax.jit(f)).count("custom_call @__gpu$xla.gpu.triton") == 2  # the chunk states, then y
     jaxpr = str(jax.make_jaxpr(f)(*[inp[k] for k in names]))
-    assert ("precision=(Precision.DEFAULT" in jaxpr) == tf32  # DEFAULT: TF32 in the Triton lowering
+    assert ("precision=(Precision.DEFAULT" in jaxpr) == bool(tf32)  # DEFAULT: TF32 in the Triton lowering
   assert "triton" not in lower(jax.jit(jax.grad(run, argnums=(0, 1, 2, 3))))
 
 

@@ -94,9 +94,11 @@ class KernelOptions:
 
   Mamba-2 training scan (`ssd`, ScanImpl.PALLAS): ssd_chunk / ssd_warps, steps per chunk (a power of two,
   at least 16) and warps of the two chunk kernels; H100, batch 4, l 2048, 32 heads, P = N = 64, forward 0.42
-  ms at (128, 8) against 0.52 at (64, 4) and 0.96 for the chunked form in XLA. ssd_tf32: the kernels' matmuls
-  take TF32 inputs on GPU (relative error 1e-3 against the float32 reference at that shape, below the bf16
-  rounding of y; mamba_ssm's kernels round those operands to bf16); False: full float32 products.
+  ms at (128, 8) against 0.52 at (64, 4) and 0.96 for the chunked form in XLA. ssd_tf32: True, the kernels'
+  matmuls take TF32 inputs on GPU (relative error 1e-3 against the float32 reference at that shape, below the
+  bf16 rounding of y; mamba_ssm's kernels round those operands to bf16; the timing above); False, float32
+  products; None, as JAX's default matmul precision has it, like XLA's own matmuls (TF32 on GPU unless
+  `jax_default_matmul_precision` asks for more).
   """
   gpu_mamba: ScanImpl = ScanImpl.PALLAS
   gpu_mamba2: ScanImpl = ScanImpl.PALLAS
@@ -123,7 +125,7 @@ class KernelOptions:
   lane_scalars: bool = True
   ssd_chunk: int = 128
   ssd_warps: int = 8
-  ssd_tf32: bool = True
+  ssd_tf32: bool | None = None
 
   def __post_init__(self):
     for name in ("gpu_mamba", "gpu_mamba2", "tpu_mamba", "tpu_mamba2"):

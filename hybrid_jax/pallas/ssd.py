@@ -131,13 +131,14 @@ def _output_kernel(x_ref, b_ref, c_ref, dl_ref, cum_ref, seg_ref, fs_ref, st_ref
   y_ref[...] = y + fs_ref[...][:, None] * c_start
 
 
-def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 128, num_warps: int = 8, tf32: bool = True,
+def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 128, num_warps: int = 8, tf32: bool | None = None,
                 interpret: bool | None = None):
   """`chunked_core` with the per-chunk work in two Pallas kernels (same arguments and results): the chunks'
   end states, then (after the closed form over chunks, in XLA) y. The [T, T] matrices never leave the chip.
   Triton tiles are powers of two of at least 16: the chunk, P and N are padded up to that (zeros, no-op steps).
-  tf32: the matmuls take TF32 inputs on GPU (explicit precision: the global matmul-precision setting does not
-  change the kernel); interpret mode computes them in float32 either way."""
+  tf32: True, the matmuls take TF32 inputs on GPU; False, float32 products; None, as JAX's default matmul
+  precision has it (TF32 on GPU unless `jax_default_matmul_precision` asks for more). Interpret mode computes
+  them in float32 either way."""
   b, l, nh, p = x.shape
   g, n = B.shape[-2:]
   hpg = nh // g
@@ -150,7 +151,7 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 128, num_warps: int
   xs = common.pad_axis(_split_time(x, chunk).reshape(b, nc * chunk, nh, p), -1, p_p)
   bs, cs = (common.pad_axis(_split_time(v, chunk).reshape(b, nc * chunk, g, n), -1, n_p) for v in (B, C))
   grid = (b, nc, nh)
-  precision = jax.lax.Precision.DEFAULT if tf32 else jax.lax.Precision.HIGHEST
+  precision = None if tf32 is None else jax.lax.Precision.DEFAULT if tf32 else jax.lax.Precision.HIGHEST
   per_head = pl.BlockSpec((None, chunk, None), lambda i, c, hh: (i, c, hh))
   group = pl.BlockSpec((None, chunk, None, n_p), lambda i, c, hh: (i, c, hh // hpg, 0))
   rows_p = pl.BlockSpec((None, chunk, None, p_p), lambda i, c, hh: (i, c, hh, 0))
