@@ -40,3 +40,14 @@ def _release_compiled_programs():
   (vm.max_map_count, 65530 by default) and the next compilation aborts."""
   yield
   jax.clear_caches()
+
+
+# The longest files first: `pytest -n 2 --dist loadfile` hands files to the two workers in collection order, and
+# a long file collected last keeps one worker busy while the other idles. Order inside a file is kept.
+LONGEST_FIRST = ("test_speculative.py", "test_pallas.py", "test_multihost.py", "test_hybrid.py", "test_train.py",
+                 "test_harness.py", "test_cli_errors.py", "test_default_data.py", "test_llama_parity.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
