@@ -167,10 +167,10 @@ def test_ssd_kernel_cuda_lowering():
     y, h = ssd.ssd_scan_pallas(**dict(inp, **dict(zip(names, vals))), interpret=False, options=options)
     return jnp.sum(y.astype(F32)) + jnp.sum(h)
   lower = lambda f: f.trace(*[inp[k] for k in names]).lower(lowering_platforms=("cuda",)).as_text()
+  assert lower(jax.jit(run)).count("custom_call @__gpu$xla.gpu.triton") == 2  # the chunk states, then y
   for tf32 in (True, False, None):
-    f = functools.partial(run, options=KernelOptions(ssd_tf32=tf32))
-    assert lower(jax.jit(f)).count("custom_call @__gpu$xla.gpu.triton") == 2  # the chunk states, then y
-    jaxpr = str(jax.make_jaxpr(f)(*[inp[k] for k in names]))
+    jaxpr = str(jax.make_jaxpr(functools.partial(run, options=KernelOptions(ssd_tf32=tf32)))(
+        *[inp[k] for k in names]))
     assert ("precision=(Precision.DEFAULT" in jaxpr) == bool(tf32)  # DEFAULT: TF32 in the Triton lowering
   assert "triton" not in lower(jax.jit(jax.grad(run, argnums=(0, 1, 2, 3))))
 

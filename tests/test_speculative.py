@@ -203,7 +203,7 @@ def exact_joint(params, cfg, prompt, n, **sampling):
 @pytest.mark.parametrize("sampling", [{"temperature": 1.0, "top_k": 0, "top_p": 1.0},
                                       {"temperature": 0.7, "top_k": 6, "top_p": 0.9}], ids=["plain", "topk_topp"])
 def test_sampling_matches_target_distribution(sampling):
-  v, n_tok, samples = 8, 3, 20000
+  v, n_tok, samples = 8, 3, 12000
   cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)
   params = hybrid.init_params(cfg, jax.random.PRNGKey(11), std=0.5)
   draft = perturbed(params, jax.random.PRNGKey(12), 1.0)
@@ -264,7 +264,7 @@ def test_ngram_greedy_equals_target(target, k=3):
 def test_ngram_sampling_matches_target_distribution():
   """Deterministic proposals (one-hot q) under speculative sampling: the emitted tokens are distributed as the
   target's, while proposals are both accepted and rejected."""
-  v, n_tok, samples = 8, 3, 20000
+  v, n_tok, samples = 8, 3, 12000
   sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
   cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)
   params = hybrid.init_params(cfg, jax.random.PRNGKey(17), std=0.5)  # weights that accept ~30% of lookups
@@ -330,7 +330,7 @@ def test_auto_k_follows_acceptance():
 
 def test_auto_k_sampling_matches_target_distribution():
   """Sampling with rounds shorter than k_max (the acceptance limit in use): still the target's distribution."""
-  v, n_tok, samples = 8, 3, 20000
+  v, n_tok, samples = 8, 3, 12000
   sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
   cfg = tiny_cfg("mamba", layers=2, attn=(1,), vocab=v)
   params = hybrid.init_params(cfg, jax.random.PRNGKey(11), std=0.5)
