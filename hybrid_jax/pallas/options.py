@@ -57,9 +57,9 @@ class KernelOptions:
   hashable: a static argument of the jitted / custom-VJP functions. Fields by kernel:
 
   Dispatch (ScanImpl.AUTO on GPU): gpu_mamba / gpu_mamba2, chosen by bench/bench_kernels.py on an H100 (seq
-  2048, forward + backward; Mamba-2's kernel runs the forward of a prefill, and under differentiation the
-  chunked form runs forward and backward, so its training cost is the chunked form's). On TPU: tpu_mamba / tpu_mamba2, picked without a TPU timing (none has been
-  taken yet): Mamba-1 the Mosaic kernel (`tpu_scan`: the state stays on chip, where the chunked form is
+  2048, forward + backward; Mamba-2's kernels run the forward of a prefill, and under differentiation the
+  chunked form runs forward and backward, so its training cost is the chunked form's). On TPU: tpu_mamba /
+  tpu_mamba2, picked without a TPU timing (none has been taken yet): Mamba-1 the Mosaic kernel (`tpu_scan`: the state stays on chip, where the chunked form is
   element-wise scans through memory), Mamba-2 the chunked SSD form, whose matmuls are MXU work (the Mosaic
   kernel runs Mamba-2 as element-wise vector work).
 

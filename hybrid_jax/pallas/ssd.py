@@ -34,16 +34,19 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 # ------------------------------------------------------------------------------------------------
 # Shared pieces of both forms
+def _split_time(v, chunk):
+  """[b, l, ...] -> [b, nc, T, ...], time zero-padded to whole chunks."""
+  b, l = v.shape[:2]
+  nc = pl.cdiv(l, chunk)
+  return common.pad_axis(v, 1, nc * chunk).reshape(b, nc, chunk, *v.shape[2:])
+
+
 def _chunks(delta, A, keep, chunk):
   """Per-step terms of the chunked form, time split as [b, nc, T, ...] (padded steps: delta 0, no reset):
   dl [b,c,T,H], cum [b,c,T,H] (running sum of delta A inside the chunk), seg [b,c,T] (resets seen so far
   inside the chunk: steps with equal seg are connected)."""
-  b, l = keep.shape
-  nc = pl.cdiv(l, chunk)
-  lp = nc * chunk
-  split = lambda v: common.pad_axis(v.astype(f32), 1, lp).reshape(b, nc, chunk, *v.shape[2:])
-  dl = split(delta)
-  seg = jnp.cumsum(split(1.0 - keep), axis=2)
+  dl = _split_time(delta.astype(f32), chunk)
+  seg = jnp.cumsum(_split_time(1.0 - keep.astype(f32), chunk), axis=2)
   cum = jnp.cumsum(dl * A.astype(f32), axis=2)
   return dl, cum, seg
 
@@ -72,12 +75,6 @@ def _chunk_starts(h0, s_local, cum, seg):
   starts = (jnp.einsum("bcjh,bjhpn->bchpn", w[:, :, 1:], s_local, precision=HIGHEST)
             + w[:, :, 0, :, None, None] * h0.astype(f32)[:, None])
   return starts[:, :nc], starts[:, nc]
-
-
-def _split_time(v, chunk):
-  b, l = v.shape[:2]
-  nc = pl.cdiv(l, chunk)
-  return common.pad_axis(v, 1, nc * chunk).reshape(b, nc, chunk, *v.shape[2:])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,9 +144,10 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 128, num_warps: int
   dl, cum, seg = _chunks(delta, A, keep, chunk)
   nc = dl.shape[1]
   to_end, from_start = _chunk_decays(cum, seg)
-  flat = lambda v: v.reshape(b, nc * chunk, *v.shape[3:])
-  xs = common.pad_axis(_split_time(x, chunk).reshape(b, nc * chunk, nh, p), -1, p_p)
-  bs, cs = (common.pad_axis(_split_time(v, chunk).reshape(b, nc * chunk, g, n), -1, n_p) for v in (B, C))
+  lp = nc * chunk
+  flat = lambda v: v.reshape(b, lp, *v.shape[3:])  # [b, nc, T, ...] -> [b, lp, ...]
+  xs = common.pad_axis(common.pad_axis(x, 1, lp), -1, p_p)  # [b, lp, H, P_p]
+  bs, cs = (common.pad_axis(common.pad_axis(v, 1, lp), -1, n_p) for v in (B, C))  # [b, lp, G, N_p]
   grid = (b, nc, nh)
   precision = None if tf32 is None else jax.lax.Precision.DEFAULT if tf32 else jax.lax.Precision.HIGHEST
   per_head = pl.BlockSpec((None, chunk, None), lambda i, c, hh: (i, c, hh))
@@ -157,16 +155,18 @@ def kernel_core(delta, x, A, B, C, keep, h0, *, chunk: int = 128, num_warps: int
   rows_p = pl.BlockSpec((None, chunk, None, p_p), lambda i, c, hh: (i, c, hh, 0))
   state = pl.BlockSpec((None, None, None, p_p, n_p), lambda i, c, hh: (i, c, hh, 0, 0))
   s_local = common.call(
-      functools.partial(_state_kernel, precision=precision), out_shape=jax.ShapeDtypeStruct((b, nc, nh, p_p, n_p), f32), grid=grid,
+      functools.partial(_state_kernel, precision=precision),
+      out_shape=jax.ShapeDtypeStruct((b, nc, nh, p_p, n_p), f32), grid=grid,
       in_specs=[rows_p, group, per_head], out_specs=state, num_warps=num_warps, interpret=interpret,
   )(xs, bs, flat(to_end * dl))
   starts, h_end = _chunk_starts(common.pad_axis(common.pad_axis(h0, -1, n_p), -2, p_p), s_local, cum, seg)
   ys = common.call(
-      functools.partial(_output_kernel, precision=precision), out_shape=jax.ShapeDtypeStruct((b, nc * chunk, nh, p_p), f32), grid=grid,
+      functools.partial(_output_kernel, precision=precision),
+      out_shape=jax.ShapeDtypeStruct((b, lp, nh, p_p), f32), grid=grid,
       in_specs=[rows_p, group, group, per_head, per_head, pl.BlockSpec((None, chunk), lambda i, c, hh: (i, c)),
                 per_head, state],
       out_specs=rows_p, num_warps=num_warps, interpret=interpret,
-  )(xs, bs, cs, flat(dl), flat(cum), seg.reshape(b, nc * chunk), flat(from_start), starts)
+  )(xs, bs, cs, flat(dl), flat(cum), seg.reshape(b, lp), flat(from_start), starts)
   return ys[:, :l, :, :p], h_end[:, :, :p, :n]
 
 
