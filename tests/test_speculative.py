@@ -115,7 +115,7 @@ def test_spec_forward_rollback_with_pallas_multistep_kernel(variant):
 
 # ------------------------------------------------------------------------------------------------
 # Greedy: token-for-token equal to the target's own greedy decoding
-@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("k", [1, 3, 8])  # k = 2 and 5 run in the sampling and auto-k tests
 def test_greedy_equals_target_with_perturbed_draft(target, k):
   cfg, params = target
   draft = perturbed(params, jax.random.PRNGKey(7), 0.03)
@@ -219,10 +219,11 @@ def test_sampling_matches_target_distribution(sampling):
                                     eos_ids=(), **sampling)
   assert 0.1 < stats["acceptance_rate"] < 0.95, stats  # rejections and residual resampling both matter
   assert chi_square_pvalue(counts(got), probs) > 1e-3
-  # Control: the draft's own samples (draft == target in the speculative loop: always accepted) must fail.
-  control, _ = speculative_generate(draft, cfg, draft, cfg, [prompt] * samples, n_tok, 2, seed=3,
-                                    eos_ids=(), **sampling)
-  assert chi_square_pvalue(counts(control), probs) < 1e-6
+  # Control: as many draws from the draft's own distribution (what the loop would emit if it always accepted)
+  # must fail, or the test could not tell the draft's distribution from the target's.
+  draft_probs = exact_joint(draft, cfg, prompt, n_tok, **sampling)
+  control = np.random.default_rng(3).multinomial(samples, draft_probs / draft_probs.sum())
+  assert chi_square_pvalue(control, probs) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------------

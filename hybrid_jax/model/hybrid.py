@@ -240,11 +240,16 @@ def init_mixer_params(cfg: ModelConfig, layer: int, key: Array) -> dict:
   return jax.jit(lambda k: _mixer(cfg, layer, None, 0.02).init(k, u, ctx)["params"])(key)
 
 
-def forward(params: dict, cfg: ModelConfig, tokens: Array, *, kernel_options=None, packed: bool = False, **kw
-            ) -> tuple[Array, Cache | None]:
-  """`HybridLM(cfg).apply({'params': params}, tokens, **kw)`: see `HybridLM.__call__`. packed: params in the
+@functools.partial(jax.jit, static_argnames=("cfg", "kernel_options", "packed", "speculative", "return_hidden"))
+def forward(params: dict, cfg: ModelConfig, tokens: Array, *, kernel_options=None, packed: bool = False,
+            segment_ids: Array | None = None, positions: Array | None = None, cache: Cache | None = None,
+            speculative: str | None = None, return_hidden: bool = False) -> tuple[Array, Cache | None]:
+  """`HybridLM(cfg).apply({'params': params}, tokens, ...)`, jitted (one program per shape and static options,
+  where an eager apply would compile each operation by itself); see `HybridLM.__call__`. packed: params in the
   decoding layout (`pack_params`)."""
-  return HybridLM(cfg, kernel_options, packed=packed).apply({"params": params}, tokens, **kw)
+  return HybridLM(cfg, kernel_options, packed=packed).apply(
+      {"params": params}, tokens, segment_ids=segment_ids, positions=positions, cache=cache,
+      speculative=speculative, return_hidden=return_hidden)
 
 
 def pack_params(params: dict, cfg: ModelConfig) -> dict:
