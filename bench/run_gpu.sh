@@ -28,7 +28,7 @@ Tables:
                 (section 4; bench/fidelity.py; converts the default teacher first when it is missing)
   spec-fidelity speculative decoding of the 50% Mamba-2 fidelity model with the drafts that need no
                 training: prompt lookup and layer-skip self-drafts (section 2.1)
-  harness       lm-evaluation-harness loglikelihood throughput against HFLM, 1B shape
+  harness       lm-evaluation-harness loglikelihood throughput against HFLM, 1B shape (section 6)
   kernels       verify, bandwidth, scan and scan-bwd
   all           every table
 
