@@ -48,8 +48,7 @@ def answer_nll(params, cfg, seqs, prompt_lens) -> tuple[float, int]:
   for r, (s, pl) in enumerate(zip(seqs, prompt_lens)):
     toks[r, :len(s)], seg[r, :len(s)] = s, 1
     score[r, pl - 1:len(s) - 1] = True
-  logits, _ = jax.jit(lambda p, t, sg: hybrid.forward(p, cfg, t, segment_ids=sg))(
-      params, jnp.asarray(toks), jnp.asarray(seg))
+  logits, _ = hybrid.forward(params, cfg, jnp.asarray(toks), segment_ids=jnp.asarray(seg))
   logp = jax.nn.log_softmax(logits[:, :-1], -1)
   nll = -jnp.take_along_axis(logp, jnp.asarray(toks)[:, 1:, None], -1)[..., 0]
   return float(jnp.sum(jnp.where(jnp.asarray(score), nll, 0.0))), int(score.sum())

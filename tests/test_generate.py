@@ -47,11 +47,10 @@ def test_cached_prefill_and_steps_match_full_forward():
   tokens, offsets = left_pad(prompts, pad_id=0)
   L = tokens.shape[1]
   cache = hybrid.init_cache(cfg, 3, L + cont.shape[1]).replace(offset=jnp.asarray(offsets))
-  step = jax.jit(lambda p, t, c: hybrid.forward(p, cfg, t, cache=c))
-  pre, cache = step(params, jnp.asarray(tokens), cache)
+  pre, cache = hybrid.forward(params, cfg, jnp.asarray(tokens), cache=cache)
   steps = []
   for j in range(cont.shape[1]):
-    lg, cache = step(params, jnp.asarray(cont[:, j:j + 1]), cache)
+    lg, cache = hybrid.forward(params, cfg, jnp.asarray(cont[:, j:j + 1]), cache=cache)
     steps.append(np.asarray(lg[:, 0]))
   assert np.asarray(cache.pos).tolist() == [L + cont.shape[1]] * 3
   for i, p in enumerate(prompts):
@@ -178,13 +177,12 @@ def test_generate_hybrid_left_padded_equals_naive(variant):
                     num_attention_heads=4, num_key_value_heads=2, attn_layers=(1,),
                     ssm={"variant": variant, "d_state": 8, "scan_impl": "reference"})
   params = hybrid.init_params(cfg, jax.random.PRNGKey(0), std=0.3)
-  fwd = jax.jit(lambda p, t: hybrid.forward(p, cfg, t)[0])
 
   def naive(seq, n):
     seq, new = list(seq), []
     for _ in range(n):
       padded = seq + [0] * (16 - len(seq))  # right padding: causal, leaves earlier logits unchanged
-      t = int(np.asarray(fwd(params, jnp.asarray([padded])))[0, len(seq) - 1].argmax())
+      t = int(np.asarray(hybrid.forward(params, cfg, jnp.asarray([padded]))[0])[0, len(seq) - 1].argmax())
       seq.append(t)
       new.append(t)
     return new

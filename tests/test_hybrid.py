@@ -32,12 +32,11 @@ def test_cached_decoding_equals_full_forward(variant, attn):
     prompt[i, total - n:] = seqs[i][:n]
   cache = hybrid.init_cache(cfg, 2, total + steps)
   cache = cache.replace(offset=jnp.array([total - n for n in lens], jnp.int32))
-  fwd = jax.jit(lambda p, t, c: hybrid.forward(p, cfg, t, cache=c))
-  logits, cache = fwd(params, jnp.asarray(prompt), cache)
+  logits, cache = hybrid.forward(params, cfg, jnp.asarray(prompt), cache=cache)
   got = [[np.asarray(logits[i, total - n:])] for i, n in enumerate(lens)]
   for s in range(steps):
     tok = np.array([seqs[i][n + s] for i, n in enumerate(lens)], np.int32)[:, None]
-    logits, cache = fwd(params, jnp.asarray(tok), cache)
+    logits, cache = hybrid.forward(params, cfg, jnp.asarray(tok), cache=cache)
     for i in range(2):
       got[i].append(np.asarray(logits[i]))
   for i, n in enumerate(lens):

@@ -59,9 +59,9 @@ class KernelOptions:
   Dispatch (ScanImpl.AUTO on GPU): gpu_mamba / gpu_mamba2, chosen by bench/bench_kernels.py on an H100 (seq
   2048, forward + backward; Mamba-2's kernels run the forward of a prefill, and under differentiation the
   chunked form runs forward and backward, so its training cost is the chunked form's). On TPU: tpu_mamba /
-  tpu_mamba2, picked without a TPU timing (none has been taken yet): Mamba-1 the Mosaic kernel (`tpu_scan`: the state stays on chip, where the chunked form is
-  element-wise scans through memory), Mamba-2 the chunked SSD form, whose matmuls are MXU work (the Mosaic
-  kernel runs Mamba-2 as element-wise vector work).
+  tpu_mamba2, picked without a TPU timing (none has been taken yet): Mamba-1 the Mosaic kernel (`tpu_scan`:
+  the state stays on chip, where the chunked form is element-wise scans through memory), Mamba-2 the chunked
+  SSD form, whose matmuls are MXU work (the Mosaic kernel runs Mamba-2 as element-wise vector work).
 
   platform: the platform the programs are built for, None: `jax.default_backend()`; 'gpu' or 'tpu' (or
   'cuda' / 'rocm', read as 'gpu') to lower for a platform other than the host's, e.g. `jax.export` for TPU
