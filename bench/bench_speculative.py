@@ -276,6 +276,9 @@ def part_a(args) -> dict:
   from hybrid_jax.checkpoint import load_model
   from hybrid_jax.decode.speculative import resolve_draft
   tparams, tcfg, tok = load_model(args.target)
+  if args.target_dtype:  # e.g. float32: the same model with less rounding, to tell near-ties from wrong accepts
+    tcfg = tcfg.replace(dtype=args.target_dtype, param_dtype=args.target_dtype)
+    tparams = jax.tree.map(lambda x: x.astype(args.target_dtype), tparams)
   texts = ["Explain how a state space model differs from attention.", "Write a haiku about the sea.",
            "List three prime numbers and explain why they are prime.", "What is the capital of France?"]
   batch = max(args.batches)
@@ -287,7 +290,7 @@ def part_a(args) -> dict:
   # batch 1 (the latency case speculation is for): each prompt on its own, totals over all of them.
   groups = [[p] for p in prompts] if batch == 1 else [(prompts * batch)[:batch]]
   print(f"\n== Part A: target {args.target}, batch {len(groups[0])}, {len(groups)} prompt group(s), "
-        f"{args.max_new} new tokens each (no EOS stop) ==")
+        f"{args.max_new} new tokens each (no EOS stop), {tcfg.compute_dtype} ==")
 
   def run_all(dparams, dcfg, k):
     n_tok, secs, calls, acc, prop, outs = 0, 0.0, 0, 0.0, 0.0, []
@@ -318,7 +321,7 @@ def part_a(args) -> dict:
       print(f"MEASURED draft {spec} k={k!s:>4}: {tps:8.1f} tok/s  speedup {tps / tps_plain:5.2f}  accepted/step "
             f"{st['accepted_per_step']:.2f}  acceptance {st['acceptance_rate']:.2f}  target calls "
             f"{st['target_calls']}  output {'= plain greedy' if same else 'DIFFERS from plain greedy: ' + where}")
-  return {"target": args.target, "plain_tps": tps_plain, "rows": rows}
+  return {"target": args.target, "dtype": str(tcfg.compute_dtype), "plain_tps": tps_plain, "rows": rows}
 
 
 def main(argv=None):
@@ -345,6 +348,8 @@ def main(argv=None):
   ap.add_argument("--budget-s", type=float, default=0, help="part C: skip further k once this many seconds "
                                                             "have passed (0: no limit)")
   ap.add_argument("--dtype", default="bfloat16", help="random-weight dtype (part A keeps the checkpoint's)")
+  ap.add_argument("--target-dtype", default="",
+                  help="part A: run the checkpoint in this dtype (float32 also makes matmuls full precision)")
   ap.add_argument("--json", help="write the results here (rewritten after every part-C model)")
   args = ap.parse_args(argv)
   args.ks = [x if x == "auto" else int(x) for x in args.ks.split(",") if x]
@@ -376,7 +381,9 @@ def main(argv=None):
   if results["part_c"]:
     print("\n" + markdown(results["part_c"]))
   if args.target:
-    results["part_a"] = part_a(args)
+    precision = "highest" if args.target_dtype == "float32" else None  # no TF32 matmuls in a float32 check
+    with jax.default_matmul_precision(precision):
+      results["part_a"] = part_a(args)
   print(f"total {time.perf_counter() - start:.1f} s")
   save()
 

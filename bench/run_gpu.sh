@@ -24,10 +24,14 @@ Tables:
   scan-bwd      the Mamba-1 scan's backward kernel by tile (section 3)
   decode-b1     plain greedy decoding beside transformers, batch 1, both shapes (section 2.3)
   decode-b64    the same at batch 64, prompt 2048, 512 new tokens, 1B shape (section 2.3)
-  fidelity      the GPU fidelity recipes, 50% attention, both variants, with their held-out table
-                (section 4; bench/fidelity.py; converts the default teacher first when it is missing)
+  decode-max    the largest batch that fits, prompt 2048, 512 new tokens, 1B shape, every hybrid_jax model
+                (section 2.3)
+  fidelity      the GPU fidelity recipes (default: 50% attention, both variants) with their held-out table
+                (section 4; bench/fidelity.py; converts the default teacher first when it is missing); a
+                stopped run resumes when run again
   spec-fidelity speculative decoding of the 50% Mamba-2 fidelity model with the drafts that need no
-                training: prompt lookup and layer-skip self-drafts (section 2.1)
+                training: prompt lookup and layer-skip self-drafts, in the checkpoint's bfloat16 and again
+                in float32 (section 2.1)
   harness       lm-evaluation-harness loglikelihood throughput against HFLM, 1B shape (section 6)
   kernels       verify, bandwidth, scan and scan-bwd
   all           every table
@@ -36,7 +40,8 @@ Options:
   --out DIR     where logs go (default: runs/bench)
   -h, --help    this text
 Environment: PYTHON (default: python3), TEACHER (default teacher directory, spec-default;
-default: .cache/teachers/smollm2-135m-instruct).
+default: .cache/teachers/smollm2-135m-instruct), FIDELITY_RECIPES (bench/fidelity.py --recipes; default:
+mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (its --deadline-s; default 0, no limit).
 EOF
 }
 
@@ -55,8 +60,8 @@ done
 
 PY=${PYTHON:-python3}
 TEACHER=${TEACHER:-.cache/teachers/smollm2-135m-instruct}
-KNOWN=" train spec-default spec-b1 spec-b8 spec-verify verify bandwidth scan scan-bwd decode-b1 decode-b64 fidelity \
-spec-fidelity harness "
+KNOWN=" train spec-default spec-b1 spec-b8 spec-verify verify bandwidth scan scan-bwd decode-b1 decode-b64 decode-max \
+fidelity spec-fidelity harness "
 expanded=()
 for t in "${TABLES[@]}"; do
   case $t in
@@ -125,13 +130,18 @@ for t in "${expanded[@]}"; do
     scan-bwd) run scan-bwd "$PY" bench/scan_bwd.py --tiles 256,512,1024,2048 ;;
     decode-b1) run decode-b1 "$PY" bench/bench_decode.py --shapes 135m,1b --cases b1 --out "$OUT/decode-b1.json" ;;
     decode-b64) run decode-b64 "$PY" bench/bench_decode.py --shapes 1b --cases b64 --out "$OUT/decode-b64.json" ;;
+    decode-max) run decode-max "$PY" bench/bench_decode.py --shapes 1b --cases '' --max-batch --repeats 1 \
+                  --only teacher,h50-mamba2,h25-mamba2,h50-mamba,h25-mamba --out "$OUT/decode-max.json" ;;
     fidelity) teacher && run fidelity "$PY" bench/fidelity.py --teacher "$TEACHER" \
-                --recipes mamba2_attn50,mamba_attn50 --out "$OUT/fidelity" ;;
+                --recipes "${FIDELITY_RECIPES:-mamba2_attn50,mamba_attn50}" --deadline-s "${FIDELITY_DEADLINE_S:-0}" \
+                --out "$OUT/fidelity" ;;
     spec-fidelity)
       [ -f "$FIDELITY_MODEL/config.json" ] || { echo "spec-fidelity: run the fidelity table first"; failed=1; continue; }
-      run spec-fidelity "$PY" bench/bench_speculative.py --target "$FIDELITY_MODEL" --sizes "" --max-new 256 \
-        --draft ngram --draft self:0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 --draft self:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28 \
-        --ks 2,4,auto --json "$OUT/spec-fidelity.json" ;;
+      S=(bench/bench_speculative.py --target "$FIDELITY_MODEL" --sizes "" --max-new 256 --draft ngram
+         --draft self:0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15 --draft self:0,2,4,6,8,10,12,14,16,18,20,22,24,26,28
+         --ks 2,4,auto)
+      run spec-fidelity "$PY" "${S[@]}" --json "$OUT/spec-fidelity.json"
+      run spec-fidelity-fp32 "$PY" "${S[@]}" --target-dtype float32 --json "$OUT/spec-fidelity-fp32.json" ;;
     harness) run harness "$PY" bench/bench_harness.py --n 1000 --batch-size 16 --json "$OUT/harness.json" ;;
   esac
 done

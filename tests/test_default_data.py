@@ -77,6 +77,28 @@ def test_generates_valid_records_deterministically_and_caches(tiny_teacher, tmp_
   assert c["dir"] != a["dir"] and _text(c["train"]) != _text(a["train"])
 
 
+def test_recipe_answer_sampling_reaches_the_generator(tiny_teacher, tmp_path):
+  """default_data.answer_temperature / answer_top_p of a recipe select sampled answers (their own cache entry);
+  the greedy defaults keep the cache key of a plain ensure_default_data call."""
+  from hybrid_jax.config import ConfigError
+  from hybrid_jax.train import config as tcfg
+  from hybrid_jax.train.cli import resolve_data
+  size = [f"default_data.{k}={v}" for k, v in
+          {"n_train": 5, "n_eval": 2, "max_new_tokens": 6, "batch_size": 4}.items()]
+  greedy = resolve_data(tcfg.load(None, size), tiny_teacher, str(tmp_path), log=lambda *_: None)
+  sampled = resolve_data(tcfg.load(None, size + ["default_data.answer_temperature=0.8",
+                                                 "default_data.answer_top_p=0.9"]),
+                         tiny_teacher, str(tmp_path), log=lambda *_: None)
+  g_dir, s_dir = (os.path.dirname(c.data["paths"][0]) for c in (greedy, sampled))
+  plain = dd.ensure_default_data(tiny_teacher, str(tmp_path), n_train=5, n_eval=2, max_new_tokens=6, batch_size=4)
+  assert g_dir == plain["dir"] and s_dir != g_dir
+  settings = _meta(s_dir)["settings"]
+  assert (settings["answer_temperature"], settings["answer_top_p"]) == (0.8, 0.9)
+  for bad in ("default_data.answer_temperature=-1", "default_data.answer_top_p=0"):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+      tcfg.load(None, [bad])
+
+
 def test_dpo_pairs(tiny_teacher, tmp_path, teacher_dir):
   from hybrid_jax.checkpoint import save_model
   from hybrid_jax.config import ModelConfig

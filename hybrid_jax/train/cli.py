@@ -162,7 +162,7 @@ def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str,
   log(f"data.paths empty: using the default teacher-generated data (cache {cache_dir})")
   dd = cfg.default_data
   kw = {"n_train": dd.n_train, "n_eval": dd.n_eval, "max_new_tokens": dd.max_new_tokens,
-        "batch_size": dd.batch_size}
+        "batch_size": dd.batch_size, "answer_temperature": dd.answer_temperature, "answer_top_p": dd.answer_top_p}
   if cfg.stage == "dpo":
     if not init_dir:
       raise ConfigError("dpo with default data needs --init (the student whose answers become 'rejected')")

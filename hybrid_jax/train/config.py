@@ -11,7 +11,8 @@ YAML layout (every section optional; defaults below):
   optim: {lr, b1, b2, eps, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, trainable}
   loss:  {kl_weight, ce_weight, temperature, kl_reduction, dpo_beta, dpo_variant, label_smoothing}
   mesh:  {data, fsdp, tensor}         # -1 = the rest of the devices
-  default_data: {n_train, n_eval, max_new_tokens, batch_size}  # only when data.paths is empty
+  default_data: {n_train, n_eval, max_new_tokens, batch_size, answer_temperature, answer_top_p}
+                                     # only when data.paths is empty
 """
 from __future__ import annotations
 
@@ -154,11 +155,15 @@ class MeshSection:
 @dataclasses.dataclass(frozen=True)
 class DefaultDataSection:
   """Size of the teacher-generated default data (used only when data.paths is empty). Generation on a CPU
-  costs ~ rows x tokens, so CPU recipes ask for just what their steps consume."""
+  costs ~ rows x tokens, so CPU recipes ask for just what their steps consume. The teacher answers greedily
+  by default; a temperature > 0 samples its answers (more varied text per question, the same distribution
+  the student is matched to). The held-out split follows the same settings."""
   n_train: int = 384
   n_eval: int = 32
   max_new_tokens: int = 64
   batch_size: int = 128
+  answer_temperature: float = 0.0
+  answer_top_p: float = 1.0
 
   def __post_init__(self):
     for name in ("n_train", "max_new_tokens", "batch_size"):
@@ -166,6 +171,10 @@ class DefaultDataSection:
         raise ConfigError(f"default_data.{name} must be >= 1, got {getattr(self, name)}")
     if self.n_eval < 0:
       raise ConfigError(f"default_data.n_eval must be >= 0, got {self.n_eval}")
+    if self.answer_temperature < 0:
+      raise ConfigError(f"default_data.answer_temperature must be >= 0, got {self.answer_temperature}")
+    if not 0 < self.answer_top_p <= 1:
+      raise ConfigError(f"default_data.answer_top_p must be in (0, 1], got {self.answer_top_p}")
 
 
 @dataclasses.dataclass(frozen=True)
