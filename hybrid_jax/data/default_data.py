@@ -352,10 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--max-new-tokens", type=int, default=GenSettings.max_new_tokens)
   ap.add_argument("--batch-size", type=int, default=GenSettings.batch_size)
+  ap.add_argument("--answer-temperature", type=float, default=GenSettings.answer_temperature,
+                  help="0 = greedy answers; > 0 samples them")
+  ap.add_argument("--answer-top-p", type=float, default=GenSettings.answer_top_p)
   ap.add_argument("--student", default=None, help="also make DPO pairs against this student checkpoint")
   a = ap.parse_args(argv)
   kw = {"n_train": a.n_train, "n_eval": a.n_eval, "seed": a.seed, "max_new_tokens": a.max_new_tokens,
-        "batch_size": a.batch_size}
+        "batch_size": a.batch_size, "answer_temperature": a.answer_temperature, "answer_top_p": a.answer_top_p}
   if a.student:
     paths = ensure_default_dpo_data(a.teacher_dir, a.student, a.cache, **kw)
   else:
