@@ -18,6 +18,8 @@ OUT/fidelity.md, with the device, the library versions and the command.
 
   python bench/fidelity.py --teacher .cache/teachers/smollm2-135m-instruct --recipes mamba_attn50,mamba2_attn50
   python bench/fidelity.py --teacher DIR --smoke          # 2 steps per stage, tiny data: a CPU check
+  python bench/fidelity.py --teacher DIR --recipes mamba2_attn50 --runs runs/fidelity_replaced \
+      --distill-set 'optim.trainable=^layers_([13579]|[12][13579])/'   # distil only the replaced layers
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--cache-dir", default=".cache", help="generated data (training and held-out) cache")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="a config override for every stage, e.g. --set train.steps=100 (repeatable)")
+  ap.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE",
+                  help="a config override for the alignment stages only (repeatable)")
+  ap.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
+                  help="a config override for the distillation stages only, e.g. --distill-set "
+                       "'optim.trainable=^layers_(1|3)/' (repeatable)")
   ap.add_argument("--eval-args", default="", help="extra arguments of python -m hybrid_jax.evaluate.fidelity")
   ap.add_argument("--deadline-s", type=float, default=0.0,
                   help="stop (checkpointing the running stage) after this many seconds; 0 = no limit")
@@ -130,6 +137,20 @@ def _last_eval(run_dir: str) -> dict:
   return out
 
 
+def stage_command(config: str, run_dir: str, init: str | None, args) -> list[str]:
+  """train.py's command line for one stage: the recipe, the previous stage's model, the overrides (--set for
+  every stage, then --align-set or --distill-set for this stage's kind), --resume when a checkpoint exists."""
+  stage = "align" if config.endswith("_align") else "distill"
+  cmd = [args.python, "train.py", f"--stage={stage}", "--config", f"configs/{config}.yaml", "--teacher",
+         args.teacher, "--output", run_dir, "--cache-dir", args.cache_dir, "--no-progress"]
+  if init:
+    cmd += ["--init", os.path.join(init, "model")]
+  if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    cmd.append("--resume")
+  return cmd + list(SMOKE_SET if args.smoke else ()) + args.set + (args.align_set if stage == "align"
+                                                                    else args.distill_set)
+
+
 def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadline) -> dict:
   """One train.py stage (skipped when finished, resumed when interrupted) -> its record."""
   record = {"config": f"configs/{config}.yaml", "run_dir": run_dir}
@@ -138,14 +159,7 @@ def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadl
     with open(timing_path) as f:
       return {**record, **json.load(f), "skipped": True, "eval": _last_eval(run_dir)}
   os.makedirs(run_dir, exist_ok=True)
-  stage = "align" if config.endswith("_align") else "distill"
-  cmd = [args.python, "train.py", f"--stage={stage}", "--config", record["config"], "--teacher", args.teacher,
-         "--output", run_dir, "--cache-dir", args.cache_dir, "--no-progress"]
-  if init:
-    cmd += ["--init", os.path.join(init, "model")]
-  if os.path.isdir(os.path.join(run_dir, "checkpoints")):
-    cmd.append("--resume")
-  cmd += list(SMOKE_SET if args.smoke else ()) + args.set
+  cmd = stage_command(config, run_dir, init, args)
   earlier = {}
   if os.path.isfile(timing_path):
     with open(timing_path) as f:

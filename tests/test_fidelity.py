@@ -125,3 +125,10 @@ def test_gpu_recipe_chains_are_nested_and_valid():
     assert round(100 * len(layouts[-1]) / 30) == {"attn50": 50, "attn25": 27, "attn12": 13}[attn]
     assert all(c.loss.kl_reduction == "batchmean" for c in cfgs[:-1])
   assert bench.main(["--teacher", "/nonexistent", "--recipes", "mamba_attn99"]) == 2
+  # per-stage overrides reach only their stage's command, after the ones for every stage
+  args = bench.parse_args(["--teacher", "T", "--set", "a=1", "--align-set", "b=2", "--distill-set", "c=3"])
+  align = bench.stage_command("gpu_mamba_attn50_align", "/nonexistent/r", None, args)
+  distill = bench.stage_command("gpu_mamba_attn50_distill", "/nonexistent/r/d", "/nonexistent/r", args)
+  assert align[-2:] == ["a=1", "b=2"] and "c=3" not in align
+  assert distill[-2:] == ["a=1", "c=3"] and "b=2" not in distill
+  assert distill[distill.index("--init") + 1] == "/nonexistent/r/model"
