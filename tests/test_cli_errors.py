@@ -255,6 +255,17 @@ def test_train_bad_data_file(ckpt, tmp_path, recipe, case, capsys):
   assert_main_error(train_cli.main, ["--config", recipe, "--teacher", ckpt, f"data.paths=[{path}]"], path, capsys)
 
 
+def test_train_out_of_device_memory_is_one_line(ckpt, recipe, monkeypatch, capsys):
+  """A step that does not fit in device memory: one line naming the recipe keys to change, exit 2."""
+  def oom(*a, **k):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 30.45GiB")
+  monkeypatch.setattr(train_cli.loop, "train", oom)
+  assert train_cli.main(["--config", recipe, "--teacher", ckpt, "model.attn_fraction=1.0"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: out of device memory") and "\n" not in err
+  assert "data.batch_size=2 x data.seq_len=32" in err and "train.grad_accum" in err and "--resume" in err
+
+
 # ---- convert_torch.py ----------------------------------------------------------------------------
 
 @pytest.fixture()

@@ -231,10 +231,25 @@ def _run(args: argparse.Namespace, log) -> loop.TrainResult:
     if jax.process_index() == 0:
       save_model(directory, params, sc, tokenizer, extra=extra)
 
-  return loop.train(cfg, student_params=sp, student_cfg=sc,
-                    frozen_params=frozen[0] if frozen else None, frozen_cfg=frozen[1] if frozen else None,
-                    train_iter=train_iter, eval_batches=eval_batches, output_dir=output, resume=args.resume,
-                    save_model_fn=save_model_fn, progress=not args.no_progress, log=log)
+  try:
+    return loop.train(cfg, student_params=sp, student_cfg=sc,
+                      frozen_params=frozen[0] if frozen else None, frozen_cfg=frozen[1] if frozen else None,
+                      train_iter=train_iter, eval_batches=eval_batches, output_dir=output, resume=args.resume,
+                      save_model_fn=save_model_fn, progress=not args.no_progress, log=log)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise ConfigError(out_of_memory_message(cfg, output)) from e
+
+
+def out_of_memory_message(cfg: tcfg.TrainConfig, output: str) -> str:
+  """What to change when a step does not fit in device memory (the recipe keys), and where the last
+  checkpoint is."""
+  d = cfg.data_config
+  return (f"out of device memory: a step of data.batch_size={d.batch_size} x data.seq_len={d.seq_len} tokens "
+          f"(train.grad_accum={cfg.train.grad_accum}, model.remat={cfg.model.remat}) does not fit; raise "
+          f"train.grad_accum, lower data.batch_size or data.seq_len, or set model.remat=dots or full. Checkpoints "
+          f"saved so far are in {os.path.join(output, 'checkpoints')} (continue with --resume)")
 
 
 def main(argv: list[str] | None = None) -> int:
