@@ -99,6 +99,33 @@ def test_recipe_answer_sampling_reaches_the_generator(tiny_teacher, tmp_path):
       tcfg.load(None, [bad])
 
 
+def test_plain_text_documents(tiny_teacher, tmp_path, monkeypatch):
+  """Teacher-written documents: deterministic, cached, plain-text records; a recipe's default_data.n_text mixes
+  them into its training paths (not into DPO's)."""
+  from hybrid_jax.data.records import normalise
+  from hybrid_jax.train import config as tcfg
+  from hybrid_jax.train.cli import resolve_data
+  kw = {"n": 5, "seed": 1, "max_new_tokens": 6, "batch_size": 4}
+  a = dd.ensure_default_texts(tiny_teacher, str(tmp_path / "c1"), **kw)
+  rows = _read(a["train"])
+  assert len(rows) == 5 and len(set(dd.text_plan(64, 0))) == 64
+  for r, title in zip(rows, dd.text_plan(5, 1)):
+    assert normalise(r)["kind"] == "text" and r["text"].startswith(title + "\n\n")
+  assert _text(dd.ensure_default_texts(tiny_teacher, str(tmp_path / "c2"), **kw)["train"]) == _text(a["train"])
+  import hybrid_jax.checkpoint as ck
+  monkeypatch.setattr(ck, "load_model", lambda *a, **k: pytest.fail("cache hit must not load the model"))
+  assert dd.ensure_default_texts(tiny_teacher, str(tmp_path / "c1"), **kw) == a
+  monkeypatch.undo()
+
+  size = [f"default_data.{k}={v}" for k, v in
+          {"n_train": 5, "n_eval": 2, "max_new_tokens": 6, "batch_size": 4, "n_text": 3, "text_tokens": 6}.items()]
+  cfg = resolve_data(tcfg.load(None, size), tiny_teacher, str(tmp_path / "c3"), log=lambda *_: None)
+  chat, text = cfg.data["paths"]
+  assert os.path.basename(os.path.dirname(chat)).startswith("sft-") and len(_read(text)) == 3
+  with pytest.raises(Exception, match="default_data.n_text"):
+    tcfg.load(None, ["default_data.n_text=-1"])
+
+
 def test_dpo_pairs(tiny_teacher, tmp_path, teacher_dir):
   from hybrid_jax.checkpoint import save_model
   from hybrid_jax.config import ModelConfig

@@ -10,6 +10,9 @@ n_eval conversations form the held-out eval split. Results are cached under
 cache_dir/default_data/<key>/ where the key hashes the teacher's identity and every generation setting, so
 a later run with the same settings reuses the files. Everything is deterministic given the settings.
 
+`ensure_default_texts` adds plain documents, `{"text": ...}`: the teacher continues a title (topic x kind of
+document, no chat template), sampled, so a recipe can train on more kinds of prose than chat answers.
+
 For DPO, `ensure_default_dpo_data` pairs the same questions with chosen = the teacher's answer and
 rejected = the student's own (greedy) answer.
 """
@@ -200,6 +203,18 @@ def _publish(tmp: str, final: str) -> None:
       raise
 
 
+def _write_cache(final: str, splits: dict[str, list[dict]], meta: dict) -> None:
+  """Writes each split as <name>.jsonl and meta.json (last: it marks the directory complete) into a temporary
+  sibling of `final`, then moves it into place."""
+  os.makedirs(os.path.dirname(final), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final))
+  for name, rows in splits.items():
+    _write_jsonl(os.path.join(tmp, f"{name}.jsonl"), rows)
+  with open(os.path.join(tmp, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=2)
+  _publish(tmp, final)
+
+
 def _paths(d: str) -> dict[str, str]:
   return {"train": os.path.join(d, "train.jsonl"), "eval": os.path.join(d, "eval.jsonl"), "dir": d}
 
@@ -268,16 +283,73 @@ def ensure_default_data(teacher_dir: str, cache_dir: str, n_train: int = 112, n_
   _log(f"generating {gs.n_train}+{gs.n_eval} conversations with the teacher at {teacher_dir} "
        f"(cached under {final})")
   rows, stats = generate_conversations(params, cfg, tok, gs)
-  os.makedirs(os.path.dirname(final), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final))
-  _write_jsonl(os.path.join(tmp, "train.jsonl"), rows[:gs.n_train])
-  _write_jsonl(os.path.join(tmp, "eval.jsonl"), rows[gs.n_train:])
   stats["total_s"] = round(time.perf_counter() - t0, 2)
-  with open(os.path.join(tmp, "meta.json"), "w") as f:  # written last: marks the directory complete
-    json.dump({**ident, "teacher_dir": teacher_dir, "stats": stats}, f, indent=2)
-  _publish(tmp, final)
+  _write_cache(final, {"train": rows[:gs.n_train], "eval": rows[gs.n_train:]},
+               {**ident, "teacher_dir": teacher_dir, "stats": stats})
   _log(f"done in {stats['total_s']}s: {stats}")
   return _paths(final)
+
+
+# ---- plain-text documents -----------------------------------------------------------------------
+
+# Titles the teacher continues as plain documents (no chat template): prose of other kinds than chat answers.
+TEXT_TITLES = ("{Topic}", "An introduction to {topic}", "The history of {topic}", "How {topic} works",
+               "A short story about {topic}", "Common questions about {topic}", "Notes on {topic}",
+               "Why {topic} matters")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+  """Everything that determines the generated documents (all of it goes into the cache key)."""
+  n: int = 64
+  seed: int = 0
+  max_new_tokens: int = 192
+  temperature: float = 1.0          # the teacher's own distribution (top-p trims its unlikeliest tail)
+  top_p: float = 0.95
+  batch_size: int = 64
+
+
+def text_plan(n: int, seed: int) -> list[str]:
+  """The title of each of n documents: a seeded permutation of every (topic, title) pair, cycled."""
+  titles = [t.format(topic=topic, Topic=topic[0].upper() + topic[1:]) for topic in TOPICS for t in TEXT_TITLES]
+  order = np.random.default_rng(seed).permutation(len(titles))
+  return [titles[order[i % len(titles)]] for i in range(n)]
+
+
+def generate_texts(params, cfg, tok, settings: TextSettings) -> tuple[list[dict], dict[str, Any]]:
+  """`{"text": title + the teacher's sampled continuation}` records (cut back to a sentence end when the token
+  cap cut them) and generation statistics."""
+  titles = text_plan(settings.n, settings.seed)
+  prompts = [tok.encode(f"{t}\n\n") for t in titles]
+  t0 = time.perf_counter()
+  ids = _batched_generate(params, cfg, prompts, settings.max_new_tokens, settings.temperature, settings.top_p,
+                          settings.seed + 20_000, settings.batch_size, _eos_ids(cfg, tok), "texts")
+  rows = [{"text": f"{t}\n\n" + clean_answer(tok.decode(x, skip_special_tokens=True),
+                                               len(x) >= settings.max_new_tokens)}
+          for t, x in zip(titles, ids)]
+  return rows, {"text_s": round(time.perf_counter() - t0, 2), "tokens": int(sum(len(x) for x in ids))}
+
+
+def ensure_default_texts(teacher_dir: str, cache_dir: str, **settings: Any) -> dict[str, str]:
+  """{'train': path, 'dir': cache dir} of teacher-written plain-text documents (TextSettings fields as
+  keywords); generated once, like ensure_default_data."""
+  ts = TextSettings(**settings)
+  if ts.n < 1:
+    raise ValueError(f"need n >= 1 documents, got {ts.n}")
+  teacher_dir = os.path.abspath(os.fspath(teacher_dir))
+  ident = {"version": VERSION, "kind": "text", "teacher": fingerprint(teacher_dir),
+           "settings": dataclasses.asdict(ts)}
+  final = os.path.join(os.fspath(cache_dir), "default_data", f"text-{_key(ident)}")
+  if not os.path.isfile(os.path.join(final, "meta.json")):
+    from hybrid_jax.checkpoint import load_model
+    params, cfg, tok = load_model(teacher_dir)
+    if tok is None:
+      raise ValueError(f"{teacher_dir} has no tokenizer: the default documents need it")
+    _log(f"generating {ts.n} documents with the teacher at {teacher_dir} (cached under {final})")
+    rows, stats = generate_texts(params, cfg, tok, ts)
+    _write_cache(final, {"train": rows}, {**ident, "teacher_dir": teacher_dir, "stats": stats})
+    _log(f"documents done: {stats}")
+  return {"train": os.path.join(final, "train.jsonl"), "dir": final}
 
 
 # ---- DPO data --------------------------------------------------------------------------------------
@@ -327,16 +399,10 @@ def ensure_default_dpo_data(teacher_dir: str, student_dir: str, cache_dir: str, 
                    "chosen": [{"role": "assistant", "content": chosen}],
                    "rejected": [{"role": "assistant", "content": rejected or "..."}]})
     out[name] = rows
-  os.makedirs(os.path.dirname(final), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(final))
-  for name, rows in out.items():
-    _write_jsonl(os.path.join(tmp, f"{name}.jsonl"), rows)
   stats = {"dropped_identical": dropped, "train": len(out["train"]), "eval": len(out["eval"]),
            "total_s": round(time.perf_counter() - t0, 2)}
-  with open(os.path.join(tmp, "meta.json"), "w") as f:
-    json.dump({**ident, "teacher_dir": os.path.abspath(teacher_dir), "student_dir": student_dir,
-               "stats": stats}, f, indent=2)
-  _publish(tmp, final)
+  _write_cache(final, out, {**ident, "teacher_dir": os.path.abspath(teacher_dir), "student_dir": student_dir,
+                            "stats": stats})
   _log(f"DPO pairs done: {stats}")
   return _paths(final)
 
@@ -355,6 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--answer-temperature", type=float, default=GenSettings.answer_temperature,
                   help="0 = greedy answers; > 0 samples them")
   ap.add_argument("--answer-top-p", type=float, default=GenSettings.answer_top_p)
+  ap.add_argument("--n-text", type=int, default=0, help="also N plain-text documents the teacher writes")
   ap.add_argument("--student", default=None, help="also make DPO pairs against this student checkpoint")
   a = ap.parse_args(argv)
   kw = {"n_train": a.n_train, "n_eval": a.n_eval, "seed": a.seed, "max_new_tokens": a.max_new_tokens,
@@ -363,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     paths = ensure_default_dpo_data(a.teacher_dir, a.student, a.cache, **kw)
   else:
     paths = ensure_default_data(a.teacher_dir, a.cache, **kw)
+  if a.n_text:
+    paths["text"] = ensure_default_texts(a.teacher_dir, a.cache, n=a.n_text, seed=a.seed,
+                                         batch_size=a.batch_size)["train"]
   print(json.dumps(paths))
   return 0
 

@@ -171,6 +171,9 @@ def resolve_data(cfg: tcfg.TrainConfig, teacher_dir: str | None, cache_dir: str,
     paths = default_data.ensure_default_data(teacher_dir, cache_dir, **kw)
   data = dict(cfg.data)
   data["paths"] = [paths["train"]]
+  if dd.n_text and cfg.stage != "dpo":
+    data["paths"].append(default_data.ensure_default_texts(
+        teacher_dir, cache_dir, n=dd.n_text, max_new_tokens=dd.text_tokens, batch_size=dd.batch_size)["train"])
   if not data.get("eval_paths") and not data.get("eval_fraction") and paths.get("eval"):
     data["eval_paths"] = [paths["eval"]]
   return cfg.replace(data=data)

@@ -11,8 +11,8 @@ YAML layout (every section optional; defaults below):
   optim: {lr, b1, b2, eps, weight_decay, warmup_steps, min_lr_ratio, max_grad_norm, trainable}
   loss:  {kl_weight, ce_weight, temperature, kl_reduction, dpo_beta, dpo_variant, label_smoothing}
   mesh:  {data, fsdp, tensor}         # -1 = the rest of the devices
-  default_data: {n_train, n_eval, max_new_tokens, batch_size, answer_temperature, answer_top_p}
-                                     # only when data.paths is empty
+  default_data: {n_train, n_eval, max_new_tokens, batch_size, answer_temperature, answer_top_p, n_text,
+                 text_tokens}       # only when data.paths is empty
 """
 from __future__ import annotations
 
@@ -164,13 +164,16 @@ class DefaultDataSection:
   batch_size: int = 128
   answer_temperature: float = 0.0
   answer_top_p: float = 1.0
+  n_text: int = 0                     # plain-text documents the teacher writes, mixed into the training data
+  text_tokens: int = 192              # length cap of each document's continuation
 
   def __post_init__(self):
-    for name in ("n_train", "max_new_tokens", "batch_size"):
+    for name in ("n_train", "max_new_tokens", "batch_size", "text_tokens"):
       if getattr(self, name) < 1:
         raise ConfigError(f"default_data.{name} must be >= 1, got {getattr(self, name)}")
-    if self.n_eval < 0:
-      raise ConfigError(f"default_data.n_eval must be >= 0, got {self.n_eval}")
+    for name in ("n_eval", "n_text"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"default_data.{name} must be >= 0, got {getattr(self, name)}")
     if self.answer_temperature < 0:
       raise ConfigError(f"default_data.answer_temperature must be >= 0, got {self.answer_temperature}")
     if not 0 < self.answer_top_p <= 1:
