@@ -29,6 +29,10 @@ Tables:
   fidelity      the GPU fidelity recipes (default: 50% attention, both variants) with their held-out table
                 (section 4; bench/fidelity.py; converts the default teacher first when it is missing); a
                 stopped run resumes when run again
+  fidelity-ablation
+                50% Mamba-2 distillation settings from one alignment model (the fidelity table's, made
+                first when missing): the recipe as it is, only the replaced layers training, and
+                teacher-written documents mixed in (runs/fidelity_<name>/, section 4)
   spec-fidelity speculative decoding of the 50% Mamba-2 fidelity model with the drafts that need no
                 training: prompt lookup and layer-skip self-drafts, in the checkpoint's bfloat16 and again
                 in float32 (section 2.1)
@@ -41,7 +45,8 @@ Options:
   -h, --help    this text
 Environment: PYTHON (default: python3), TEACHER (default teacher directory, spec-default;
 default: .cache/teachers/smollm2-135m-instruct), FIDELITY_RECIPES (bench/fidelity.py --recipes; default:
-mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (its --deadline-s; default 0, no limit).
+mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (its --deadline-s; default 0, no limit), FIDELITY_ARGS
+(more bench/fidelity.py arguments, e.g. --smoke for a CPU check of the fidelity tables).
 EOF
 }
 
@@ -61,7 +66,7 @@ done
 PY=${PYTHON:-python3}
 TEACHER=${TEACHER:-.cache/teachers/smollm2-135m-instruct}
 KNOWN=" train spec-default spec-b1 spec-b8 spec-verify verify bandwidth scan scan-bwd decode-b1 decode-b64 decode-max \
-fidelity spec-fidelity harness "
+fidelity fidelity-ablation spec-fidelity harness "
 expanded=()
 for t in "${TABLES[@]}"; do
   case $t in
@@ -94,6 +99,29 @@ teacher() {  # the default teacher, converted once
 }
 
 FIDELITY_MODEL=runs/fidelity/gpu_mamba2_attn50_align/gpu_mamba2_attn50_distill/model
+# Distillation settings compared on one alignment model: name -> bench/fidelity.py --distill-set arguments.
+ABLATIONS=(
+  "replaced:optim.trainable=^layers_([13579]|[12][13579])/"   # the 15 Mamba layers (odd indices) train
+  "text:default_data.n_text=32768"                             # plus 32K teacher-written documents
+)
+
+fidelity() {  # fidelity OUTNAME [bench/fidelity.py arguments...]
+  local name=$1; shift
+  teacher && run "$name" "$PY" bench/fidelity.py --teacher "$TEACHER" --deadline-s "${FIDELITY_DEADLINE_S:-0}" \
+    ${FIDELITY_ARGS:-} "$@" --out "$OUT/$name"
+}
+
+fidelity_ablation() {
+  fidelity fidelity --recipes mamba2_attn50 || return
+  local align=runs/fidelity/gpu_mamba2_attn50_align a name runs
+  for a in "${ABLATIONS[@]}"; do
+    name=${a%%:*} runs=runs/fidelity_${a%%:*}
+    if [ ! -f "$runs/gpu_mamba2_attn50_align/model/config.json" ]; then  # the same alignment, copied
+      mkdir -p "$runs" && cp -r "$align" "$runs/" && rm -rf "$runs/gpu_mamba2_attn50_align/gpu_mamba2_attn50_distill"
+    fi
+    fidelity "fidelity-$name" --recipes mamba2_attn50 --runs "$runs" --distill-set "${a#*:}"
+  done
+}
 
 spec_default() {
   teacher || return
@@ -132,9 +160,8 @@ for t in "${expanded[@]}"; do
     decode-b64) run decode-b64 "$PY" bench/bench_decode.py --shapes 1b --cases b64 --out "$OUT/decode-b64.json" ;;
     decode-max) run decode-max "$PY" bench/bench_decode.py --shapes 1b --cases '' --max-batch --repeats 1 \
                   --only teacher,h50-mamba2,h25-mamba2,h50-mamba,h25-mamba --out "$OUT/decode-max.json" ;;
-    fidelity) teacher && run fidelity "$PY" bench/fidelity.py --teacher "$TEACHER" \
-                --recipes "${FIDELITY_RECIPES:-mamba2_attn50,mamba_attn50}" --deadline-s "${FIDELITY_DEADLINE_S:-0}" \
-                --out "$OUT/fidelity" ;;
+    fidelity) fidelity fidelity --recipes "${FIDELITY_RECIPES:-mamba2_attn50,mamba_attn50}" ;;
+    fidelity-ablation) fidelity_ablation ;;
     spec-fidelity)
       [ -f "$FIDELITY_MODEL/config.json" ] || { echo "spec-fidelity: run the fidelity table first"; failed=1; continue; }
       S=(bench/bench_speculative.py --target "$FIDELITY_MODEL" --sizes "" --max-new 256 --draft ngram

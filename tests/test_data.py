@@ -285,6 +285,24 @@ def test_dpo_pairs(tmp_path, tiny_tok):
       assert mask[r, n - 1:].sum() == 0
 
 
+def test_chat_and_text_records_mix_but_preference_pairs_do_not(tmp_path, tiny_tok):
+  """Chat and plain-text files in one data set (auto format): both kinds reach the batches, chat with its
+  assistant-only mask and text with every token; preference pairs beside them are refused, naming the files."""
+  chat = write_jsonl(tmp_path / "chat.jsonl", [conv(i) for i in range(4)])
+  text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"doc{i}"} for i in range(4)])
+  cfg = cfg_for([chat, text], seq_len=128, shuffle=False)
+  assert load_records(cfg).kind == "messages"
+  b = next(iter(make_dataset(cfg, tiny_tok, process_index=0, process_count=1)))
+  docs = documents(b, tiny_tok)
+  assert any("<|im_start|>" in d for d in docs) and any(d.startswith("doc") for d in docs)
+  targets = np.roll(b["tokens"], -1, axis=1)
+  trained = "".join(tiny_tok.decode(t[m == 1]) for t, m in zip(targets, b["loss_mask"]))
+  assert "oc0" in trained and "q0" not in trained  # text: every token after the first; chat: the answers
+  dpo = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": "hi", "chosen": "a", "rejected": "b"}])
+  with pytest.raises(DataError, match="preference pairs cannot be mixed"):
+    load_records(cfg_for([chat, dpo]))
+
+
 def chat_tokenizer_with_separator():
   """Like tiny_tok (eos = the turn end <|im_end|>) with a document separator <|endoftext|> in its vocabulary."""
   specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>", "<|endoftext|>"]

@@ -26,7 +26,7 @@ class DataConfig:
   """Where the examples are and how they become batches.
 
   paths / eval_paths: files, directories or globs (JSONL, Parquet, or a `datasets.save_to_disk` directory).
-  format: 'auto' detects per record ('messages' | 'text' | 'dpo' by the keys present).
+  format: 'auto' detects per record ('messages' | 'text' | 'dpo' by the keys present); chat and text records mix.
   seq_len: tokens per packed row (SFT/text) or per chosen/rejected sequence (DPO).
   batch_size: GLOBAL batch; each JAX process yields the rows its devices hold (batch_size // process_count).
   on_error: malformed record -> 'skip' (warning naming file:line, counted) or 'raise' (DataError naming file:line).

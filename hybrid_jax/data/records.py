@@ -288,13 +288,17 @@ class RecordSource:
                   self.report.num_skipped, self.report.num_skipped + self.report.num_records, names)
     if not self.refs:
       raise DataError(names, f"no usable records (skipped {self.report.num_skipped} malformed)")
-    if self.fmt == "auto" and len(self.report.kinds) > 1:
-      raise DataError(names, f"records of mixed formats {self.report.kinds}; set data.format or split the data")
+    if self.fmt == "auto" and "dpo" in self.report.kinds and len(self.report.kinds) > 1:
+      # chat and plain text mix (both are language-model rows); preference pairs make rows of another shape
+      raise DataError(names, f"records of mixed formats {self.report.kinds}: preference pairs cannot be mixed "
+                      "with chat or text records; set data.format or split the data")
 
   @property
   def kind(self) -> str:
-    """'messages' | 'text' | 'dpo': the one format of all records."""
-    return next(iter(self.report.kinds))
+    """'dpo' (preference pairs) or the language-model format of the records: 'messages' | 'text', 'messages'
+    when both are present."""
+    kinds = self.report.kinds
+    return "dpo" if "dpo" in kinds else "messages" if "messages" in kinds else "text"
 
   # -- random access
   def _table(self, fi: int):
