@@ -45,7 +45,8 @@ Options:
   -h, --help    this text
 Environment: PYTHON (default: python3), TEACHER (default teacher directory, spec-default;
 default: .cache/teachers/smollm2-135m-instruct), FIDELITY_RECIPES (bench/fidelity.py --recipes; default:
-mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (its --deadline-s; default 0, no limit), FIDELITY_ARGS
+mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (seconds for all fidelity runs of this call, after which
+the running stage is checkpointed and the rest waits for the next call; default 0, no limit), FIDELITY_ARGS
 (more bench/fidelity.py arguments, e.g. --smoke for a CPU check of the fidelity tables).
 EOF
 }
@@ -105,9 +106,15 @@ ABLATIONS=(
   "text:default_data.n_text=32768"                             # plus 32K teacher-written documents
 )
 
-fidelity() {  # fidelity OUTNAME [bench/fidelity.py arguments...]
-  local name=$1; shift
-  teacher && run "$name" "$PY" bench/fidelity.py --teacher "$TEACHER" --deadline-s "${FIDELITY_DEADLINE_S:-0}" \
+FIDELITY_END=$(( ${FIDELITY_DEADLINE_S:-0} > 0 ? $(date +%s) + ${FIDELITY_DEADLINE_S:-0} : 0 ))
+
+fidelity() {  # fidelity OUTNAME [bench/fidelity.py arguments...]; every run shares FIDELITY_DEADLINE_S
+  local name=$1 left=0; shift
+  if [ "$FIDELITY_END" -gt 0 ]; then
+    left=$(( FIDELITY_END - $(date +%s) ))
+    [ "$left" -gt 30 ] || { echo "=== $name: skipped, FIDELITY_DEADLINE_S spent (run the table again)"; failed=1; return 3; }
+  fi
+  teacher && run "$name" "$PY" bench/fidelity.py --teacher "$TEACHER" --deadline-s "$left" \
     ${FIDELITY_ARGS:-} "$@" --out "$OUT/$name"
 }
 
