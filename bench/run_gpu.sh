@@ -122,7 +122,8 @@ fidelity_ablation() {
   fidelity fidelity --recipes mamba2_attn50 || return
   local align=runs/fidelity/gpu_mamba2_attn50_align a name runs
   for a in "${ABLATIONS[@]}"; do
-    name=${a%%:*} runs=runs/fidelity_${a%%:*}
+    name=${a%%:*}
+    runs=runs/fidelity_$name
     if [ ! -f "$runs/gpu_mamba2_attn50_align/model/config.json" ]; then  # the same alignment, copied
       mkdir -p "$runs" && cp -r "$align" "$runs/" && rm -rf "$runs/gpu_mamba2_attn50_align/gpu_mamba2_attn50_distill"
     fi

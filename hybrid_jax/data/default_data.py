@@ -268,26 +268,36 @@ def ensure_default_data(teacher_dir: str, cache_dir: str, n_train: int = 112, n_
                    batch_size=batch_size, **settings)
   if gs.n_train < 1 or gs.n_eval < 0:
     raise ValueError(f"need n_train >= 1 and n_eval >= 0, got {gs.n_train}, {gs.n_eval}")
-  teacher_dir = os.path.abspath(os.fspath(teacher_dir))
-  ident = {"version": VERSION, "kind": "sft", "teacher": fingerprint(teacher_dir),
-           "settings": dataclasses.asdict(gs)}
-  final = os.path.join(os.fspath(cache_dir), "default_data", f"sft-{_key(ident)}")
-  if os.path.isfile(os.path.join(final, "meta.json")):
-    return _paths(final)
+  final = _teacher_generated("sft", teacher_dir, cache_dir, gs, f"{gs.n_train}+{gs.n_eval} conversations",
+                             lambda params, cfg, tok: generate_conversations(params, cfg, tok, gs),
+                             {"train": slice(0, gs.n_train), "eval": slice(gs.n_train, None)})
+  return _paths(final)
 
+
+def _teacher_generated(kind: str, teacher_dir: str, cache_dir: str, settings, what: str, make,
+                       splits: dict[str, slice]) -> str:
+  """The cache directory of data the teacher writes, keyed by the teacher's identity and every setting: found,
+  nothing is loaded; missing, the teacher is loaded, `make(params, cfg, tok)` -> (rows, stats) generates the
+  rows, and `splits` (name -> slice of the rows) are written atomically with a meta.json."""
+  teacher_dir = os.path.abspath(os.fspath(teacher_dir))
+  ident = {"version": VERSION, "kind": kind, "teacher": fingerprint(teacher_dir),
+           "settings": dataclasses.asdict(settings)}
+  final = os.path.join(os.fspath(cache_dir), "default_data", f"{kind}-{_key(ident)}")
+  if os.path.isfile(os.path.join(final, "meta.json")):
+    return final
   from hybrid_jax.checkpoint import load_model
   t0 = time.perf_counter()
   params, cfg, tok = load_model(teacher_dir)
   if tok is None:
-    raise ValueError(f"{teacher_dir} has no tokenizer: the default data needs the teacher's chat template")
-  _log(f"generating {gs.n_train}+{gs.n_eval} conversations with the teacher at {teacher_dir} "
-       f"(cached under {final})")
-  rows, stats = generate_conversations(params, cfg, tok, gs)
+    raise ValueError(f"{teacher_dir} has no tokenizer: the default data needs the teacher's tokenizer and chat "
+                     "template")
+  _log(f"generating {what} with the teacher at {teacher_dir} (cached under {final})")
+  rows, stats = make(params, cfg, tok)
   stats["total_s"] = round(time.perf_counter() - t0, 2)
-  _write_cache(final, {"train": rows[:gs.n_train], "eval": rows[gs.n_train:]},
+  _write_cache(final, {name: rows[part] for name, part in splits.items()},
                {**ident, "teacher_dir": teacher_dir, "stats": stats})
-  _log(f"done in {stats['total_s']}s: {stats}")
-  return _paths(final)
+  _log(f"{what} done in {stats['total_s']}s: {stats}")
+  return final
 
 
 # ---- plain-text documents -----------------------------------------------------------------------
@@ -336,19 +346,8 @@ def ensure_default_texts(teacher_dir: str, cache_dir: str, **settings: Any) -> d
   ts = TextSettings(**settings)
   if ts.n < 1:
     raise ValueError(f"need n >= 1 documents, got {ts.n}")
-  teacher_dir = os.path.abspath(os.fspath(teacher_dir))
-  ident = {"version": VERSION, "kind": "text", "teacher": fingerprint(teacher_dir),
-           "settings": dataclasses.asdict(ts)}
-  final = os.path.join(os.fspath(cache_dir), "default_data", f"text-{_key(ident)}")
-  if not os.path.isfile(os.path.join(final, "meta.json")):
-    from hybrid_jax.checkpoint import load_model
-    params, cfg, tok = load_model(teacher_dir)
-    if tok is None:
-      raise ValueError(f"{teacher_dir} has no tokenizer: the default documents need it")
-    _log(f"generating {ts.n} documents with the teacher at {teacher_dir} (cached under {final})")
-    rows, stats = generate_texts(params, cfg, tok, ts)
-    _write_cache(final, {"train": rows}, {**ident, "teacher_dir": teacher_dir, "stats": stats})
-    _log(f"documents done: {stats}")
+  final = _teacher_generated("text", teacher_dir, cache_dir, ts, f"{ts.n} documents",
+                             lambda params, cfg, tok: generate_texts(params, cfg, tok, ts), {"train": slice(None)})
   return {"train": os.path.join(final, "train.jsonl"), "dir": final}
 
 
