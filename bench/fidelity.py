@@ -44,6 +44,7 @@ RECIPES = {f"{v}_{a}": tuple(f"gpu_{v}_{s}_align" for s in ALIGN_CHAIN[a]) + (f"
 SMOKE_SET = ("train.steps=2", "train.log_every=1", "train.eval_batches=1", "train.save_every=0",
              "data.batch_size=2", "data.seq_len=64", "model.dtype=float32", "default_data.n_train=8",
              "default_data.n_eval=2", "default_data.max_new_tokens=8", "default_data.batch_size=10")
+SMOKE_TEXT = ("default_data.n_text=4", "default_data.text_tokens=8")  # when a stage mixes in documents
 SMOKE_EVAL = ("--conversations", "2", "--texts", "2", "--answers", "1", "--max-new-tokens", "4",
               "--seq-len", "64", "--batch-size", "2")
 
@@ -147,8 +148,21 @@ def stage_command(config: str, run_dir: str, init: str | None, args) -> list[str
     cmd += ["--init", os.path.join(init, "model")]
   if os.path.isdir(os.path.join(run_dir, "checkpoints")):
     cmd.append("--resume")
-  return cmd + list(SMOKE_SET if args.smoke else ()) + args.set + (args.align_set if stage == "align"
-                                                                    else args.distill_set)
+  sets = args.set + (args.align_set if stage == "align" else args.distill_set)
+  if not args.smoke:
+    return cmd + sets
+  return cmd + list(SMOKE_SET) + sets + list(SMOKE_TEXT if _mixes_documents(config, sets) else ())
+
+
+def _mixes_documents(config: str, sets: list[str]) -> bool:
+  """Whether this stage's default_data.n_text (the recipe's, then the overrides') asks for documents."""
+  import yaml
+  with open(os.path.join(REPO, "configs", f"{config}.yaml")) as f:
+    n = (yaml.safe_load(f).get("default_data") or {}).get("n_text", 0)
+  for s in sets:
+    if s.startswith("default_data.n_text="):
+      n = yaml.safe_load(s.split("=", 1)[1])
+  return bool(n)
 
 
 def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadline) -> dict:

@@ -30,9 +30,10 @@ Tables:
                 (section 4; bench/fidelity.py; converts the default teacher first when it is missing); a
                 stopped run resumes when run again
   fidelity-ablation
-                50% Mamba-2 distillation settings from one alignment model (the fidelity table's, made
-                first when missing): the recipe as it is, only the replaced layers training, and
-                teacher-written documents mixed in (runs/fidelity_<name>/, section 4)
+                50% Mamba-2 distillation settings from one alignment model (made by the first setting
+                when no run has it): the recipe (the replaced layers train on chat and teacher-written
+                documents), the replaced layers on chat only, every parameter on chat only
+                (runs/fidelity_<name>/, section 4)
   spec-fidelity speculative decoding of the 50% Mamba-2 fidelity model with the drafts that need no
                 training: prompt lookup and layer-skip self-drafts, in the checkpoint's bfloat16 and again
                 in float32 (section 2.1)
@@ -47,7 +48,8 @@ Environment: PYTHON (default: python3), TEACHER (default teacher directory, spec
 default: .cache/teachers/smollm2-135m-instruct), FIDELITY_RECIPES (bench/fidelity.py --recipes; default:
 mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (seconds for all fidelity runs of this call, after which
 the running stage is checkpointed and the rest waits for the next call; default 0, no limit), FIDELITY_ARGS
-(more bench/fidelity.py arguments, e.g. --smoke for a CPU check of the fidelity tables).
+(more bench/fidelity.py arguments, e.g. --smoke for a CPU check of the fidelity tables), FIDELITY_MODEL
+(the spec-fidelity target; default: the fidelity table's 50% Mamba-2 model).
 EOF
 }
 
@@ -99,12 +101,16 @@ teacher() {  # the default teacher, converted once
   [ -f "$TEACHER/config.json" ] || run teacher "$PY" convert_torch.py --default-teacher --output "$TEACHER"
 }
 
-FIDELITY_MODEL=runs/fidelity/gpu_mamba2_attn50_align/gpu_mamba2_attn50_distill/model
-# Distillation settings compared on one alignment model: name -> bench/fidelity.py --distill-set arguments.
+FIDELITY_MODEL=${FIDELITY_MODEL:-runs/fidelity/gpu_mamba2_attn50_align/gpu_mamba2_attn50_distill/model}
+# Distillation settings compared on one alignment model, in this order: name -> bench/fidelity.py
+# --distill-set arguments, ';'-separated. "recipe" is the recipe as it is, in runs/fidelity/ (the fidelity
+# table's run); the others run in runs/fidelity_<name>/.
 ABLATIONS=(
-  "replaced:optim.trainable=^layers_([13579]|[12][13579])/"   # the 15 Mamba layers (odd indices) train
-  "text:default_data.n_text=32768"                             # plus 32K teacher-written documents
+  "recipe:"                                                # the replaced layers train, chat and documents
+  "chat:default_data.n_text=0"                             # the replaced layers train, chat only
+  "all:optim.trainable=.*;default_data.n_text=0"           # every parameter trains, chat only
 )
+ALIGN50=gpu_mamba2_attn50_align
 
 FIDELITY_END=$(( ${FIDELITY_DEADLINE_S:-0} > 0 ? $(date +%s) + ${FIDELITY_DEADLINE_S:-0} : 0 ))
 
@@ -118,16 +124,24 @@ fidelity() {  # fidelity OUTNAME [bench/fidelity.py arguments...]; every run sha
     ${FIDELITY_ARGS:-} "$@" --out "$OUT/$name"
 }
 
-fidelity_ablation() {
-  fidelity fidelity --recipes mamba2_attn50 || return
-  local align=runs/fidelity/gpu_mamba2_attn50_align a name runs
+fidelity_ablation() {  # every setting starts from the same alignment model: the first one made is copied
+  local a name runs src="" d sets=() s
   for a in "${ABLATIONS[@]}"; do
     name=${a%%:*}
     runs=runs/fidelity_$name
-    if [ ! -f "$runs/gpu_mamba2_attn50_align/model/config.json" ]; then  # the same alignment, copied
-      mkdir -p "$runs" && cp -r "$align" "$runs/" && rm -rf "$runs/gpu_mamba2_attn50_align/gpu_mamba2_attn50_distill"
+    [ "$name" = recipe ] && runs=runs/fidelity
+    if [ -z "$src" ]; then
+      for d in runs/fidelity runs/fidelity_*; do
+        [ -f "$d/$ALIGN50/model/config.json" ] && { src=$d/$ALIGN50; break; }
+      done
     fi
-    fidelity "fidelity-$name" --recipes mamba2_attn50 --runs "$runs" --distill-set "${a#*:}"
+    if [ -n "$src" ] && [ ! -f "$runs/$ALIGN50/model/config.json" ]; then
+      rm -rf "$runs/$ALIGN50" && mkdir -p "$runs" && cp -r "$src" "$runs/" && rm -rf "$runs/$ALIGN50"/gpu_*
+    fi
+    sets=()
+    IFS=';' read -ra parts <<< "${a#*:}"
+    for s in "${parts[@]}"; do [ -n "$s" ] && sets+=(--distill-set "$s"); done
+    fidelity "fidelity-$name" --recipes mamba2_attn50 --runs "$runs" "${sets[@]}" || return
   done
 }
 

@@ -132,3 +132,12 @@ def test_gpu_recipe_chains_are_nested_and_valid():
   assert align[-2:] == ["a=1", "b=2"] and "c=3" not in align
   assert distill[-2:] == ["a=1", "c=3"] and "b=2" not in distill
   assert distill[distill.index("--init") + 1] == "/nonexistent/r/model"
+  # a smoke run keeps any mixed-in document set tiny, whatever the override asked for
+  smoke = bench.parse_args(["--teacher", "T", "--smoke", "--align-set", "default_data.n_text=32768"])
+  cmd = bench.stage_command("gpu_mamba_attn50_align", "/nonexistent/r", None, smoke)
+  assert cmd[-3:] == ["default_data.n_text=32768", "default_data.n_text=4", "default_data.text_tokens=8"]
+  assert bench.stage_command("gpu_mamba_attn50_distill", "/nonexistent/r/d", "/nonexistent/r",
+                             smoke)[-2:] == ["default_data.n_text=4", "default_data.text_tokens=8"]  # the recipe's
+  smoke = bench.parse_args(["--teacher", "T", "--smoke", "--distill-set", "default_data.n_text=0"])
+  assert "default_data.n_text=4" not in bench.stage_command("gpu_mamba_attn50_distill", "/nonexistent/r/d",
+                                                            "/nonexistent/r", smoke)

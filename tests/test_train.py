@@ -131,6 +131,20 @@ def test_align_freezes_all_but_mamba(models, tmp_path):
   assert changed, "no Mamba parameter was updated"
 
 
+def test_trainable_replaced_is_every_mamba_layer(models):
+  """`optim.trainable: replaced` picks every parameter of the Mamba layers and nothing of the kept ones."""
+  _tp, sp = models
+  oc = tcfg.OptimSection(trainable="replaced")
+  pattern = optim.trainable_pattern("distill", oc, STUDENT)
+  mask = optim.trainable_mask(sp, pattern)
+  for p, m in zip(jax.tree.leaves(shd.path_strings(sp)), jax.tree.leaves(mask)):
+    layer = int(p.split("/")[0].split("_")[1]) if p.startswith("layers_") else None
+    assert m == (layer is not None and layer not in STUDENT.attn_layers), p
+  assert any(jax.tree.leaves(mask))
+  with pytest.raises(ConfigError, match="optim.trainable='replaced'.*no Mamba layers"):
+    optim.trainable_pattern("distill", oc, TEACHER.replace(attn_layers=None))
+
+
 def test_config_errors_name_the_problem(tmp_path):
   with pytest.raises(ConfigError, match=r"optim\.lrr"):
     tcfg.from_dict({"optim": {"lrr": 1e-4}})

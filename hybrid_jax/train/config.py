@@ -100,8 +100,8 @@ class OptimSection:
   warmup_steps: int = 0
   min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
   max_grad_norm: float = 1.0          # 0 = no clipping
-  # Regex over param paths like 'layers_3/mamba/A_log'; None = the stage's default
-  # (align: Mamba mixers only; distill/sft/dpo: everything).
+  # Regex over param paths like 'layers_3/mamba/A_log', or `replaced` (every parameter of the Mamba layers);
+  # None = the stage's default (align: Mamba mixers only; distill/sft/dpo: everything).
   trainable: str | None = None
 
   def __post_init__(self):

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, *, student_params, student_cfg: ModelConfig, frozen_
   if needs_frozen and frozen_params is None:
     raise ConfigError(f"stage {cfg.stage!r} needs a {'reference' if cfg.stage == 'dpo' else 'teacher'} model")
 
-  mask = optim.trainable_mask(student_params, optim.trainable_pattern(cfg.stage, cfg.optim))
+  mask = optim.trainable_mask(student_params, optim.trainable_pattern(cfg.stage, cfg.optim, student_cfg))
   schedule = optim.lr_schedule(cfg.optim, tc.steps)
   tx = optim.make_optimizer(cfg.optim, tc.steps, mask)
   state, state_sh = st.create_state(student_params, tx, student_cfg, mesh, tc.seed)

@@ -25,8 +25,24 @@ DEFAULT_TRAINABLE = {
 }
 
 
-def trainable_pattern(stage: str, cfg: OptimSection) -> str:
-  return cfg.trainable if cfg.trainable is not None else DEFAULT_TRAINABLE[stage]
+# optim.trainable keywords: names for patterns that depend on the student's layout.
+REPLACED = "replaced"   # every parameter of the layers whose mixer is Mamba (mixer, MLP, norms)
+
+
+def trainable_pattern(stage: str, cfg: OptimSection, model_cfg=None) -> str:
+  """The regex `optim.trainable` stands for; `replaced` needs the student's ModelConfig (its attn_layers)."""
+  if cfg.trainable is None:
+    return DEFAULT_TRAINABLE[stage]
+  if cfg.trainable != REPLACED:
+    return cfg.trainable
+  if model_cfg is None:
+    raise ConfigError(f"optim.trainable={REPLACED!r} needs the student's model config")
+  kept = set(model_cfg.attn_layers if model_cfg.attn_layers is not None else range(model_cfg.num_hidden_layers))
+  mamba = [i for i in range(model_cfg.num_hidden_layers) if i not in kept]
+  if not mamba:
+    raise ConfigError(f"optim.trainable={REPLACED!r}: the student has no Mamba layers (model.attn_layers keeps "
+                      "every layer)")
+  return "^layers_(" + "|".join(str(i) for i in mamba) + ")/"
 
 
 def trainable_mask(params, pattern: str):
