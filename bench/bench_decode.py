@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     if args.out:
       with open(args.out, "w") as f:
         json.dump({"args": vars(args), "device": str(jax.devices()[0]), "bandwidth_GBs": bandwidth / 1e9,
-                   "rows": rows}, f, indent=2)
+                   "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": rows}, f, indent=2)
 
   def emit(row):
     rows.append(row)

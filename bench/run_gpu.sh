@@ -24,6 +24,9 @@ Tables:
   scan-bwd      the Mamba-1 scan's backward kernel by tile (section 3)
   decode-b1     plain greedy decoding beside transformers, batch 1, both shapes (section 2.3)
   decode-b64    the same at batch 64, prompt 2048, 512 new tokens, 1B shape (section 2.3)
+  decode-flags  batch-1 decoding of the 135M shape (teacher, 50% Mamba-2) under XLA flag sets that change how
+                the step's kernels are launched: the defaults, command buffers off, command buffers for
+                kernels and library calls without the loop (section 2.3)
   decode-max    the largest batch that fits, prompt 2048, 512 new tokens, 1B shape, every hybrid_jax model
                 (section 2.3)
   fidelity      the GPU fidelity recipes (default: 50% attention, both variants) with their held-out table
@@ -69,7 +72,7 @@ done
 PY=${PYTHON:-python3}
 TEACHER=${TEACHER:-.cache/teachers/smollm2-135m-instruct}
 KNOWN=" train spec-default spec-b1 spec-b8 spec-verify verify bandwidth scan scan-bwd decode-b1 decode-b64 decode-max \
-fidelity fidelity-ablation spec-fidelity harness "
+decode-flags fidelity fidelity-ablation spec-fidelity harness "
 expanded=()
 for t in "${TABLES[@]}"; do
   case $t in
@@ -180,6 +183,14 @@ for t in "${expanded[@]}"; do
     scan-bwd) run scan-bwd "$PY" bench/scan_bwd.py --tiles 256,512,1024,2048 ;;
     decode-b1) run decode-b1 "$PY" bench/bench_decode.py --shapes 135m,1b --cases b1 --out "$OUT/decode-b1.json" ;;
     decode-b64) run decode-b64 "$PY" bench/bench_decode.py --shapes 1b --cases b64 --out "$OUT/decode-b64.json" ;;
+    decode-flags)
+      for f in "" "--xla_gpu_enable_command_buffer=" \
+               "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"; do
+        i=${i:-0}
+        XLA_FLAGS="${XLA_FLAGS:-} $f" run "decode-flags-$i" "$PY" bench/bench_decode.py --shapes 135m --cases b1 \
+          --only teacher,h50-mamba2 --repeats 3 --out "$OUT/decode-flags-$i.json"
+        i=$((i + 1))
+      done ;;
     decode-max) run decode-max "$PY" bench/bench_decode.py --shapes 1b --cases '' --max-batch --repeats 1 \
                   --only teacher,h50-mamba2,h25-mamba2,h50-mamba,h25-mamba --out "$OUT/decode-max.json" ;;
     fidelity) fidelity fidelity --recipes "${FIDELITY_RECIPES:-mamba2_attn50,mamba_attn50}" ;;
