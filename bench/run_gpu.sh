@@ -128,7 +128,7 @@ fidelity() {  # fidelity OUTNAME [bench/fidelity.py arguments...]; every run sha
 }
 
 fidelity_ablation() {  # every setting starts from the same alignment model: the first one made is copied
-  local a name runs src="" d sets=() s
+  local a name runs src="" d sets=() s parts=()
   for a in "${ABLATIONS[@]}"; do
     name=${a%%:*}
     runs=runs/fidelity_$name
@@ -184,9 +184,9 @@ for t in "${expanded[@]}"; do
     decode-b1) run decode-b1 "$PY" bench/bench_decode.py --shapes 135m,1b --cases b1 --out "$OUT/decode-b1.json" ;;
     decode-b64) run decode-b64 "$PY" bench/bench_decode.py --shapes 1b --cases b64 --out "$OUT/decode-b64.json" ;;
     decode-flags)
+      i=0
       for f in "" "--xla_gpu_enable_command_buffer=" \
                "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL --xla_gpu_graph_min_graph_size=1"; do
-        i=${i:-0}
         XLA_FLAGS="${XLA_FLAGS:-} $f" run "decode-flags-$i" "$PY" bench/bench_decode.py --shapes 135m --cases b1 \
           --only teacher,h50-mamba2 --repeats 3 --out "$OUT/decode-flags-$i.json"
         i=$((i + 1))

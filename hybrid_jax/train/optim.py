@@ -37,8 +37,7 @@ def trainable_pattern(stage: str, cfg: OptimSection, model_cfg=None) -> str:
     return cfg.trainable
   if model_cfg is None:
     raise ConfigError(f"optim.trainable={REPLACED!r} needs the student's model config")
-  kept = set(model_cfg.attn_layers if model_cfg.attn_layers is not None else range(model_cfg.num_hidden_layers))
-  mamba = [i for i in range(model_cfg.num_hidden_layers) if i not in kept]
+  mamba = model_cfg.ssm_layers
   if not mamba:
     raise ConfigError(f"optim.trainable={REPLACED!r}: the student has no Mamba layers (model.attn_layers keeps "
                       "every layer)")
