@@ -99,9 +99,9 @@ def test_recipe_answer_sampling_reaches_the_generator(tiny_teacher, tmp_path):
       tcfg.load(None, [bad])
 
 
-def test_plain_text_documents(tiny_teacher, tmp_path, monkeypatch):
+def test_plain_text_documents(tiny_teacher, tmp_path, monkeypatch, capsys):
   """Teacher-written documents: deterministic, cached, plain-text records; a recipe's default_data.n_text mixes
-  them into its training paths (not into DPO's)."""
+  them into its training paths (not into DPO's); `train.py --data-only` prints a recipe's data files."""
   from hybrid_jax.data.records import normalise
   from hybrid_jax.train import config as tcfg
   from hybrid_jax.train.cli import resolve_data
@@ -122,6 +122,14 @@ def test_plain_text_documents(tiny_teacher, tmp_path, monkeypatch):
   cfg = resolve_data(tcfg.load(None, size), tiny_teacher, str(tmp_path / "c3"), log=lambda *_: None)
   chat, text = cfg.data["paths"]
   assert os.path.basename(os.path.dirname(chat)).startswith("sft-") and len(_read(text)) == 3
+  from hybrid_jax.train import cli
+  monkeypatch.setattr(ck, "load_model", lambda *a, **k: pytest.fail("cached data must not load a model"))
+  capsys.readouterr()
+  assert cli.main(["--stage=distill", "--teacher", tiny_teacher, "--cache-dir", str(tmp_path / "c3"), "--data-only",
+                   *size]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert printed[-3:] == [chat, text, cfg.data["eval_paths"][0]]
+  monkeypatch.undo()
   with pytest.raises(Exception, match="default_data.n_text"):
     tcfg.load(None, ["default_data.n_text=-1"])
 

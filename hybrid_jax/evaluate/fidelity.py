@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m hybrid_jax.evaluate.fidelity",
                                description="Held-out perplexity, KL, top-1 agreement and greedy answers of a "
                                            "student next to its teacher.")
-  ap.add_argument("--model", required=True, help="the student's checkpoint directory")
+  ap.add_argument("--model", help="the student's checkpoint directory (required unless --data-only)")
   ap.add_argument("--teacher", required=True, help="the teacher's checkpoint directory")
   ap.add_argument("--cache-dir", default=".cache", help="where the held-out conversations are cached")
   ap.add_argument("--conversations", type=int, default=FidelityOptions.n_conversations)
@@ -236,12 +236,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   ap.add_argument("--answers", type=int, default=FidelityOptions.n_answers, help="fixed prompts answered")
   ap.add_argument("--max-new-tokens", type=int, default=FidelityOptions.max_new_tokens)
   ap.add_argument("--json", default=None, help="also write the result dict here")
+  ap.add_argument("--data-only", action="store_true",
+                  help="generate the held-out conversations into --cache-dir (when missing) and exit")
   a = ap.parse_args(argv)
+  if not a.model and not a.data_only:
+    ap.error("--model is required")
   from hybrid_jax.checkpoint import CheckpointError, load_model
   try:
     options = FidelityOptions(n_conversations=a.conversations, n_text=a.texts, seq_len=a.seq_len,
                               batch_size=a.batch_size, n_answers=a.answers, max_new_tokens=a.max_new_tokens,
                               cache_dir=a.cache_dir)
+    if a.data_only:
+      print(f"{len(heldout_conversations(a.teacher, options))} held-out conversations in {a.cache_dir}")
+      return 0
     student, teacher = load_model(a.model), load_model(a.teacher)
     if student[1].vocab_size != teacher[1].vocab_size:
       raise ValueError(f"--model {a.model} and --teacher {a.teacher} have different vocabularies")

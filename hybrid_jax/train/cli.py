@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                  help="delete --output's earlier checkpoints and start from step 0 (instead of --resume)")
   p.add_argument("--cache-dir", default=DEFAULT_CACHE, help="where default data is generated/cached")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+  p.add_argument("--data-only", action="store_true",
+                 help="generate the recipe's default data into --cache-dir (when missing), print its files, exit")
   distributed.add_args(p)
   p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=1e-4")
   return p.parse_intermixed_args(argv)  # options and key=value overrides in any order
@@ -199,6 +201,16 @@ def build_data(cfg: tcfg.TrainConfig, tokenizer, log=print):
 
 # ---- main --------------------------------------------------------------------------------------
 
+def prepare_data(args: argparse.Namespace, log=print) -> list[str]:
+  """--data-only: the recipe's data files (the default data generated into the cache first when missing), so
+  that runs started side by side later all find it there instead of each generating it."""
+  cfg = resolve_data(tcfg.load(args.config, args.overrides, stage=args.stage), args.teacher, args.cache_dir,
+                     args.init, log)
+  from hybrid_jax.data import load_records
+  load_records(cfg.data_config, "train")
+  return list(cfg.data["paths"]) + list(cfg.data.get("eval_paths") or [])
+
+
 def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
   """One process of the run (all of it, or one of several: see hybrid_jax.train.distributed)."""
   distributed.initialize(args)
@@ -263,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
   from hybrid_jax.errors import error_line
   enable_compilation_cache()
   try:
+    if args.data_only:
+      print("\n".join(prepare_data(args)))
+      return 0
     res = run(args)
   except (ConfigError, DataError, CheckpointError, OSError) as e:  # each names its file
     print(error_line(e), file=sys.stderr)
