@@ -18,12 +18,14 @@ OUT/fidelity.md, with the device, the library versions and the command.
 
   python bench/fidelity.py --teacher .cache/teachers/smollm2-135m-instruct --recipes mamba_attn50,mamba2_attn50
   python bench/fidelity.py --teacher DIR --smoke          # 2 steps per stage, tiny data: a CPU check
+  python bench/fidelity.py --teacher DIR --jobs 4         # up to 4 stages side by side, one GPU each
   python bench/fidelity.py --teacher DIR --recipes mamba2_attn50 --runs runs/fidelity_replaced \
       --distill-set 'optim.trainable=^layers_([13579]|[12][13579])/'   # distil only the replaced layers
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -67,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--eval-args", default="", help="extra arguments of python -m hybrid_jax.evaluate.fidelity")
   ap.add_argument("--deadline-s", type=float, default=0.0,
                   help="stop (checkpointing the running stage) after this many seconds; 0 = no limit")
+  ap.add_argument("--jobs", type=int, default=1,
+                  help="stages and evaluations run side by side, each on its own GPU when there are several "
+                       "(slot i on GPU i mod count; the data is generated first, once); default 1")
   ap.add_argument("--smoke", action="store_true", help="2 steps a stage on tiny data (a CPU check)")
   ap.add_argument("--python", default=sys.executable, help="interpreter for train.py and the evaluation")
   return ap.parse_args(argv)
@@ -96,15 +101,17 @@ class Deadline:
     return float("inf") if self.end is None else self.end - time.monotonic()
 
 
-def _run(cmd: list[str], log_path: str, deadline: Deadline) -> tuple[int, float]:
-  """Runs cmd with its output teed to log_path; past the deadline it gets SIGTERM (train.py then saves a
-  checkpoint) and 60 s to exit. Returns (exit code, wall seconds)."""
-  print("$ " + shlex.join(cmd), flush=True)
+def _run(cmd: list[str], log_path: str, deadline: Deadline, env: dict | None = None,
+         prefix: str = "") -> tuple[int, float]:
+  """Runs cmd with its output teed to log_path (and to stdout, each line after `prefix`); past the deadline it
+  gets SIGTERM (train.py then saves a checkpoint) and 60 s to exit. env: variables set for the child only.
+  Returns (exit code, wall seconds)."""
+  print(prefix + "$ " + shlex.join(cmd), flush=True)
   t0 = time.monotonic()
   with open(log_path, "a", encoding="utf-8") as log:
     log.write(f"\n$ {shlex.join(cmd)}\n")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+                            bufsize=1, env={**os.environ, **(env or {})})
     stopped = False
     import selectors
     sel = selectors.DefaultSelector()
@@ -119,7 +126,7 @@ def _run(cmd: list[str], log_path: str, deadline: Deadline) -> tuple[int, float]
         line = proc.stdout.readline()
         if not line:
           break
-        sys.stdout.write(line)
+        sys.stdout.write(prefix + line)
         log.write(line)
     rc = proc.wait()
   return rc, time.monotonic() - t0
@@ -138,15 +145,20 @@ def _last_eval(run_dir: str) -> dict:
   return out
 
 
-def stage_command(config: str, run_dir: str, init: str | None, args) -> list[str]:
+def stage_command(config: str, run_dir: str | None, init: str | None, args) -> list[str]:
   """train.py's command line for one stage: the recipe, the previous stage's model, the overrides (--set for
-  every stage, then --align-set or --distill-set for this stage's kind), --resume when a checkpoint exists."""
+  every stage, then --align-set or --distill-set for this stage's kind), --resume when a checkpoint exists.
+  run_dir None: the command that only generates the stage's data."""
   stage = "align" if config.endswith("_align") else "distill"
   cmd = [args.python, "train.py", f"--stage={stage}", "--config", f"configs/{config}.yaml", "--teacher",
-         args.teacher, "--output", run_dir, "--cache-dir", args.cache_dir, "--no-progress"]
+         args.teacher, "--cache-dir", args.cache_dir, "--no-progress"]
+  if run_dir is None:  # only the stage's data (train.py --data-only)
+    cmd.append("--data-only")
+  else:
+    cmd += ["--output", run_dir]
   if init:
     cmd += ["--init", os.path.join(init, "model")]
-  if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+  if run_dir is not None and os.path.isdir(os.path.join(run_dir, "checkpoints")):
     cmd.append("--resume")
   sets = args.set + (args.align_set if stage == "align" else args.distill_set)
   if not args.smoke:
@@ -165,7 +177,8 @@ def _mixes_documents(config: str, sets: list[str]) -> bool:
   return bool(n)
 
 
-def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadline) -> dict:
+def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadline, env: dict | None = None,
+              prefix: str = "") -> dict:
   """One train.py stage (skipped when finished, resumed when interrupted) -> its record."""
   record = {"config": f"configs/{config}.yaml", "run_dir": run_dir}
   timing_path = os.path.join(run_dir, "timing.json")
@@ -178,7 +191,7 @@ def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadl
   if os.path.isfile(timing_path):
     with open(timing_path) as f:
       earlier = json.load(f)
-  rc, wall = _run(cmd, os.path.join(run_dir, "train.log"), deadline)
+  rc, wall = _run(cmd, os.path.join(run_dir, "train.log"), deadline, env, prefix)
   timing = {"wall_s": round(earlier.get("wall_s", 0.0) + wall, 1), "calls": earlier.get("calls", 0) + 1,
             "command": shlex.join(cmd)}
   with open(timing_path, "w") as f:
@@ -187,11 +200,19 @@ def run_stage(config: str, run_dir: str, init: str | None, args, deadline: Deadl
   return {**record, **timing, "rc": rc, "done": done, "eval": _last_eval(run_dir)}
 
 
-def evaluate(model_dir: str, args, out_json: str) -> tuple[int, dict | None]:
-  cmd = [args.python, "-m", "hybrid_jax.evaluate.fidelity", "--model", model_dir, "--teacher", args.teacher,
-         "--cache-dir", args.cache_dir, "--json", out_json]
-  cmd += list(SMOKE_EVAL if args.smoke else ()) + shlex.split(args.eval_args)
-  rc, wall = _run(cmd, out_json[:-len(".json")] + ".log", Deadline(0))
+def evaluate_command(model_dir: str | None, args, out_json: str | None = None) -> list[str]:
+  """python -m hybrid_jax.evaluate.fidelity's command line for one model, or without one (None) the command
+  that only generates the held-out conversations (--smoke: a small evaluation)."""
+  cmd = [args.python, "-m", "hybrid_jax.evaluate.fidelity", "--teacher", args.teacher, "--cache-dir",
+         args.cache_dir]
+  cmd += ["--model", model_dir, "--json", out_json] if model_dir else ["--data-only"]
+  return cmd + list(SMOKE_EVAL if args.smoke else ()) + shlex.split(args.eval_args)
+
+
+def evaluate(model_dir: str, args, out_json: str, env: dict | None = None,
+             prefix: str = "") -> tuple[int, dict | None]:
+  cmd = evaluate_command(model_dir, args, out_json)
+  rc, wall = _run(cmd, out_json[:-len(".json")] + ".log", Deadline(0), env, prefix)
   if rc != 0:
     return rc, None
   with open(out_json) as f:
@@ -237,12 +258,110 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass
+class Task:
+  """One process of the plan: a train.py stage (shared by every recipe whose chain passes through its run dir)
+  or the evaluation of a recipe's final model. `after`: the stage it starts from (None: the teacher)."""
+  kind: str                  # "stage" | "eval"
+  key: str                   # a stage's run dir | a recipe's name
+  config: str | None = None  # the stage's recipe (configs/<config>.yaml)
+  after: str | None = None
+  priority: tuple[int, int] = (0, 0)  # (first recipe that needs it, position in its chain): lowest runs first
+
+
+def plan(names: list[str], runs: str) -> tuple[dict[str, Task], dict[str, list[str]]]:
+  """The stages of the recipes (a chain's prefix shared with an earlier recipe is one stage) and each recipe's
+  evaluation -> ({task id: Task}, {recipe: [its stage run dirs]}). Ids: the run dir, or 'eval:<recipe>'."""
+  tasks, chains = {}, {}
+  for i, name in enumerate(names):
+    prev, chain_dir, chain = None, runs, []
+    for j, config in enumerate(RECIPES[name]):
+      chain_dir = os.path.join(chain_dir, config)  # a stage's dir names its whole chain: prefixes are shared
+      tasks.setdefault(chain_dir, Task("stage", chain_dir, config, prev, (i, j)))
+      chain.append(chain_dir)
+      prev = chain_dir
+    tasks[f"eval:{name}"] = Task("eval", name, None, prev, (i, len(chain)))
+    chains[name] = chain
+  return tasks, chains
+
+
+def _finished(rec: dict | None) -> bool:
+  return bool(rec) and bool(rec.get("skipped") or rec.get("done"))
+
+
+def schedule(tasks: dict[str, Task], execute, jobs: int, deadline: Deadline, on_done=None) -> dict[str, object]:
+  """Runs the tasks, at most `jobs` at a time, each once the stage it starts from has finished, the lowest
+  priority first (jobs=1: recipe by recipe, each evaluated right after its last stage). execute(task, slot) ->
+  its record (a stage's dict, judged by `_finished`; an evaluation's (rc, result)), slot in [0, jobs). A task
+  whose stage did not finish, and any task after the deadline, is not started. on_done(done) is called after
+  each task (in this thread). Returns {id: record}."""
+  import concurrent.futures as cf
+  done: dict[str, object] = {}
+  waiting = dict(tasks)
+  running: dict = {}  # future -> (id, slot)
+  free = list(range(jobs))
+  with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+    while waiting or running:
+      for tid, t in list(waiting.items()):  # drop what can never start
+        if t.after is not None and t.after in done and not _finished(done[t.after]):
+          del waiting[tid]
+      ready = sorted((t.priority, tid) for tid, t in waiting.items() if t.after is None or t.after in done)
+      while ready and free and deadline.left() > 0:
+        _, tid = ready.pop(0)
+        slot = free.pop(0)
+        running[pool.submit(execute, waiting.pop(tid), slot)] = (tid, slot)
+      if not running:
+        break  # nothing can start: the deadline passed or every remaining task waits on a failed stage
+      finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+      for fut in finished:
+        tid, slot = running.pop(fut)
+        done[tid] = fut.result()
+        free.append(slot)
+        free.sort()
+      if on_done:
+        on_done(done)
+  return done
+
+
+def _data_key(config: str, sets: list[str]) -> str:
+  """What decides a stage's data: its recipe's data and default_data sections and the overrides of them."""
+  import yaml
+  with open(os.path.join(REPO, "configs", f"{config}.yaml")) as f:
+    raw = yaml.safe_load(f)
+  own = [s for s in sets if s.startswith(("data.", "default_data."))]
+  return json.dumps([raw.get("stage"), raw.get("data"), raw.get("default_data"), own], sort_keys=True, default=str)
+
+
+def prepare_data(tasks: dict[str, Task], args, env: dict | None) -> int:
+  """Generates, one process at a time, the data of every stage still to run (train.py --data-only, once per
+  distinct data setting), so that stages started side by side find it cached instead of each generating it."""
+  seen = set()
+  for t in sorted(tasks.values(), key=lambda t: t.priority):
+    if t.kind != "stage" or os.path.isfile(os.path.join(t.key, "model", "config.json")):
+      continue
+    cmd = stage_command(t.config, None, None, args)
+    key = _data_key(t.config, cmd[cmd.index("--data-only") + 1:])
+    if key in seen:
+      continue
+    seen.add(key)
+    os.makedirs(args.out, exist_ok=True)
+    rc, _ = _run(cmd, os.path.join(args.out, "data.log"), Deadline(0), env, "[data] ")
+    if rc != 0:
+      return rc
+  if any(t.kind == "eval" for t in tasks.values()):  # the evaluations' held-out conversations
+    return _run(evaluate_command(None, args), os.path.join(args.out, "data.log"), Deadline(0), env, "[data] ")[0]
+  return 0
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   names = [n.strip() for n in args.recipes.split(",") if n.strip()]
   bad = [n for n in names if n not in RECIPES]
   if bad:
     print(f"error: unknown recipe(s) {bad}; known: {', '.join(RECIPES)}", file=sys.stderr)
+    return 2
+  if args.jobs < 1:
+    print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
     return 2
   if not os.path.isfile(os.path.join(args.teacher, "config.json")):
     print(f"error: --teacher {args.teacher} is not a checkpoint directory (no config.json)", file=sys.stderr)
@@ -253,40 +372,61 @@ def main(argv=None) -> int:
   results = {"command": shlex.join([os.path.basename(sys.executable), "bench/fidelity.py"]
                                    + list(sys.argv[1:] if argv is None else argv)),
              "environment": _versions(args.python), "recipes": {}}
-  complete = True
-  for name in names:
-    stages, prev, chain_dir = [], None, args.runs
-    status = "done"
-    for config in RECIPES[name]:
-      chain_dir = os.path.join(chain_dir, config)  # a stage's dir names its whole chain: prefixes are shared
-      if deadline.left() <= 0:
-        status = "stopped at the deadline"
-        break
-      rec = run_stage(config, chain_dir, prev, args, deadline)
-      stages.append(rec)
-      if not (rec.get("skipped") or rec.get("done")):
-        status = f"stage {config} unfinished (rc {rec.get('rc')})"
-        break
-      prev = chain_dir
-    entry = {"stages": stages, "status": status}
-    if status == "done":
-      out_json = os.path.join(args.out, f"{name}.json")
-      if os.path.isfile(out_json) and os.path.getmtime(out_json) > os.path.getmtime(os.path.join(prev, "model")):
-        with open(out_json) as f:
-          entry["fidelity"] = json.load(f)
-      elif deadline.left() > 0:
-        rc, res = evaluate(os.path.join(prev, "model"), args, out_json)
-        entry["fidelity"] = res
-        if res is None:
-          entry["status"] = f"evaluation failed (rc {rc})"
-      else:
-        entry["status"] = "trained; evaluation not run (deadline)"
-    complete &= entry["status"] == "done" and entry.get("fidelity") is not None
-    results["recipes"][name] = entry
+  env = results["environment"]
+  gpus = env.get("device_count", 1) if env.get("backend") == "gpu" else 1
+  tasks, chains = plan(names, args.runs)
+
+  def pinned(slot: int) -> dict:  # several GPUs: each slot keeps to one of them
+    env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus > 1 and args.jobs > 1 else {}
+    if args.jobs > gpus:  # processes share a GPU: each takes memory as it needs it, not 75% up front
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    return env
+
+  if args.jobs > 1 and prepare_data(tasks, args, pinned(0)) != 0:
+    print("error: generating the recipes' data failed (see the [data] lines above)", file=sys.stderr)
+    return 1
+
+  def execute(task: Task, slot: int):
+    prefix = f"[{os.path.basename(task.key)}] " if args.jobs > 1 else ""
+    if task.kind == "stage":
+      return run_stage(task.config, task.key, task.after, args, deadline, pinned(slot), prefix)
+    out_json = os.path.join(args.out, f"{task.key}.json")
+    if os.path.isfile(out_json) and os.path.getmtime(out_json) > os.path.getmtime(os.path.join(task.after, "model")):
+      with open(out_json) as f:
+        return 0, json.load(f)
+    return evaluate(os.path.join(task.after, "model"), args, out_json, pinned(slot), prefix)
+
+  def collect(done: dict) -> bool:  # the table so far, written after every task: True when complete
+    complete = True
+    for name in names:
+      stages, status = [], "done"
+      for run_dir in chains[name]:
+        rec = done.get(run_dir)
+        if rec is None:
+          status = "stopped at the deadline" if deadline.left() <= 0 else "not run"
+          break
+        stages.append(rec)
+        if not _finished(rec):
+          status = f"stage {tasks[run_dir].config} unfinished (rc {rec.get('rc')})"
+          break
+      entry = {"stages": stages, "status": status}
+      if status == "done":
+        ev = done.get(f"eval:{name}")
+        if ev is None:
+          entry["status"] = "trained; evaluation not run (deadline)" if deadline.left() <= 0 else "not evaluated"
+        else:
+          rc, entry["fidelity"] = ev
+          if entry["fidelity"] is None:
+            entry["status"] = f"evaluation failed (rc {rc})"
+      complete &= entry["status"] == "done" and entry.get("fidelity") is not None
+      results["recipes"][name] = entry
     with open(os.path.join(args.out, "fidelity.json"), "w") as f:
       json.dump(results, f, indent=2)
     with open(os.path.join(args.out, "fidelity.md"), "w") as f:
       f.write(markdown(results))
+    return complete
+
+  complete = collect(schedule(tasks, execute, args.jobs, deadline, collect))
   print(markdown(results))
   if not complete:
     print("not complete: run the same command again to continue", file=sys.stderr)

@@ -27,6 +27,10 @@ Tables:
   decode-flags  batch-1 decoding of the 135M shape (teacher, 50% Mamba-2) under XLA flag sets that change how
                 the step's kernels are launched: the defaults, command buffers off, command buffers for
                 kernels and library calls without the loop (section 2.3)
+  decode-profile
+                one traced batch-1 call of the 135M shape (teacher, 50% Mamba-2; prompt 128, 256 new tokens)
+                summarised by kernel kind: kernels and GPU-busy time per step against the step's span, which
+                says whether launches or the kernels themselves set the step's time (section 2.3)
   decode-max    the largest batch that fits, prompt 2048, 512 new tokens, 1B shape, every hybrid_jax model
                 (section 2.3)
   fidelity      the GPU fidelity recipes (default: 50% attention, both variants) with their held-out table
@@ -37,6 +41,11 @@ Tables:
                 when no run has it): the recipe (the replaced layers train on chat and teacher-written
                 documents), the replaced layers on chat only, every parameter on chat only
                 (runs/fidelity_<name>/, section 4)
+  fidelity-init the init ablation after the same training: the fidelity recipes (default: 25% attention,
+                Mamba-2) with the replaced layers' mixer, MLP and norms at their own random init
+                (model.mixer_init=random_layer, the reference's init_with_kqvo=False) in
+                runs/fidelity_random_layer/, beside the fidelity table's attention-initialised run
+                (INIT_ABLATION.md)
   spec-fidelity speculative decoding of the 50% Mamba-2 fidelity model with the drafts that need no
                 training: prompt lookup and layer-skip self-drafts, in the checkpoint's bfloat16 and again
                 in float32 (section 2.1)
@@ -52,7 +61,10 @@ default: .cache/teachers/smollm2-135m-instruct), FIDELITY_RECIPES (bench/fidelit
 mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (seconds for all fidelity runs of this call, after which
 the running stage is checkpointed and the rest waits for the next call; default 0, no limit), FIDELITY_ARGS
 (more bench/fidelity.py arguments, e.g. --smoke for a CPU check of the fidelity tables), FIDELITY_MODEL
-(the spec-fidelity target; default: the fidelity table's 50% Mamba-2 model).
+(the spec-fidelity target; default: the fidelity table's 50% Mamba-2 model), FIDELITY_INIT_RECIPES
+(fidelity-init's recipes; default: mamba2_attn25), FIDELITY_JOBS (stages run side
+by side, each on its own GPU; default: the number of GPUs). With several GPUs, fidelity-ablation runs its
+settings side by side too, one per GPU, once an alignment model exists.
 EOF
 }
 
@@ -72,7 +84,7 @@ done
 PY=${PYTHON:-python3}
 TEACHER=${TEACHER:-.cache/teachers/smollm2-135m-instruct}
 KNOWN=" train spec-default spec-b1 spec-b8 spec-verify verify bandwidth scan scan-bwd decode-b1 decode-b64 decode-max \
-decode-flags fidelity fidelity-ablation spec-fidelity harness "
+decode-flags decode-profile fidelity fidelity-ablation fidelity-init spec-fidelity harness "
 expanded=()
 for t in "${TABLES[@]}"; do
   case $t in
@@ -89,6 +101,8 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
   "$PY" -c "import jax, flax, sys; print('jax', jax.__version__, 'flax', flax.__version__, 'python', sys.version.split()[0])"
 } | tee "$OUT/device.txt"
 
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+[ "$GPUS" -gt 0 ] || GPUS=1
 failed=0
 run() {  # run NAME CMD...: one process, its output in NAME.log
   local name=$1; shift
@@ -124,11 +138,11 @@ fidelity() {  # fidelity OUTNAME [bench/fidelity.py arguments...]; every run sha
     [ "$left" -gt 30 ] || { echo "=== $name: skipped, FIDELITY_DEADLINE_S spent (run the table again)"; failed=1; return 3; }
   fi
   teacher && run "$name" "$PY" bench/fidelity.py --teacher "$TEACHER" --deadline-s "$left" \
-    ${FIDELITY_ARGS:-} "$@" --out "$OUT/$name"
+    --jobs "${FIDELITY_JOBS:-$GPUS}" ${FIDELITY_ARGS:-} "$@" --out "$OUT/$name"
 }
 
 fidelity_ablation() {  # every setting starts from the same alignment model: the first one made is copied
-  local a name runs src="" d sets=() s parts=()
+  local a name runs src="" d sets s parts=() pids=() slot=0 pid
   for a in "${ABLATIONS[@]}"; do
     name=${a%%:*}
     runs=runs/fidelity_$name
@@ -141,11 +155,20 @@ fidelity_ablation() {  # every setting starts from the same alignment model: the
     if [ -n "$src" ] && [ ! -f "$runs/$ALIGN50/model/config.json" ]; then
       rm -rf "$runs/$ALIGN50" && mkdir -p "$runs" && cp -r "$src" "$runs/" && rm -rf "$runs/$ALIGN50"/gpu_*
     fi
-    sets=()
+    sets=(--recipes mamba2_attn50 --runs "$runs")
     IFS=';' read -ra parts <<< "${a#*:}"
     for s in "${parts[@]}"; do [ -n "$s" ] && sets+=(--distill-set "$s"); done
-    fidelity "fidelity-$name" --recipes mamba2_attn50 --runs "$runs" "${sets[@]}" || return
+    if [ -n "$src" ] && [ "$GPUS" -gt 1 ]; then  # the alignment model exists: one setting per GPU, side by side
+      echo "=== fidelity-$name: on GPU $((slot % GPUS)), output in $OUT/fidelity-$name.log"
+      CUDA_VISIBLE_DEVICES=$((slot % GPUS)) FIDELITY_JOBS=1 fidelity "fidelity-$name" "${sets[@]}" > /dev/null &
+      pids+=($!)
+      slot=$((slot + 1))
+    else
+      fidelity "fidelity-$name" "${sets[@]}" || return
+    fi
   done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [ ${#pids[@]} -eq 0 ] || cat "$OUT"/fidelity-*/fidelity.md 2>/dev/null
 }
 
 spec_default() {
@@ -191,10 +214,17 @@ for t in "${expanded[@]}"; do
           --only teacher,h50-mamba2 --repeats 3 --out "$OUT/decode-flags-$i.json"
         i=$((i + 1))
       done ;;
+    decode-profile)
+      rm -rf "$OUT/decode-profile"
+      run decode-profile "$PY" bench/bench_decode.py --shapes 135m --cases b1 --only teacher,h50-mamba2 --repeats 1 \
+        --profile "$OUT/decode-profile" --out "$OUT/decode-profile.json" &&
+        run decode-profile-summary "$PY" bench/profile_summary.py "$OUT/decode-profile" --steps 256 --top 25 ;;
     decode-max) run decode-max "$PY" bench/bench_decode.py --shapes 1b --cases '' --max-batch --repeats 1 \
                   --only teacher,h50-mamba2,h25-mamba2,h50-mamba,h25-mamba --out "$OUT/decode-max.json" ;;
     fidelity) fidelity fidelity --recipes "${FIDELITY_RECIPES:-mamba2_attn50,mamba_attn50}" ;;
     fidelity-ablation) fidelity_ablation ;;
+    fidelity-init) fidelity fidelity-init --recipes "${FIDELITY_INIT_RECIPES:-mamba2_attn25}" \
+                     --runs runs/fidelity_random_layer --set model.mixer_init=random_layer ;;
     spec-fidelity)
       [ -f "$FIDELITY_MODEL/config.json" ] || { echo "spec-fidelity: run the fidelity table first"; failed=1; continue; }
       S=(bench/bench_speculative.py --target "$FIDELITY_MODEL" --sizes "" --max-new 256 --draft ngram

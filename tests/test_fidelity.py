@@ -1,6 +1,7 @@
 """Fidelity evaluation: held-out sets, scores against a direct per-document computation, answers, the table."""
 import itertools
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -100,19 +101,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
   assert err.startswith("error:") and err.count("\n") == 1
   with pytest.raises(ValueError, match="n_answers"):
     fd.FidelityOptions(n_answers=len(fd.PROMPTS) + 1)
+  with pytest.raises(SystemExit) as e:  # a model is needed unless only the held-out data is asked for
+    fd.main(["--teacher", str(tmp_path / "nope")])
+  assert e.value.code == 2 and "--model is required" in capsys.readouterr().err
 
 
 def test_gpu_recipe_chains_are_nested_and_valid():
   """bench/fidelity.py's chains: every stage config exists and loads; each alignment stage keeps the Mamba layers
   of the one before (progressive: a growing Mamba set) and the distill stage keeps the last layout."""
-  import importlib.util
   import os
 
   from hybrid_jax.train import config as tcfg
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("bench_fidelity", os.path.join(repo, "bench", "fidelity.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = _bench_fidelity()
   assert len(bench.RECIPES) == 6
   for name, chain in bench.RECIPES.items():
     variant, attn = name.split("_")
@@ -132,6 +133,10 @@ def test_gpu_recipe_chains_are_nested_and_valid():
   assert align[-2:] == ["a=1", "b=2"] and "c=3" not in align
   assert distill[-2:] == ["a=1", "c=3"] and "b=2" not in distill
   assert distill[distill.index("--init") + 1] == "/nonexistent/r/model"
+  data = bench.stage_command("gpu_mamba_attn50_distill", None, None, args)  # the data of a stage, nothing else
+  assert "--data-only" in data and "--output" not in data and "--resume" not in data and data[-2:] == ["a=1", "c=3"]
+  ev = bench.evaluate_command(None, args)
+  assert "--data-only" in ev and "--model" not in ev and "--json" not in ev
   # a smoke run keeps any mixed-in document set tiny, whatever the override asked for
   smoke = bench.parse_args(["--teacher", "T", "--smoke", "--align-set", "default_data.n_text=32768"])
   cmd = bench.stage_command("gpu_mamba_attn50_align", "/nonexistent/r", None, smoke)
@@ -141,3 +146,70 @@ def test_gpu_recipe_chains_are_nested_and_valid():
   smoke = bench.parse_args(["--teacher", "T", "--smoke", "--distill-set", "default_data.n_text=0"])
   assert "default_data.n_text=4" not in bench.stage_command("gpu_mamba_attn50_distill", "/nonexistent/r/d",
                                                             "/nonexistent/r", smoke)
+
+
+def _bench_fidelity():
+  import importlib.util
+  import os
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("bench_fidelity", os.path.join(repo, "bench", "fidelity.py"))
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = bench  # its dataclasses look their module up
+  spec.loader.exec_module(bench)
+  return bench
+
+
+def test_recipe_plan_runs_in_order_and_side_by_side():
+  """bench/fidelity.py's scheduler: shared chain prefixes run once; one job runs recipe by recipe (each evaluated
+  after its last stage); several jobs never exceed their number, start a task only after the stage it starts
+  from, and skip what follows a failed stage."""
+  import threading
+  import time
+  bench = _bench_fidelity()
+  tasks, chains = bench.plan(["mamba2_attn50", "mamba_attn50", "mamba2_attn25"], "R")
+  a50 = "R/gpu_mamba2_attn50_align"
+  assert chains["mamba2_attn25"][0] == chains["mamba2_attn50"][0] == a50
+  assert len(tasks) == 2 + 2 + 2 + 3  # the 25% chain adds its own alignment and distillation only
+
+  def fake(fail=(), sleep=0.0):
+    lock, log, live = threading.Lock(), [], [0, 0]
+
+    def execute(task, slot):
+      with lock:
+        log.append(("start", task.key, slot))
+        live[0] += 1
+        live[1] = max(live[1], live[0])
+      time.sleep(sleep)
+      with lock:
+        live[0] -= 1
+        log.append(("end", task.key, slot))
+      if task.kind == "eval":
+        return 0, {}
+      return {"done": task.key not in fail, "rc": 1 if task.key in fail else 0}
+    return execute, log, live
+
+  execute, log, _ = fake()
+  done = bench.schedule(tasks, execute, 1, bench.Deadline(0))
+  order = [k for what, k, _ in log if what == "start"]
+  assert order == [a50, a50 + "/gpu_mamba2_attn50_distill", "mamba2_attn50", "R/gpu_mamba_attn50_align",
+                   "R/gpu_mamba_attn50_align/gpu_mamba_attn50_distill", "mamba_attn50", a50 + "/gpu_mamba2_attn25_align",
+                   a50 + "/gpu_mamba2_attn25_align/gpu_mamba2_attn25_distill", "mamba2_attn25"]
+  assert len(done) == len(tasks)
+
+  execute, log, live = fake(fail={"R/gpu_mamba_attn50_align"}, sleep=0.05)
+  done = bench.schedule(tasks, execute, 2, bench.Deadline(0))
+  assert live[1] == 2  # two at a time, never more
+  ended = set()
+  for what, key, _ in log:
+    if what == "start":
+      after = next(t.after for t in tasks.values() if t.key == key)
+      assert after is None or after in ended, (key, after)
+    else:
+      ended.add(key)
+  assert "R/gpu_mamba_attn50_align/gpu_mamba_attn50_distill" not in done and "eval:mamba_attn50" not in done
+  assert "eval:mamba2_attn25" in done  # the other chains went on
+  assert {s for _, _, s in log} == {0, 1}
+
+  expired = bench.Deadline(1e-9)
+  time.sleep(0.01)
+  assert bench.schedule(tasks, fake()[0], 2, expired) == {}
