@@ -62,9 +62,9 @@ mamba2_attn50,mamba_attn50), FIDELITY_DEADLINE_S (seconds for all fidelity runs 
 the running stage is checkpointed and the rest waits for the next call; default 0, no limit), FIDELITY_ARGS
 (more bench/fidelity.py arguments, e.g. --smoke for a CPU check of the fidelity tables), FIDELITY_MODEL
 (the spec-fidelity target; default: the fidelity table's 50% Mamba-2 model), FIDELITY_INIT_RECIPES
-(fidelity-init's recipes; default: mamba2_attn25), FIDELITY_JOBS (stages run side
-by side, each on its own GPU; default: the number of GPUs). With several GPUs, fidelity-ablation runs its
-settings side by side too, one per GPU, once an alignment model exists.
+(fidelity-init's recipes; default: mamba2_attn25), FIDELITY_JOBS (stages run side by side, each on its own
+GPU; default: the number of GPUs). With several GPUs, fidelity-ablation runs its settings side by side too,
+one per GPU, once an alignment model exists.
 EOF
 }
 
