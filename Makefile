@@ -33,7 +33,7 @@ $(TEACHER_DIR)/config.json: | $(VENV)/.installed
 distill: install teacher
 	@backend=$$($(PY) -c "import jax; print(jax.default_backend())") || exit 1; \
 	if [ "$$backend" = cpu ]; then recipe=distill_default; \
-	  echo "No accelerator found: the CPU recipe configs/$$recipe.yaml, a small demonstration (about 16 min on 2 cores)"; \
+	  echo "No accelerator found: the CPU recipe configs/$$recipe.yaml, a small demonstration (about 18 min on 2 cores)"; \
 	  eval_args="--conversations 16 --texts 16"; \
 	else recipe=distill_gpu; echo "JAX backend $$backend: the GPU recipe configs/$$recipe.yaml"; eval_args=; fi; \
 	run=runs/$$recipe; \
