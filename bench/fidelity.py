@@ -323,6 +323,19 @@ def schedule(tasks: dict[str, Task], execute, jobs: int, deadline: Deadline, on_
   return done
 
 
+def slot_env(slot: int, gpus: int, jobs: int, visible: str | None) -> dict[str, str]:
+  """The environment of the process in `slot`: with several GPUs and jobs, one GPU of those this process may
+  use (`visible`, its CUDA_VISIBLE_DEVICES, else all `gpus`), slot i on the (i mod gpus)-th; when processes
+  share a GPU, each takes memory as it needs it instead of 75% of it up front."""
+  env = {}
+  if gpus > 1 and jobs > 1:
+    ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(gpus)]
+    env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)]
+  if jobs > gpus:
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  return env
+
+
 def _data_key(config: str, sets: list[str]) -> str:
   """What decides a stage's data: its recipe's data and default_data sections and the overrides of them."""
   import yaml
@@ -376,11 +389,8 @@ def main(argv=None) -> int:
   gpus = env.get("device_count", 1) if env.get("backend") == "gpu" else 1
   tasks, chains = plan(names, args.runs)
 
-  def pinned(slot: int) -> dict:  # several GPUs: each slot keeps to one of them
-    env = {"CUDA_VISIBLE_DEVICES": str(slot % gpus)} if gpus > 1 and args.jobs > 1 else {}
-    if args.jobs > gpus:  # processes share a GPU: each takes memory as it needs it, not 75% up front
-      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    return env
+  def pinned(slot: int) -> dict:
+    return slot_env(slot, gpus, args.jobs, os.environ.get("CUDA_VISIBLE_DEVICES"))
 
   if args.jobs > 1 and prepare_data(tasks, args, pinned(0)) != 0:
     print("error: generating the recipes' data failed (see the [data] lines above)", file=sys.stderr)

@@ -101,8 +101,15 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
   "$PY" -c "import jax, flax, sys; print('jax', jax.__version__, 'flax', flax.__version__, 'python', sys.version.split()[0])"
 } | tee "$OUT/device.txt"
 
-GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-[ "$GPUS" -gt 0 ] || GPUS=1
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then  # the GPUs this shell may use, by their ids
+  IFS=, read -ra GPU_IDS <<< "$CUDA_VISIBLE_DEVICES"
+else
+  GPU_IDS=()
+  n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  for ((g = 0; g < n; g++)); do GPU_IDS+=("$g"); done
+fi
+GPUS=${#GPU_IDS[@]}
+[ "$GPUS" -gt 0 ] || { GPUS=1; GPU_IDS=(0); }
 failed=0
 run() {  # run NAME CMD...: one process, its output in NAME.log
   local name=$1; shift
@@ -159,8 +166,8 @@ fidelity_ablation() {  # every setting starts from the same alignment model: the
     IFS=';' read -ra parts <<< "${a#*:}"
     for s in "${parts[@]}"; do [ -n "$s" ] && sets+=(--distill-set "$s"); done
     if [ -n "$src" ] && [ "$GPUS" -gt 1 ]; then  # the alignment model exists: one setting per GPU, side by side
-      echo "=== fidelity-$name: on GPU $((slot % GPUS)), output in $OUT/fidelity-$name.log"
-      CUDA_VISIBLE_DEVICES=$((slot % GPUS)) FIDELITY_JOBS=1 fidelity "fidelity-$name" "${sets[@]}" > /dev/null &
+      echo "=== fidelity-$name: on GPU ${GPU_IDS[slot % GPUS]}, output in $OUT/fidelity-$name.log"
+      CUDA_VISIBLE_DEVICES=${GPU_IDS[slot % GPUS]} FIDELITY_JOBS=1 fidelity "fidelity-$name" "${sets[@]}" > /dev/null &
       pids+=($!)
       slot=$((slot + 1))
     else

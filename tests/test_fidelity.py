@@ -210,6 +210,12 @@ def test_recipe_plan_runs_in_order_and_side_by_side():
   assert "eval:mamba2_attn25" in done  # the other chains went on
   assert {s for _, _, s in log} == {0, 1}
 
+  # each slot's GPU: one of those the caller may use, by its id; sharing a GPU turns preallocation off
+  assert bench.slot_env(3, 2, 4, "4,5") == {"CUDA_VISIBLE_DEVICES": "5", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  assert bench.slot_env(2, 4, 4, None) == {"CUDA_VISIBLE_DEVICES": "2"}
+  assert bench.slot_env(1, 1, 2, None) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+  assert bench.slot_env(0, 8, 1, None) == {}
+
   expired = bench.Deadline(1e-9)
   time.sleep(0.01)
   assert bench.schedule(tasks, fake()[0], 2, expired) == {}
