@@ -166,11 +166,17 @@ def stage_command(config: str, run_dir: str | None, init: str | None, args) -> l
   return cmd + list(SMOKE_SET) + sets + list(SMOKE_TEXT if _mixes_documents(config, sets) else ())
 
 
+def _recipe(config: str) -> dict:
+  """configs/<config>.yaml as plain data."""
+  import yaml
+  with open(os.path.join(REPO, "configs", f"{config}.yaml")) as f:
+    return yaml.safe_load(f)
+
+
 def _mixes_documents(config: str, sets: list[str]) -> bool:
   """Whether this stage's default_data.n_text (the recipe's, then the overrides') asks for documents."""
   import yaml
-  with open(os.path.join(REPO, "configs", f"{config}.yaml")) as f:
-    n = (yaml.safe_load(f).get("default_data") or {}).get("n_text", 0)
+  n = (_recipe(config).get("default_data") or {}).get("n_text", 0)
   for s in sets:
     if s.startswith("default_data.n_text="):
       n = yaml.safe_load(s.split("=", 1)[1])
@@ -338,9 +344,7 @@ def slot_env(slot: int, gpus: int, jobs: int, visible: str | None) -> dict[str, 
 
 def _data_key(config: str, sets: list[str]) -> str:
   """What decides a stage's data: its recipe's data and default_data sections and the overrides of them."""
-  import yaml
-  with open(os.path.join(REPO, "configs", f"{config}.yaml")) as f:
-    raw = yaml.safe_load(f)
+  raw = _recipe(config)
   own = [s for s in sets if s.startswith(("data.", "default_data."))]
   return json.dumps([raw.get("stage"), raw.get("data"), raw.get("default_data"), own], sort_keys=True, default=str)
 
@@ -385,8 +389,8 @@ def main(argv=None) -> int:
   results = {"command": shlex.join([os.path.basename(sys.executable), "bench/fidelity.py"]
                                    + list(sys.argv[1:] if argv is None else argv)),
              "environment": _versions(args.python), "recipes": {}}
-  env = results["environment"]
-  gpus = env.get("device_count", 1) if env.get("backend") == "gpu" else 1
+  info = results["environment"]
+  gpus = info.get("device_count", 1) if info.get("backend") == "gpu" else 1
   tasks, chains = plan(names, args.runs)
 
   def pinned(slot: int) -> dict:

@@ -127,12 +127,10 @@ def test_nucleus_threshold_keeps_what_sorting_keeps():
   (ties all in or all out, the top token always), on random and on tied distributions."""
   from hybrid_jax.decode.sampling import nucleus_threshold
 
-  def by_sorting(probs, top_p):  # -> the kept tokens, and the mass strictly above each token (float64)
+  def by_sorting(probs, top_p):  # the kept tokens
     s = np.sort(probs, axis=-1)[:, ::-1].astype(np.float64)
     before = np.cumsum(s, axis=-1) - s
-    cut = np.min(np.where(before < top_p, s, np.inf), axis=-1, keepdims=True)
-    above = np.stack([np.where(r[None, :] > r[:, None], r[None, :], 0).sum(-1) for r in probs.astype(np.float64)])
-    return probs >= cut, above
+    return probs >= np.min(np.where(before < top_p, s, np.inf), axis=-1, keepdims=True)
 
   rng = np.random.default_rng(0)
   cases = [rng.normal(size=(64, 1000)) * scale for scale in (0.5, 2.0, 8.0)]
@@ -140,9 +138,11 @@ def test_nucleus_threshold_keeps_what_sorting_keeps():
   cases.append(np.zeros((2, 50)))  # all equal: every token is in
   for logits in cases:
     probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+    # the mass strictly above each token (float64), once per case
+    above = np.stack([np.where(r[None, :] > r[:, None], r[None, :], 0).sum(-1) for r in probs.astype(np.float64)])
     for top_p in (0.05, 0.5, 0.9, 0.95, 0.999):
       keep = np.asarray(probs >= np.asarray(nucleus_threshold(jnp.asarray(probs), top_p)))
-      want, above = by_sorting(probs, top_p)
+      want = by_sorting(probs, top_p)
       differ = keep != want  # only where the mass above a token is top_p to within float32 rounding of a sum
       assert differ.sum() <= 1 and np.all(np.abs(above[differ] - top_p) < 1e-5), (top_p, above[differ])
       assert keep[np.arange(len(probs)), probs.argmax(-1)].all()

@@ -201,13 +201,21 @@ def build_data(cfg: tcfg.TrainConfig, tokenizer, log=print):
 
 # ---- main --------------------------------------------------------------------------------------
 
-def prepare_data(args: argparse.Namespace, log=print) -> list[str]:
-  """--data-only: the recipe's data files (the default data generated into the cache first when missing), so
-  that runs started side by side later all find it there instead of each generating it."""
-  cfg = resolve_data(tcfg.load(args.config, args.overrides, stage=args.stage), args.teacher, args.cache_dir,
-                     args.init, log)
+def config_with_data(args: argparse.Namespace, log=print) -> tcfg.TrainConfig:
+  """The recipe with its data files: the default data generated into the (shared) cache when the recipe names
+  none, by process 0 first; the training records read and checked, so bad data fails before any model loads."""
+  cfg = tcfg.load(args.config, args.overrides, stage=args.stage)
+  with distributed.primary_first("default-data"):
+    cfg = resolve_data(cfg, args.teacher, args.cache_dir, args.init, log)
   from hybrid_jax.data import load_records
   load_records(cfg.data_config, "train")
+  return cfg
+
+
+def prepare_data(args: argparse.Namespace, log=print) -> list[str]:
+  """--data-only: the recipe's data files, so that runs started side by side later all find the default data
+  in the cache instead of each generating it."""
+  cfg = config_with_data(args, log)
   return list(cfg.data["paths"]) + list(cfg.data.get("eval_paths") or [])
 
 
@@ -219,11 +227,7 @@ def run(args: argparse.Namespace, log=print) -> loop.TrainResult:
 
 
 def _run(args: argparse.Namespace, log) -> loop.TrainResult:
-  cfg = tcfg.load(args.config, args.overrides, stage=args.stage)
-  with distributed.primary_first("default-data"):  # generated once into the (shared) cache
-    cfg = resolve_data(cfg, args.teacher, args.cache_dir, args.init, log)
-  from hybrid_jax.data import load_records
-  load_records(cfg.data_config, "train")  # bad/missing data -> error before loading models
+  cfg = config_with_data(args, log)
   sp, sc, tokenizer, teacher, frozen = build_models(cfg, args.teacher, args.init, log)
   train_iter, eval_batches = build_data(cfg, tokenizer, log)
   output = args.output or cfg.train.output
